@@ -1,0 +1,46 @@
+"""Client library of the dataspace service: the decision engine's DataSpace API.
+
+Everything a program written against the original API imports lives here; the
+datasource named in the configuration decides where the data goes
+(``dataspace_client.remote.RemoteDataSource`` over RabbitMQ, or
+``dataspace_worker.postgres.PostgresDataSource`` in process).
+"""
+
+from .datablock import DataBlock, Header, Metadata, ProductRetriever
+from .datasource import DataSource
+from .dataspace import DataSpace
+from .errors import (
+    DataSpaceConfigurationError,
+    DataSpaceConnectionError,
+    DataSpaceError,
+    DataSpaceExistsError,
+    DataSpaceRequestError,
+    DataSpaceTimeoutError,
+    InvalidMetadataError,
+)
+from .reaper import Reaper
+from .values import PickleRefusedError, compress, decompress, zdumps, zloads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataBlock",
+    "DataSource",
+    "DataSpace",
+    "DataSpaceConfigurationError",
+    "DataSpaceConnectionError",
+    "DataSpaceError",
+    "DataSpaceExistsError",
+    "DataSpaceRequestError",
+    "DataSpaceTimeoutError",
+    "Header",
+    "InvalidMetadataError",
+    "Metadata",
+    "PickleRefusedError",
+    "ProductRetriever",
+    "Reaper",
+    "compress",
+    "decompress",
+    "zdumps",
+    "zloads",
+]

@@ -1,0 +1,115 @@
+"""The DataSource abstract base class: the storage interface every backend implements.
+
+Both backends of this project implement it: ``dataspace_worker.postgres.PostgresDataSource``
+(in process, on PostgreSQL) and ``dataspace_client.remote.RemoteDataSource`` (every call
+an RPC over RabbitMQ to a worker that runs the former).  The behaviour each method
+must have is in docs/api.md; the contract test suite runs it against both.
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class DataSource(abc.ABC):
+    """Abstract storage backend of a DataSpace."""
+
+    #: Name of the taskmanager table
+    taskmanager_table = "taskmanager"
+    #: Name of the dataproduct table
+    dataproduct_table = "dataproduct"
+    #: Name of the header table
+    header_table = "header"
+    #: Name of the metadata table
+    metadata_table = "metadata"
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    # -- lifecycle ------------------------------------------------------------
+    @abc.abstractmethod
+    def connect(self):
+        """Create a pool of connections to the store."""
+
+    @abc.abstractmethod
+    def close(self):
+        """Close all connections to the store."""
+
+    @abc.abstractmethod
+    def reset_connections(self):
+        """Drop any cached connections and reconnect."""
+
+    @abc.abstractmethod
+    def create_tables(self):
+        """Create (or migrate) the database tables; idempotent."""
+
+    @abc.abstractmethod
+    def get_schema(self, table=None):
+        """Describe the columns of ``table``, or of every table when None."""
+
+    # -- task managers --------------------------------------------------------
+    @abc.abstractmethod
+    def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
+        """Store a TaskManager row and return its new sequence_id (int)."""
+
+    @abc.abstractmethod
+    def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
+        """Return the TaskManager dict (newest of that name when no id); KeyError if none."""
+
+    @abc.abstractmethod
+    def get_taskmanagers(self, taskmanager_name=None, start_time=None, end_time=None):
+        """Return TaskManager dicts ordered by datestamp, bounds inclusive; [] if none."""
+
+    @abc.abstractmethod
+    def get_last_generation_id(self, taskmanager_name, taskmanager_id=None):
+        """Return the highest generation_id stored under that name (and id); KeyError if none."""
+
+    # -- products -------------------------------------------------------------
+    @abc.abstractmethod
+    def insert(self, taskmanager_id, generation_id, key, value, header, metadata):
+        """Insert a product with its header and metadata, atomically."""
+
+    @abc.abstractmethod
+    def update(self, taskmanager_id, generation_id, key, value, header, metadata):
+        """Replace an existing product, header and metadata; KeyError if absent."""
+
+    @abc.abstractmethod
+    def get_dataproduct(self, taskmanager_id, generation_id, key):
+        """Return the value bytes of one product; KeyError if absent."""
+
+    @abc.abstractmethod
+    def get_dataproducts(self, taskmanager_id, key=None):
+        """Return every product of a task manager (optionally one key) in insertion order."""
+
+    @abc.abstractmethod
+    def get_datablock(self, taskmanager_id, generation_id):
+        """Return ``{key: value_bytes}`` for one generation."""
+
+    @abc.abstractmethod
+    def get_header(self, taskmanager_id, generation_id, key):
+        """Return the header tuple of one product; KeyError if absent."""
+
+    @abc.abstractmethod
+    def get_metadata(self, taskmanager_id, generation_id, key):
+        """Return the metadata tuple of one product; KeyError if absent."""
+
+    @abc.abstractmethod
+    def duplicate_datablock(self, taskmanager_id, generation_id, new_generation_id):
+        """Copy one generation, headers and metadata included, to a new generation."""
+
+    @abc.abstractmethod
+    def delete_data_older_than(self, days):
+        """Delete task managers older than ``days`` days and, by cascade, their products."""
+
+    # -- beyond the original: concrete so that third-party datasources still load --
+    def delete(self, taskmanager_id, all_generations=False):
+        """Delete the newest generation's products (or all); return how many products."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement delete")
+
+    def mark_expired(self, taskmanager_id, generation_id, key, expiry_time):
+        """Set the header expiration time of one product; KeyError if absent."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement mark_expired")
+
+    def mark_demented(self, taskmanager_id, keys, generation_id=None):
+        """Expire now the given keys of a generation (default the newest); return the count."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement mark_demented")

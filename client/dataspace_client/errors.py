@@ -1,0 +1,58 @@
+"""Exceptions callers of the DataSpace API catch.
+
+The four ``DataSpace*Error`` names come from the original API and keep their
+meaning.  The service adds subclasses so a caller can tell a timeout or an
+unavailable broker from a plain failure, while ``except DataSpaceError`` still
+catches everything the store raises that is not a ``KeyError``/``ValueError``/
+``TypeError`` about the caller's own arguments.
+"""
+
+from __future__ import annotations
+
+
+class DataSpaceError(Exception):
+    """A request to the store failed."""
+
+
+class DataSpaceConfigurationError(DataSpaceError):
+    """The configuration given to DataSpace, a datasource or a Reaper is invalid."""
+
+
+class DataSpaceConnectionError(DataSpaceError):
+    """The broker or the database could not be reached.  Retrying later may work."""
+
+    retryable = True
+
+
+class DataSpaceExistsError(DataSpaceError):
+    """The object being created already exists."""
+
+
+class DataSpaceTimeoutError(DataSpaceError):
+    """A request got no answer within its timeout.
+
+    Whether a write was applied is unknown; requests carry an idempotency key
+    so that sending the same request again is safe.
+    """
+
+    retryable = True
+
+    def __init__(self, operation: str, timeout: float):
+        self.operation = operation
+        self.timeout = timeout
+        super().__init__(f"{operation}: no reply within {timeout:g} s")
+
+
+class DataSpaceRequestError(DataSpaceError):
+    """The service refused a request as malformed (an error reply with a code).
+
+    ``code`` is the protocol's error code (see docs/protocol.md).
+    """
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(f"{code}: {message}")
+
+
+class InvalidMetadataError(Exception):
+    """Errors due to invalid Metadata."""

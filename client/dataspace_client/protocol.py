@@ -1,0 +1,257 @@
+"""The wire protocol between clients and workers, in one place.
+
+docs/protocol.md describes it for humans; this module is what both sides run.
+A request is an AMQP message published to exchange ``dataspace`` with routing key
+``data.<operation>``; its JSON body is ``{"v": 1, "op": ..., "args": {...}}``.  A reply
+goes to the request's ``reply_to`` with the same ``correlation_id``; its body is
+``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false, "error": {...}}``.
+Bytes travel base64-encoded; datetimes as ISO 8601 strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import (
+    DataSpaceConnectionError,
+    DataSpaceError,
+    DataSpaceExistsError,
+    DataSpaceRequestError,
+)
+from .validate import SIGNATURES
+
+PROTOCOL_VERSION = 1
+CONTENT_TYPE = "application/json"
+EXCHANGE = "dataspace"
+REQUEST_QUEUE = "dataspace.requests"
+REQUEST_BINDING = "data.#"
+ROUTING_PREFIX = "data."
+DEAD_LETTER_EXCHANGE = "dataspace.dead"
+DEAD_LETTER_QUEUE = "dataspace.dead"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+VERSION_HEADER = "x-dataspace-protocol"
+
+
+class ProtocolError(DataSpaceRequestError):
+    """A message does not follow the protocol (code ``bad_request``)."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_request", message)
+
+
+# -- value codecs -----------------------------------------------------------------
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _unb64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ProtocolError(f"expected base64 text, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"invalid base64: {exc}") from None
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _encode_products(products: list[dict]) -> list[dict]:
+    return [{**p, "value": _b64(p["value"])} for p in products]
+
+
+def _decode_products(products: list[dict]) -> list[dict]:
+    return [{**p, "value": _unb64(p["value"])} for p in products]
+
+
+def _encode_block(block: dict) -> dict:
+    return {k: _b64(v) for k, v in block.items()}
+
+
+def _decode_block(block: dict) -> dict:
+    return {k: _unb64(v) for k, v in block.items()}
+
+
+def _decode_taskmanager(row: dict) -> dict:
+    return {**row, "datestamp": _dt.datetime.fromisoformat(row["datestamp"])}
+
+
+def _decode_taskmanagers(rows: list[dict]) -> list[dict]:
+    return [_decode_taskmanager(r) for r in rows]
+
+
+def _to_tuple(value: list) -> tuple:
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One request type: its parameters in call order and how its values travel."""
+
+    name: str
+    write: bool
+    #: parameters whose value is bytes (base64 on the wire)
+    binary: tuple[str, ...] = ()
+    #: worker side: result -> JSON-able
+    encode_result: Callable[[Any], Any] = _same
+    #: client side: JSON -> result
+    decode_result: Callable[[Any], Any] = _same
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Parameter names in call order (validate.SIGNATURES is the one source)."""
+        return tuple(SIGNATURES[self.name])
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("store_taskmanager", True),
+        Operation(
+            "get_taskmanager",
+            False,
+            decode_result=_decode_taskmanager,
+        ),
+        Operation(
+            "get_taskmanagers",
+            False,
+            decode_result=_decode_taskmanagers,
+        ),
+        Operation("get_last_generation_id", False),
+        Operation("insert", True, binary=("value",)),
+        Operation("update", True, binary=("value",)),
+        Operation("get_dataproduct", False, encode_result=_b64, decode_result=_unb64),
+        Operation(
+            "get_dataproducts",
+            False,
+            encode_result=_encode_products,
+            decode_result=_decode_products,
+        ),
+        Operation(
+            "get_datablock",
+            False,
+            encode_result=_encode_block,
+            decode_result=_decode_block,
+        ),
+        Operation("get_header", False, decode_result=_to_tuple),
+        Operation("get_metadata", False, decode_result=_to_tuple),
+        Operation("duplicate_datablock", True),
+        Operation("delete_data_older_than", True),
+        Operation("delete", True),
+        Operation("mark_expired", True),
+        Operation("mark_demented", True),
+        Operation("get_schema", False),
+        Operation("create_tables", True),
+    )
+}
+
+
+# -- errors -----------------------------------------------------------------------
+#: error code -> exception class the client raises
+ERROR_CODES: dict[str, type[BaseException]] = {
+    "not_found": KeyError,
+    "invalid_argument": ValueError,
+    "wrong_type": TypeError,
+    "exists": DataSpaceExistsError,
+    "unavailable": DataSpaceConnectionError,
+    "not_implemented": NotImplementedError,
+    "internal": DataSpaceError,
+}
+
+
+def error_code(exc: BaseException) -> str:
+    """The protocol's code for an exception raised while handling a request."""
+    if isinstance(exc, DataSpaceRequestError):
+        return exc.code
+    for code, cls in ERROR_CODES.items():
+        if code != "internal" and isinstance(exc, cls):
+            return code
+    return "internal"
+
+
+def error_message(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]
+    if isinstance(exc, DataSpaceRequestError):
+        return str(exc).split(": ", 1)[-1]
+    return str(exc)
+
+
+def exception_from(error: dict) -> BaseException:
+    """Rebuild on the client the exception an error reply describes."""
+    code = error.get("code", "internal")
+    message = error.get("message", "")
+    cls = ERROR_CODES.get(code)
+    if cls is None:
+        return DataSpaceRequestError(code, message)
+    return cls(message)
+
+
+# -- bodies -------------------------------------------------------------------------
+def encode_request(op: Operation, args: dict[str, Any]) -> bytes:
+    wire = dict(args)
+    for name in op.binary:
+        wire[name] = _b64(wire[name])
+    return orjson.dumps({"v": PROTOCOL_VERSION, "op": op.name, "args": wire})
+
+
+def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
+    """Parse and check a request body; ProtocolError names what is wrong."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("body must be a JSON object")
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version!r:.40}; this worker speaks {PROTOCOL_VERSION}"
+        )
+    op = OPERATIONS.get(message.get("op"))  # type: ignore[arg-type]
+    if op is None:
+        raise ProtocolError(f"unknown operation {message.get('op')!r:.80}")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError("args must be a JSON object")
+    unknown = set(args) - set(op.params)
+    if unknown:
+        raise ProtocolError(f"{op.name}: unknown argument(s) {', '.join(sorted(unknown))[:200]}")
+    for name in op.binary:
+        if name in args:
+            args[name] = _unb64(args[name])
+    return op, args
+
+
+def encode_result(op: Operation, result: Any) -> bytes:
+    return orjson.dumps({"v": PROTOCOL_VERSION, "ok": True, "result": op.encode_result(result)})
+
+
+def encode_error(exc: BaseException) -> bytes:
+    error = {
+        "code": error_code(exc),
+        "type": type(exc).__name__,
+        "message": error_message(exc)[:4000],
+    }
+    return orjson.dumps({"v": PROTOCOL_VERSION, "ok": False, "error": error})
+
+
+def decode_reply(op: Operation, body: bytes) -> Any:
+    """Return the result a reply carries, or raise the exception it describes."""
+    try:
+        reply = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DataSpaceError(f"{op.name}: reply is not valid JSON: {exc}") from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise DataSpaceError(f"{op.name}: malformed reply")
+    if reply["ok"]:
+        return op.decode_result(reply.get("result"))
+    raise exception_from(reply.get("error") or {})

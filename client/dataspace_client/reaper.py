@@ -1,0 +1,154 @@
+"""Reaper: deletes data older than the retention interval, once or periodically.
+
+This is the seed's in-process behaviour (a thread that calls
+``delete_data_older_than`` every ``seconds_between_runs``).  Which datasource does
+the deleting follows the configuration, as for DataSpace.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+
+from .dataspace import DataSpace
+from .errors import DataSpaceConfigurationError
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    BOOT = "BOOT"
+    IDLE = "IDLE"
+    ACTIVE = "ACTIVE"
+    STEADY = "STEADY"
+    SHUTTINGDOWN = "SHUTTINGDOWN"
+    SHUTDOWN = "SHUTDOWN"
+    OFFLINE = "OFFLINE"
+    ERROR = "ERROR"
+
+
+def _whole_number(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+class Reaper:
+    """Periodic deletion of data older than ``retention_interval`` days.
+
+    The class attributes are floors that user configuration cannot go below.
+    """
+
+    MIN_RETENTION_INTERVAL_DAYS = 7
+    MIN_SECONDS_BETWEEN_RUNS = 2 * 60 * 59
+
+    def __init__(self, config: dict):
+        if not isinstance(config, dict) or not isinstance(config.get("dataspace"), dict):
+            raise DataSpaceConfigurationError(
+                "Reaper configuration is missing dataspace information"
+            )
+        settings = config["dataspace"]
+        if "retention_interval_in_days" not in settings:
+            raise DataSpaceConfigurationError(
+                "Reaper configuration lacks dataspace.retention_interval_in_days"
+            )
+        self.retention_interval = settings["retention_interval_in_days"]
+        self.seconds_between_runs = settings.get("reaper_run_interval", 24 * 60 * 60)
+        self.datasource = DataSpace(config)
+        self.state = State.BOOT
+        self._state_changed = threading.Condition()
+        self._stop = threading.Event()
+        self._reap_lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def retention_interval(self) -> int:
+        """Days of data kept; at least MIN_RETENTION_INTERVAL_DAYS."""
+        return self._retention_interval
+
+    @retention_interval.setter
+    def retention_interval(self, value) -> None:
+        value = _whole_number(value, "retention_interval_in_days")
+        if value < self.MIN_RETENTION_INTERVAL_DAYS:
+            raise ValueError(
+                f"retention_interval_in_days {value} is below the minimum of "
+                f"{self.MIN_RETENTION_INTERVAL_DAYS} days"
+            )
+        self._retention_interval = value
+
+    @property
+    def seconds_between_runs(self) -> int:
+        """Seconds from one reap to the next; at least MIN_SECONDS_BETWEEN_RUNS."""
+        return self._seconds_between_runs
+
+    @seconds_between_runs.setter
+    def seconds_between_runs(self, value) -> None:
+        value = _whole_number(value, "reaper_run_interval")
+        if value < self.MIN_SECONDS_BETWEEN_RUNS:
+            raise ValueError(
+                f"reaper_run_interval {value} is below the minimum of "
+                f"{self.MIN_SECONDS_BETWEEN_RUNS} seconds"
+            )
+        self._seconds_between_runs = value
+
+    def _set_state(self, state: State) -> None:
+        with self._state_changed:
+            self.state = state
+            self._state_changed.notify_all()
+
+    def reap(self):
+        """Delete data older than the retention interval once.
+
+        A reap cannot be cancelled, so concurrent calls wait for each other.
+        """
+        with self._reap_lock:
+            log.info("reaping data older than %s days", self.retention_interval)
+            return self.datasource.delete_data_older_than(self.retention_interval)
+
+    def _reaper_loop(self, delay: float) -> None:
+        """The thread runs this: wait ``delay``, then reap every ``seconds_between_runs``."""
+        self._set_state(State.IDLE)
+        if self._stop.wait(delay):
+            self._set_state(State.SHUTDOWN)
+            return
+        while not self._stop.is_set():
+            self._set_state(State.ACTIVE)
+            try:
+                self.reap()
+            except Exception:
+                log.exception("reap failed; the reaper stops in ERROR")
+                self._set_state(State.ERROR)
+                return
+            self._set_state(State.STEADY)
+            self._stop.wait(self.seconds_between_runs)
+        self._set_state(State.SHUTDOWN)
+
+    def start(self, delay: float = 0) -> None:
+        """Start the loop, first reap after ``delay`` seconds; RuntimeError if running."""
+        if self.thread is not None and self.thread.is_alive():
+            raise RuntimeError("the reaper is already running")
+        self._stop.clear()
+        self._set_state(State.BOOT)
+        self.thread = threading.Thread(
+            target=self._reaper_loop, args=(delay,), name="dataspace-reaper", daemon=True
+        )
+        self.thread.start()
+        with self._state_changed:
+            self._state_changed.wait_for(lambda: self.state is not State.BOOT)
+
+    def stop(self) -> None:
+        """Stop the loop; waits for a reap in progress.  Harmless if not running."""
+        if self.thread is None or not self.thread.is_alive():
+            return
+        self._set_state(State.SHUTTINGDOWN)
+        self._stop.set()
+        self.thread.join()
+        if self.state is not State.ERROR:
+            self._set_state(State.SHUTDOWN)
+
+    def __repr__(self) -> str:
+        return (
+            f"Reaper(state={self.state.value}, retention_interval={self.retention_interval}, "
+            f"seconds_between_runs={self.seconds_between_runs})"
+        )

@@ -1,0 +1,193 @@
+"""RemoteDataSource: the DataSource whose every method is an RPC to the worker pool.
+
+Configure it as the DataSpace's datasource::
+
+    {"dataspace": {"datasource": {
+        "module": "dataspace_client.remote", "name": "RemoteDataSource",
+        "config": {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"}}}}
+
+Settings in ``config``: ``url`` (default the local broker), ``timeout`` (seconds a
+call waits for its reply, default 30), ``connect_timeout`` (default 10),
+``app_id`` (shown in the management UI, default ``dataspace-client``).
+
+Arguments are checked here with the same checks the worker applies, so a bad call
+raises TypeError/ValueError without a round trip; the worker's errors come back
+as the same exception types the in-process store raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import validate
+from .datasource import DataSource
+from .errors import DataSpaceConfigurationError
+from .protocol import OPERATIONS, ROUTING_PREFIX, decode_reply, encode_request
+from .rpc import RpcClient
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_TIMEOUT = 30.0
+
+
+def _positive(config: dict, name: str, default: float) -> float:
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise DataSpaceConfigurationError(
+            f"RemoteDataSource setting '{name}' must be a positive number of seconds, got {value!r}"
+        )
+    return float(value)
+
+
+class RemoteDataSource(DataSource):
+    """A DataSource that sends each call through RabbitMQ to a dataspace worker."""
+
+    def __init__(self, config: dict):
+        if not isinstance(config, dict):
+            raise DataSpaceConfigurationError("RemoteDataSource config must be a dict")
+        super().__init__(config)
+        self.url = config.get("url", DEFAULT_URL)
+        if not isinstance(self.url, str):
+            raise DataSpaceConfigurationError("RemoteDataSource setting 'url' must be a string")
+        self.timeout = _positive(config, "timeout", DEFAULT_TIMEOUT)
+        self.connect_timeout = _positive(config, "connect_timeout", 10.0)
+        self.app_id = str(config.get("app_id", "dataspace-client"))
+        self._client: RpcClient | None = None
+        self.connect()
+
+    # -- lifecycle ------------------------------------------------------------
+    def connect(self):
+        if self._client is None:
+            self._client = RpcClient(
+                self.url,
+                app_id=self.app_id,
+                timeout=self.timeout,
+                connect_timeout=self.connect_timeout,
+            )
+
+    def close(self):
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def reset_connections(self):
+        self.close()
+        self.connect()
+
+    def _call(self, operation: str, **args: Any) -> Any:
+        op = OPERATIONS[operation]
+        args = validate.check(operation, args)
+        body = encode_request(op, args)
+        client = self._client
+        if client is None:
+            self.connect()
+            client = self._client
+        reply = client.call(operation, ROUTING_PREFIX + operation, body)
+        return decode_reply(op, reply)
+
+    # -- the DataSource API ---------------------------------------------------
+    def create_tables(self):
+        return self._call("create_tables")
+
+    def get_schema(self, table=None):
+        return self._call("get_schema", table=table)
+
+    def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
+        return self._call(
+            "store_taskmanager",
+            taskmanager_name=taskmanager_name,
+            taskmanager_id=taskmanager_id,
+            datestamp=datestamp,
+        )
+
+    def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
+        return self._call(
+            "get_taskmanager", taskmanager_name=taskmanager_name, taskmanager_id=taskmanager_id
+        )
+
+    def get_taskmanagers(self, taskmanager_name=None, start_time=None, end_time=None):
+        return self._call(
+            "get_taskmanagers",
+            taskmanager_name=taskmanager_name,
+            start_time=start_time,
+            end_time=end_time,
+        )
+
+    def get_last_generation_id(self, taskmanager_name, taskmanager_id=None):
+        return self._call(
+            "get_last_generation_id",
+            taskmanager_name=taskmanager_name,
+            taskmanager_id=taskmanager_id,
+        )
+
+    def insert(self, taskmanager_id, generation_id, key, value, header, metadata):
+        return self._call(
+            "insert",
+            taskmanager_id=taskmanager_id,
+            generation_id=generation_id,
+            key=key,
+            value=value,
+            header=header,
+            metadata=metadata,
+        )
+
+    def update(self, taskmanager_id, generation_id, key, value, header, metadata):
+        return self._call(
+            "update",
+            taskmanager_id=taskmanager_id,
+            generation_id=generation_id,
+            key=key,
+            value=value,
+            header=header,
+            metadata=metadata,
+        )
+
+    def get_dataproduct(self, taskmanager_id, generation_id, key):
+        return self._call(
+            "get_dataproduct", taskmanager_id=taskmanager_id, generation_id=generation_id, key=key
+        )
+
+    def get_dataproducts(self, taskmanager_id, key=None):
+        return self._call("get_dataproducts", taskmanager_id=taskmanager_id, key=key)
+
+    def get_datablock(self, taskmanager_id, generation_id):
+        return self._call(
+            "get_datablock", taskmanager_id=taskmanager_id, generation_id=generation_id
+        )
+
+    def get_header(self, taskmanager_id, generation_id, key):
+        return self._call(
+            "get_header", taskmanager_id=taskmanager_id, generation_id=generation_id, key=key
+        )
+
+    def get_metadata(self, taskmanager_id, generation_id, key):
+        return self._call(
+            "get_metadata", taskmanager_id=taskmanager_id, generation_id=generation_id, key=key
+        )
+
+    def duplicate_datablock(self, taskmanager_id, generation_id, new_generation_id):
+        return self._call(
+            "duplicate_datablock",
+            taskmanager_id=taskmanager_id,
+            generation_id=generation_id,
+            new_generation_id=new_generation_id,
+        )
+
+    def delete_data_older_than(self, days):
+        return self._call("delete_data_older_than", days=days)
+
+    def delete(self, taskmanager_id, all_generations=False):
+        return self._call("delete", taskmanager_id=taskmanager_id, all_generations=all_generations)
+
+    def mark_expired(self, taskmanager_id, generation_id, key, expiry_time):
+        return self._call(
+            "mark_expired",
+            taskmanager_id=taskmanager_id,
+            generation_id=generation_id,
+            key=key,
+            expiry_time=expiry_time,
+        )
+
+    def mark_demented(self, taskmanager_id, keys, generation_id=None):
+        return self._call(
+            "mark_demented", taskmanager_id=taskmanager_id, keys=keys, generation_id=generation_id
+        )

@@ -1,0 +1,297 @@
+"""An RPC client over RabbitMQ that many threads can share.
+
+pika is not thread-safe, so one I/O thread owns the connection and its channel;
+caller threads hand it requests through ``add_callback_threadsafe`` and wait on
+an event for the reply.  This keeps heartbeats flowing while callers wait,
+tracks publisher confirms asynchronously (a nack fails the call at once), and
+publishes with ``mandatory`` so a request nobody can receive fails at once
+instead of timing out.  Replies come over direct reply-to: nothing to declare or
+clean up, and measured as fast as a private reply queue here.
+
+When the connection drops, every call in flight fails with
+DataSpaceConnectionError (retryable) and the I/O thread reconnects with bounded
+backoff; calls made while disconnected wait for the reconnection up to their
+own timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pika
+from pika.exceptions import AMQPError
+
+from .errors import DataSpaceConnectionError, DataSpaceError, DataSpaceTimeoutError
+from .protocol import CONTENT_TYPE, DIRECT_REPLY_TO, EXCHANGE, PROTOCOL_VERSION, VERSION_HEADER
+from .urls import mask_password
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_MAX = 5.0
+
+
+@dataclass
+class _Call:
+    operation: str
+    done: threading.Event = field(default_factory=threading.Event)
+    body: bytes | None = None
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class RpcClient:
+    """Publishes requests and waits for their replies; safe to share between threads."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        app_id: str,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        exchange: str = EXCHANGE,
+    ):
+        self.url = url
+        self.masked_url = mask_password(url)
+        self.timeout = timeout
+        self.exchange = exchange
+        self.app_id = app_id
+        try:
+            self._params = pika.URLParameters(url)
+        except Exception as exc:  # pika raises assorted errors for a bad URL
+            raise DataSpaceConnectionError(f"invalid broker URL {self.masked_url}: {exc}") from None
+        self._params.connection_attempts = 1
+        self._params.socket_timeout = connect_timeout
+        self._params.client_properties = {
+            "connection_name": f"{app_id} {socket.gethostname()}:{os.getpid()}"
+        }
+        self._lock = threading.Lock()
+        self._calls: dict[str, _Call] = {}
+        self._unconfirmed: dict[int, str] = {}
+        self._published = 0
+        self._open = False
+        self._ready = threading.Event()
+        self._closing = False
+        self._last_error = "not connected yet"
+        self._connection: pika.SelectConnection | None = None
+        self._channel = None
+        self._first_attempt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dataspace-rpc-io", daemon=True)
+        self._thread.start()
+        self._first_attempt.wait(connect_timeout + 5)
+        if not self._ready.is_set():
+            self.close()
+            raise DataSpaceConnectionError(
+                f"cannot reach the broker at {self.masked_url}: {self._last_error}"
+            )
+
+    # -- caller side --------------------------------------------------------------
+    def call(
+        self, operation: str, routing_key: str, body: bytes, timeout: float | None = None
+    ) -> bytes:
+        """Send one request and return the reply body; raises DataSpace*Error on failure."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        correlation_id = uuid.uuid4().hex
+        call = _Call(operation)
+        while True:
+            if self._closing:
+                raise DataSpaceConnectionError(f"{operation}: the client is closed")
+            with self._lock:
+                if self._open:
+                    self._calls[correlation_id] = call
+                    self._connection.ioloop.add_callback_threadsafe(
+                        lambda: self._publish(correlation_id, operation, routing_key, body)
+                    )
+                    break
+            if not self._ready.wait(max(0.0, deadline - time.monotonic())):
+                raise DataSpaceConnectionError(
+                    f"{operation}: not connected to the broker at {self.masked_url} "
+                    f"within {timeout:g} s: {self._last_error}"
+                )
+        try:
+            if not call.done.wait(max(0.0, deadline - time.monotonic())):
+                raise DataSpaceTimeoutError(operation, timeout)
+        finally:
+            with self._lock:
+                self._calls.pop(correlation_id, None)
+        if call.error is not None:
+            raise call.error
+        return call.body
+
+    def close(self) -> None:
+        """Close the connection; calls in flight fail with DataSpaceConnectionError."""
+        self._closing = True
+        self._ready.set()  # wake callers waiting for a reconnection
+        with self._lock:
+            connection = self._connection
+        if connection is not None:
+            try:
+                connection.ioloop.add_callback_threadsafe(self._close_connection)
+            except Exception:  # the loop is already gone
+                pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(10)
+
+    # -- I/O thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            connection = pika.SelectConnection(
+                self._params,
+                on_open_callback=self._on_connection_open,
+                on_open_error_callback=self._on_connection_open_error,
+                on_close_callback=self._on_connection_closed,
+            )
+            with self._lock:
+                self._connection = connection
+            try:
+                connection.ioloop.start()
+            except Exception as exc:  # never let the I/O thread die silently
+                log.exception("broker I/O loop failed")
+                self._lost(f"I/O loop failed: {exc}")
+            self._first_attempt.set()
+            if self._closing:
+                break
+            if self._ready.is_set():
+                backoff = 0.1
+            time.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+
+    def _on_connection_open(self, connection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, connection, error) -> None:
+        self._lost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection, reason) -> None:
+        self._lost(f"connection closed: {reason}")
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm)
+        channel.basic_consume(
+            DIRECT_REPLY_TO, self._on_reply, auto_ack=True, callback=self._on_consuming
+        )
+
+    def _on_consuming(self, _frame) -> None:
+        with self._lock:
+            self._published = 0
+            self._unconfirmed.clear()
+            self._open = True
+        self._ready.set()
+        self._first_attempt.set()
+        log.debug("connected to %s", self.masked_url)
+
+    def _on_channel_closed(self, channel, reason) -> None:
+        """The broker closed the channel (e.g. the exchange does not exist): fail, reopen."""
+        if self._closing:
+            return
+        reply = getattr(reason, "reply_text", str(reason))
+        hint = ""
+        if getattr(reason, "reply_code", None) == 404:
+            hint = "; is a dataspace worker running against this vhost?"
+        self._lost(f"channel closed by the broker: {reply}{hint}", DataSpaceError)
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.channel(on_open_callback=self._on_channel_open)
+
+    def _lost(
+        self, reason: str, error_cls: type[DataSpaceError] = DataSpaceConnectionError
+    ) -> None:
+        """Mark the link down and fail every call in flight."""
+        with self._lock:
+            self._open = False
+            self._last_error = reason
+            calls = list(self._calls.values())
+            self._unconfirmed.clear()
+        if not self._closing:
+            self._ready.clear()
+        for call in calls:
+            call.fail(error_cls(f"{call.operation}: {reason} (broker {self.masked_url})"))
+
+    def _publish(self, correlation_id, operation, routing_key, body) -> None:
+        with self._lock:
+            call = self._calls.get(correlation_id)
+        if call is None:  # the caller gave up before we got here
+            return
+        properties = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            correlation_id=correlation_id,
+            message_id=correlation_id,
+            reply_to=DIRECT_REPLY_TO,
+            type=operation,
+            app_id=self.app_id,
+            timestamp=int(time.time()),
+            headers={VERSION_HEADER: PROTOCOL_VERSION},
+        )
+        try:
+            self._channel.basic_publish(
+                self.exchange, routing_key, body, properties=properties, mandatory=True
+            )
+        except (AMQPError, AttributeError, OSError) as exc:
+            call.fail(DataSpaceConnectionError(f"{operation}: publish failed: {exc}"))
+            return
+        with self._lock:
+            self._published += 1
+            self._unconfirmed[self._published] = correlation_id
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        with self._lock:
+            if method.multiple:
+                tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
+            else:
+                tags = [method.delivery_tag]
+            ids = [self._unconfirmed.pop(t, None) for t in tags]
+            calls = [self._calls.get(i) for i in ids if i]
+        if isinstance(method, pika.spec.Basic.Nack):
+            for call in calls:
+                if call is not None:
+                    call.fail(
+                        DataSpaceError(f"{call.operation}: the broker refused the request (nack)")
+                    )
+
+    def _on_return(self, _channel, method, properties, _body) -> None:
+        with self._lock:
+            call = self._calls.get(properties.correlation_id)
+        if call is not None:
+            call.fail(
+                DataSpaceConnectionError(
+                    f"{call.operation}: request unroutable ({method.reply_text}): no queue is "
+                    f"bound for '{method.routing_key}' on exchange '{method.exchange}'; "
+                    "is a dataspace worker running against this vhost?"
+                )
+            )
+
+    def _on_reply(self, _channel, _method, properties, body) -> None:
+        with self._lock:
+            call = self._calls.get(properties.correlation_id)
+        if call is not None and not call.done.is_set():
+            call.body = body
+            call.done.set()
+
+    def _close_connection(self) -> None:
+        connection = self._connection
+        if connection is not None and (connection.is_open or connection.is_opening):
+            connection.close()
+        elif connection is not None:
+            connection.ioloop.stop()
+
+    def __repr__(self) -> str:
+        return f"RpcClient({self.masked_url}, open={self._open})"

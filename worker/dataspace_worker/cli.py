@@ -1,0 +1,175 @@
+"""``dataspace-worker``: run the consumer pool against RabbitMQ and PostgreSQL.
+
+Exit codes: 0 after a clean stop (SIGTERM, SIGINT), 2 for a configuration error,
+1 when the store could not be reached before a stop was requested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+
+from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceConnectionError
+from dataspace_client.urls import mask_password
+
+from . import __version__, config
+from .consumer import WorkerPool
+from .dispatch import Dispatcher
+from .postgres import PostgresDataSource
+from .topology import topology
+
+log = logging.getLogger("dataspace_worker")
+
+EXAMPLES = """\
+examples:
+  dataspace-worker                                   # local RabbitMQ and PostgreSQL
+  dataspace-worker --consumers 8 --pg-dsn 'host=db user=dataspace dbname=dataspace'
+  DATASPACE_AMQP_URL=amqp://svc:secret@mq:5672/prod dataspace-worker
+  dataspace-worker --config /etc/dataspace/worker.toml
+  dataspace-worker --demo                            # serve, and run a short client demo
+"""
+
+
+def mask_dsn(dsn: str) -> str:
+    """A DSN fit for logs: the password hidden, in URL or key=value form."""
+    if "://" in dsn:
+        return mask_password(dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dataspace-worker",
+        description="Execute DataSpace requests from RabbitMQ against PostgreSQL.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config.add_arguments(parser)
+    parser.add_argument("--demo", action="store_true", help="once consuming, run a client demo")
+    parser.add_argument(
+        "--print-settings", action="store_true", help="print the settings table and exit"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def run_demo(amqp_url: str) -> None:
+    """Put a DataBlock through the broker and read it back, printing each step."""
+    from dataspace_client import DataBlock, DataSpace, Header
+
+    space = DataSpace(
+        {
+            "dataspace": {
+                "datasource": {
+                    "module": "dataspace_client.remote",
+                    "name": "RemoteDataSource",
+                    "config": {"url": amqp_url, "app_id": "dataspace-demo"},
+                }
+            }
+        }
+    )
+    try:
+        block = DataBlock(space, "demo_taskmanager")
+        print(
+            f"demo: stored task manager {block.taskmanager_id} as sequence_id {block.sequence_id}"
+        )
+        block.put("resources", {"cpus": 4, "sites": ["FNAL", "CERN"]}, Header(block.taskmanager_id))
+        print(f"demo: put 'resources' in generation {block.generation_id}")
+        print(f"demo: read back {block['resources']!r}")
+        print(f"demo: header {dict(block.get_header('resources'))}")
+    finally:
+        space.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.print_settings:
+        print(config.settings_table())
+        return 0
+    try:
+        settings = config.load(args)
+    except DataSpaceConfigurationError as exc:
+        print(f"dataspace-worker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+    stop = threading.Event()
+    signals_seen = []
+
+    def on_signal(signum, _frame):
+        signals_seen.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        datasource = PostgresDataSource(
+            {
+                "dsn": settings.pg_dsn,
+                "pool_size": settings.consumers,
+                "retry_timeout": None,
+                "connect_timeout": max(1, int(settings.connect_timeout)),
+            },
+            stop_event=stop,
+        )
+    except DataSpaceConnectionError as exc:
+        log.error("stopped before the database was reached: %s", exc)
+        return 1
+    pool = WorkerPool(
+        settings.amqp_url,
+        Dispatcher(datasource),
+        topology(settings.delivery_limit),
+        consumers=settings.consumers,
+        prefetch=settings.prefetch,
+        connect_timeout=settings.connect_timeout,
+        stop_event=stop,
+    )
+    log.info(
+        "dataspace-worker %s starting: %d consumers, broker %s, database %s",
+        __version__,
+        settings.consumers,
+        mask_password(settings.amqp_url),
+        mask_dsn(settings.pg_dsn),
+    )
+    pool.start()
+    if args.demo:
+        threading.Thread(
+            target=_demo_when_ready, args=(pool, settings.amqp_url), daemon=True
+        ).start()
+    while not stop.wait(0.5):
+        pass
+    name = signal.Signals(signals_seen[0]).name if signals_seen else "stop"
+    log.info("%s received: finishing requests in hand", name)
+    drained = pool.stop(settings.drain_timeout)
+    datasource.close()
+    log.info(
+        "dataspace-worker stopped: %d requests handled%s",
+        pool.handled,
+        "" if drained else f"; some still running after {settings.drain_timeout:g}s were requeued",
+    )
+    return 0
+
+
+def _demo_when_ready(pool: WorkerPool, amqp_url: str) -> None:
+    if not pool.consuming.wait(60):
+        log.error("demo skipped: the pool did not start consuming within 60 s")
+        return
+    try:
+        run_demo(amqp_url)
+        print("demo: done; the worker keeps serving until Ctrl-C", flush=True)
+    except Exception as exc:  # the demo must never take the worker down
+        log.error("demo failed: %s", exc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Worker settings: defaults, then an optional TOML file, then environment, then flags.
+
+Every setting is declared once in ``SETTINGS`` with its flag, environment
+variable, default and help; the README's table is made from the same list
+(``dataspace-worker --print-settings``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import tomllib
+from dataspace_client.errors import DataSpaceConfigurationError
+
+from .postgres import DEFAULT_DSN as DEFAULT_PG_DSN
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return "DATASPACE_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("amqp_url", str, DEFAULT_AMQP_URL, "RabbitMQ URL (amqp://user:pass@host:port/vhost)"),
+    Setting("pg_dsn", str, DEFAULT_PG_DSN, "PostgreSQL DSN (libpq string or postgresql:// URL)"),
+    Setting("consumers", int, 4, "consumers (channels, each with its own database thread)", 1),
+    Setting("prefetch", int, 4, "unacknowledged requests each consumer may hold", 1),
+    Setting("delivery_limit", int, 10, "deliveries of one request before it is dead-lettered", 1),
+    Setting("drain_timeout", float, 30.0, "seconds to finish requests in hand on SIGTERM", 0),
+    Setting("connect_timeout", float, 10.0, "seconds per broker or database connection attempt", 1),
+    Setting("log_level", str, "INFO", "logging level", None, ("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Resolved settings; defaults live in SETTINGS only."""
+
+    amqp_url: str
+    pg_dsn: str
+    consumers: int
+    prefetch: int
+    delivery_limit: int
+    drain_timeout: float
+    connect_timeout: float
+    log_level: str
+
+    @classmethod
+    def with_defaults(cls, **overrides: Any) -> WorkerSettings:
+        values = {s.name: s.default for s in SETTINGS}
+        values.update(overrides)
+        return cls(**values)
+
+
+if [f.name for f in fields(WorkerSettings)] != [s.name for s in SETTINGS]:  # pragma: no cover
+    raise RuntimeError("WorkerSettings and SETTINGS disagree")
+
+
+def _coerce(setting: Setting, value: Any, source: str) -> Any:
+    where = f"setting '{setting.name}' (from {source})"
+    try:
+        if setting.kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif setting.kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif not isinstance(value, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataSpaceConfigurationError(
+            f"{where} must be {setting.kind.__name__}, got {value!r}"
+        ) from None
+    if setting.choices is not None:
+        value = value.upper()
+        if value not in setting.choices:
+            raise DataSpaceConfigurationError(
+                f"{where} must be one of {', '.join(setting.choices)}, got {value!r}"
+            )
+    if setting.minimum is not None and value < setting.minimum:
+        raise DataSpaceConfigurationError(
+            f"{where} must be at least {setting.minimum}, got {value}"
+        )
+    return value
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise DataSpaceConfigurationError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DataSpaceConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
+    data = data.get("worker", data)
+    known = {s.name for s in SETTINGS}
+    unknown = set(data) - known
+    if unknown:
+        raise DataSpaceConfigurationError(
+            f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}"
+        )
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with worker settings")
+    for s in SETTINGS:
+        parser.add_argument(
+            s.flag,
+            dest=s.name,
+            default=None,
+            metavar=s.name.upper(),
+            help=f"{s.help} (env {s.env}, default {s.default!r})",
+        )
+
+
+def load(args: argparse.Namespace | None = None, environ: dict | None = None) -> WorkerSettings:
+    """Resolve every setting from its sources; DataSpaceConfigurationError names a bad one."""
+    environ = os.environ if environ is None else environ
+    file_path = getattr(args, "config", None) or environ.get("DATASPACE_CONFIG")
+    file_values = _from_file(file_path) if file_path else {}
+    values = {}
+    for s in SETTINGS:
+        value, source = s.default, "default"
+        if s.name in file_values:
+            value, source = file_values[s.name], f"file {file_path}"
+        if s.env in environ:
+            value, source = environ[s.env], f"environment {s.env}"
+        flag_value = getattr(args, s.name, None) if args is not None else None
+        if flag_value is not None:
+            value, source = flag_value, f"flag {s.flag}"
+        values[s.name] = _coerce(s, value, source)
+    return WorkerSettings(**values)
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (for the README)."""
+    rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        rows.append(f"| {s.name} | `{s.flag}` | `{s.env}` | `{s.default}` | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,300 @@
+"""The consumer pool: one AMQP connection, N consumers, each with its own database thread.
+
+pika is not thread-safe and a blocking connection does no I/O while its thread
+waits on the database, so the roles are split:
+
+- one I/O thread owns the connection (a ``SelectConnection``) and every channel,
+  keeps heartbeats flowing, and does every publish and ack;
+- each consumer has a channel with a bounded prefetch and a database thread that
+  takes that channel's deliveries in order, runs them, and hands the reply and
+  the ack back to the I/O thread with ``add_callback_threadsafe``.
+
+A request is acked only after its transaction committed and its reply was
+published.  A delivery from a channel that has since closed is skipped: the
+broker has already requeued it.  When the connection drops, the I/O thread
+re-declares the topology and reconnects with bounded backoff; database threads
+carry on.
+
+Stopping (SIGTERM, Ctrl-C): cancel the consumers, let each database thread
+finish what its channel had delivered, ack it, close, return.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import pika
+from dataspace_client.protocol import CONTENT_TYPE, PROTOCOL_VERSION, VERSION_HEADER
+from dataspace_client.urls import mask_password
+from pika.exceptions import AMQPError
+
+from . import __version__
+from .dispatch import Dispatcher, Outcome
+from .topology import Topology, declare_blocking
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_MAX = 5.0
+APP_ID = f"dataspace-worker/{__version__}"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    channel: object  # pika.channel.Channel
+    tag: int
+    properties: pika.BasicProperties
+    body: bytes
+
+
+class Consumer:
+    """One channel on the request queue and the thread that runs its deliveries in order."""
+
+    def __init__(self, index: int, pool: WorkerPool):
+        self.index = index
+        self.pool = pool
+        self.inbox: queue.Queue[Delivery | None] = queue.Queue()
+        self.channel = None
+        self.consumer_tag: str | None = None
+        self.handled = 0
+        self.thread = threading.Thread(
+            target=self._work, name=f"dataspace-consumer-{index}", daemon=True
+        )
+
+    def _work(self) -> None:
+        while True:
+            delivery = self.inbox.get()
+            if delivery is None:
+                return
+            if not delivery.channel.is_open:
+                continue  # its channel closed: the broker requeued it already
+            started = time.monotonic()
+            outcome = self.pool.dispatcher.handle(delivery.body)
+            elapsed = time.monotonic() - started
+            log.debug(
+                "%s %s in %.1f ms (correlation %s)",
+                outcome.operation,
+                outcome.code,
+                elapsed * 1000,
+                delivery.properties.correlation_id,
+            )
+            self.handled += 1
+            self.pool.call_soon(partial(self.pool.finish, delivery, outcome))
+
+
+class WorkerPool:
+    """Consumes the request queue with ``consumers`` consumers until stopped."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        dispatcher: Dispatcher,
+        topology: Topology,
+        *,
+        consumers: int = 4,
+        prefetch: int = 4,
+        connect_timeout: float = 10.0,
+        stop_event: threading.Event | None = None,
+    ):
+        self.amqp_url = amqp_url
+        self.masked_url = mask_password(amqp_url)
+        self.dispatcher = dispatcher
+        self.topology = topology
+        self.prefetch = prefetch
+        self.stopping = stop_event or threading.Event()
+        self.consumers = [Consumer(i, self) for i in range(consumers)]
+        self.consuming = threading.Event()
+        self._params = pika.URLParameters(amqp_url)
+        self._params.connection_attempts = 1
+        self._params.socket_timeout = connect_timeout
+        self._params.client_properties = {"connection_name": f"{APP_ID} consumers"}
+        self._connection: pika.SelectConnection | None = None
+        self._lock = threading.Lock()
+        self._io_thread = threading.Thread(target=self._run, name="dataspace-amqp-io", daemon=True)
+
+    # -- control (any thread) ---------------------------------------------------
+    def start(self) -> None:
+        for consumer in self.consumers:
+            consumer.thread.start()
+        self._io_thread.start()
+
+    @property
+    def handled(self) -> int:
+        return sum(c.handled for c in self.consumers)
+
+    def call_soon(self, callback) -> None:
+        """Run ``callback`` on the I/O thread; dropped if the connection is gone."""
+        with self._lock:
+            connection = self._connection
+        if connection is None:
+            return
+        try:
+            connection.ioloop.add_callback_threadsafe(callback)
+        except Exception:  # the loop closed: the delivery will be redelivered
+            log.debug("I/O loop gone; callback dropped")
+
+    def stop(self, drain_timeout: float = 30.0) -> bool:
+        """Stop consuming, finish and ack the requests in hand, close.
+
+        Returns False if some request was still running after ``drain_timeout``
+        (it stays unacked and the broker redelivers it).
+        """
+        self.stopping.set()
+        self.call_soon(self._cancel_consumers)
+        deadline = time.monotonic() + drain_timeout
+        for consumer in self.consumers:
+            if self._connection is None or not self._io_thread.is_alive():
+                consumer.inbox.put(None)
+        for consumer in self.consumers:
+            consumer.thread.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(c.thread.is_alive() for c in self.consumers)
+        self.call_soon(self._close_connection)
+        self._io_thread.join(10)
+        return drained
+
+    # -- I/O thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self.stopping.is_set():
+            try:
+                self._declare_topology()
+            except (AMQPError, OSError) as exc:
+                log.warning(
+                    "broker %s unavailable (%s); retrying in %.1fs",
+                    self.masked_url,
+                    exc or type(exc).__name__,
+                    backoff,
+                )
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+                continue
+            connection = pika.SelectConnection(
+                self._params,
+                on_open_callback=self._on_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_closed,
+            )
+            with self._lock:
+                self._connection = connection
+            connection.ioloop.start()
+            with self._lock:
+                self._connection = None
+            if self.consuming.is_set():
+                backoff = 0.2
+            self.consuming.clear()
+            if not self.stopping.is_set():
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+        for consumer in self.consumers:
+            consumer.inbox.put(None)
+
+    def _declare_topology(self) -> None:
+        """Declare exchanges, queues and bindings (idempotent) on a short-lived connection."""
+        connection = pika.BlockingConnection(self._params)
+        try:
+            declare_blocking(connection.channel(), self.topology)
+        finally:
+            connection.close()
+
+    def _on_open(self, connection) -> None:
+        for consumer in self.consumers:
+            connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+
+    def _on_open_error(self, connection, error) -> None:
+        log.warning("cannot connect to %s: %s", self.masked_url, error or type(error).__name__)
+        connection.ioloop.stop()
+
+    def _on_closed(self, connection, reason) -> None:
+        if not self.stopping.is_set():
+            log.warning("connection to %s lost: %s; reconnecting", self.masked_url, reason)
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, consumer: Consumer, channel) -> None:
+        consumer.channel = channel
+        channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
+        channel.basic_qos(
+            prefetch_count=self.prefetch, callback=lambda _frame: self._consume(consumer, channel)
+        )
+
+    def _consume(self, consumer: Consumer, channel) -> None:
+        if self.stopping.is_set():
+            consumer.inbox.put(None)
+            return
+        consumer.consumer_tag = channel.basic_consume(
+            self.topology.request_queue.name,
+            partial(self._on_message, consumer),
+            callback=lambda _frame: self._on_consuming(),
+        )
+
+    def _on_consuming(self) -> None:
+        if all(c.consumer_tag and c.channel and c.channel.is_open for c in self.consumers):
+            if not self.consuming.is_set():
+                log.info(
+                    "consuming '%s' on %s with %d consumers, prefetch %d",
+                    self.topology.request_queue.name,
+                    self.masked_url,
+                    len(self.consumers),
+                    self.prefetch,
+                )
+            self.consuming.set()
+
+    def _on_channel_closed(self, consumer: Consumer, channel, reason) -> None:
+        if consumer.channel is channel:
+            consumer.channel = None
+            consumer.consumer_tag = None
+        if self.stopping.is_set():
+            consumer.inbox.put(None)
+            return
+        log.warning("consumer %d channel closed: %s", consumer.index, reason)
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+
+    def _on_message(self, consumer: Consumer, channel, method, properties, body) -> None:
+        consumer.inbox.put(Delivery(channel, method.delivery_tag, properties, body))
+
+    def finish(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Reply, then ack (or dead-letter, or requeue); runs on the I/O thread."""
+        channel = delivery.channel
+        if not channel.is_open:
+            return  # the broker requeued it when the channel closed
+        if outcome.retry:
+            channel.basic_nack(delivery.tag, requeue=True)
+            return
+        reply_to = delivery.properties.reply_to
+        if reply_to:
+            channel.basic_publish(
+                "",
+                reply_to,
+                outcome.body,
+                pika.BasicProperties(
+                    content_type=CONTENT_TYPE,
+                    correlation_id=delivery.properties.correlation_id,
+                    type=f"{outcome.operation}.reply",
+                    app_id=APP_ID,
+                    headers={VERSION_HEADER: PROTOCOL_VERSION, "x-dataspace-outcome": outcome.code},
+                ),
+            )
+        if outcome.poison:
+            channel.basic_reject(delivery.tag, requeue=False)
+        else:
+            channel.basic_ack(delivery.tag)
+
+    def _cancel_consumers(self) -> None:
+        for consumer in self.consumers:
+            channel, tag = consumer.channel, consumer.consumer_tag
+            if channel is not None and channel.is_open and tag:
+                channel.basic_cancel(tag, callback=lambda _f, c=consumer: c.inbox.put(None))
+            else:
+                consumer.inbox.put(None)
+
+    def _close_connection(self) -> None:
+        connection = self._connection
+        if connection is not None and (connection.is_open or connection.is_opening):
+            connection.close()
+        elif connection is not None:
+            connection.ioloop.stop()

@@ -1,0 +1,61 @@
+"""The retry policy for PostgreSQL connections, in one place.
+
+A transaction that failed because its connection failed was rolled back by the
+server, so running it again on a fresh connection is safe.  Backoff is
+exponential with jitter and bounded (``MAX_BACKOFF``), and every retry is logged.
+In process, callers give up after ``timeout`` seconds with
+DataSpaceConnectionError; the worker retries until the database returns or the
+worker is told to stop (its requests stay unacked and are redelivered).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg2
+import tenacity
+
+log = logging.getLogger(__name__)
+
+INITIAL_BACKOFF = 0.1
+MAX_BACKOFF = 5.0
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Errors after which the connection is suspect and the transaction may be retried.
+
+    OperationalError covers a lost server, refused connections, admin shutdown,
+    deadlocks and serialization failures, all of which a retry may cure.
+    """
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "database unavailable (attempt %d, %.1fs so far): %s; retrying in %.2fs",
+        state.attempt_number,
+        state.seconds_since_start or 0.0,
+        str(exc).strip().splitlines()[0] if exc and str(exc).strip() else type(exc).__name__,
+        state.upcoming_sleep,
+    )
+
+
+def connection_retry(
+    timeout: float | None, stop_event: threading.Event | None = None
+) -> tenacity.Retrying:
+    """A tenacity.Retrying for database work: ``timeout`` None means until ``stop_event``."""
+    stop = tenacity.stop_never
+    if timeout is not None:
+        stop = tenacity.stop_after_delay(timeout)
+    if stop_event is not None:
+        stop = stop | tenacity.stop_when_event_set(stop_event)
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_connection_error),
+        wait=tenacity.wait_exponential_jitter(initial=INITIAL_BACKOFF, max=MAX_BACKOFF),
+        stop=stop,
+        before_sleep=_log_retry,
+        sleep=stop_event.wait if stop_event is not None else tenacity.nap.sleep,
+        reraise=True,
+    )

@@ -1,0 +1,171 @@
+"""Every SQL statement the store runs, in one place.  All take parameters; none is
+built from caller input."""
+
+STORE_TASKMANAGER = """
+INSERT INTO taskmanager (name, taskmanager_id, datestamp)
+VALUES (%(taskmanager_name)s, %(taskmanager_id)s, coalesce(%(datestamp)s::timestamptz, now()))
+RETURNING sequence_id
+"""
+
+_TASKMANAGER_COLUMNS = "sequence_id, taskmanager_id, name, datestamp"
+
+GET_TASKMANAGER = f"""
+SELECT {_TASKMANAGER_COLUMNS} FROM taskmanager
+WHERE name = %(taskmanager_name)s
+  AND (%(taskmanager_id)s::text IS NULL OR taskmanager_id = %(taskmanager_id)s)
+ORDER BY sequence_id DESC
+LIMIT 1
+"""
+
+GET_TASKMANAGERS = f"""
+SELECT {_TASKMANAGER_COLUMNS} FROM taskmanager
+WHERE (%(taskmanager_name)s::text IS NULL OR name = %(taskmanager_name)s)
+  AND (%(start_time)s::timestamptz IS NULL OR datestamp >= %(start_time)s::timestamptz)
+  AND (%(end_time)s::timestamptz IS NULL OR datestamp <= %(end_time)s::timestamptz)
+ORDER BY datestamp, sequence_id
+"""
+
+GET_LAST_GENERATION_ID = """
+SELECT max(dp.generation_id)
+FROM dataproduct dp JOIN taskmanager tm ON tm.sequence_id = dp.taskmanager_id
+WHERE tm.name = %(taskmanager_name)s
+  AND (%(taskmanager_id)s::text IS NULL OR tm.taskmanager_id = %(taskmanager_id)s)
+"""
+
+# One statement, one round trip: the three rows go in together or not at all.
+INSERT = """
+WITH p AS (
+    INSERT INTO dataproduct (taskmanager_id, generation_id, key, value)
+    VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(value)s)
+), h AS (
+    INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
+                        scheduled_create_time, creator, schema_id)
+    VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(create_time)s,
+            %(expiration_time)s, %(scheduled_create_time)s, %(creator)s, %(schema_id)s)
+)
+INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time,
+                      missed_update_count)
+VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(state)s, %(generation_time)s,
+        %(missed_update_count)s)
+"""
+
+_WHERE_PRODUCT = (
+    "taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s AND key = %(key)s"
+)
+
+UPDATE = f"""
+WITH p AS (
+    UPDATE dataproduct SET value = %(value)s WHERE {_WHERE_PRODUCT} RETURNING 1
+), h AS (
+    UPDATE header SET create_time = %(create_time)s, expiration_time = %(expiration_time)s,
+        scheduled_create_time = %(scheduled_create_time)s, creator = %(creator)s,
+        schema_id = %(schema_id)s
+    WHERE {_WHERE_PRODUCT} RETURNING 1
+), m AS (
+    UPDATE metadata SET state = %(state)s, generation_time = %(generation_time)s,
+        missed_update_count = %(missed_update_count)s
+    WHERE {_WHERE_PRODUCT} RETURNING 1
+)
+SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM h), (SELECT count(*) FROM m)
+"""
+
+GET_DATAPRODUCT = f"SELECT value FROM dataproduct WHERE {_WHERE_PRODUCT}"
+
+GET_DATAPRODUCTS = """
+SELECT taskmanager_id, generation_id, key, value FROM dataproduct
+WHERE taskmanager_id = %(taskmanager_id)s AND (%(key)s::text IS NULL OR key = %(key)s)
+ORDER BY id
+"""
+
+GET_DATABLOCK = """
+SELECT key, value FROM dataproduct
+WHERE taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s
+ORDER BY id
+"""
+
+GET_HEADER = f"""
+SELECT tm.taskmanager_id, h.taskmanager_id, h.generation_id, h.key, h.create_time,
+       h.expiration_time, h.scheduled_create_time, h.creator, h.schema_id
+FROM header h JOIN taskmanager tm ON tm.sequence_id = h.taskmanager_id
+WHERE h.{_WHERE_PRODUCT.replace(" AND ", " AND h.")}
+"""
+
+GET_METADATA = f"""
+SELECT tm.taskmanager_id, m.taskmanager_id, m.generation_id, m.key, m.state,
+       m.generation_time, m.missed_update_count
+FROM metadata m JOIN taskmanager tm ON tm.sequence_id = m.taskmanager_id
+WHERE m.{_WHERE_PRODUCT.replace(" AND ", " AND m.")}
+"""
+
+_SOURCE_GENERATION = (
+    "WHERE taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s ORDER BY id"
+)
+
+DUPLICATE_DATABLOCK = f"""
+WITH p AS (
+    INSERT INTO dataproduct (taskmanager_id, generation_id, key, value)
+    SELECT taskmanager_id, %(new_generation_id)s, key, value FROM dataproduct
+    {_SOURCE_GENERATION}
+    RETURNING 1
+), h AS (
+    INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
+                        scheduled_create_time, creator, schema_id)
+    SELECT taskmanager_id, %(new_generation_id)s, key, create_time, expiration_time,
+           scheduled_create_time, creator, schema_id FROM header
+    {_SOURCE_GENERATION}
+), m AS (
+    INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time,
+                          missed_update_count)
+    SELECT taskmanager_id, %(new_generation_id)s, key, state, generation_time,
+           missed_update_count FROM metadata
+    {_SOURCE_GENERATION}
+)
+SELECT count(*) FROM p
+"""
+
+COUNT_PRODUCTS_OLDER_THAN = """
+SELECT count(*) FROM dataproduct dp JOIN taskmanager tm ON tm.sequence_id = dp.taskmanager_id
+WHERE tm.datestamp < now() - make_interval(secs => %(days)s * 86400.0)
+"""
+
+DELETE_OLDER_THAN = """
+DELETE FROM taskmanager WHERE datestamp < now() - make_interval(secs => %(days)s * 86400.0)
+"""
+
+NEWEST_GENERATION = """
+SELECT max(generation_id) FROM dataproduct WHERE taskmanager_id = %(taskmanager_id)s
+"""
+
+# Deletes a generation's (or, with generation_id NULL, every) product, header and metadata.
+DELETE_GENERATIONS = """
+WITH h AS (
+    DELETE FROM header WHERE taskmanager_id = %(taskmanager_id)s
+      AND (%(generation_id)s::bigint IS NULL OR generation_id = %(generation_id)s)
+), m AS (
+    DELETE FROM metadata WHERE taskmanager_id = %(taskmanager_id)s
+      AND (%(generation_id)s::bigint IS NULL OR generation_id = %(generation_id)s)
+), p AS (
+    DELETE FROM dataproduct WHERE taskmanager_id = %(taskmanager_id)s
+      AND (%(generation_id)s::bigint IS NULL OR generation_id = %(generation_id)s)
+    RETURNING 1
+)
+SELECT count(*) FROM p
+"""
+
+MARK_EXPIRED = f"UPDATE header SET expiration_time = %(expiry_time)s WHERE {_WHERE_PRODUCT}"
+
+MARK_DEMENTED = """
+UPDATE header SET expiration_time = LEAST(expiration_time, %(now)s)
+WHERE taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s
+  AND key = ANY(%(keys)s)
+RETURNING key
+"""
+
+GET_SCHEMA = """
+SELECT table_name, column_name, data_type, is_nullable = 'YES', column_default
+FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = ANY(%(tables)s)
+ORDER BY table_name, ordinal_position
+"""
+
+TASKMANAGER_EXISTS = "SELECT 1 FROM taskmanager WHERE sequence_id = %(taskmanager_id)s"

@@ -1,0 +1,74 @@
+"""The exchanges and queues the worker declares: the broker side of docs/protocol.md.
+
+Queue arguments live only here.  RabbitMQ refuses to redeclare a queue with
+other arguments (406 PRECONDITION_FAILED, "inequivalent arg"), so changing one
+means a new queue name or a migration step, never an edit in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dataspace_client.protocol import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    REQUEST_BINDING,
+    REQUEST_QUEUE,
+)
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict = field(default_factory=dict)
+    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[tuple[str, str], ...]  # (name, type)
+    queues: tuple[Queue, ...]
+
+    @property
+    def request_queue(self) -> Queue:
+        return self.queues[0]
+
+
+def topology(delivery_limit: int = 10) -> Topology:
+    """The service's topology.  ``delivery_limit`` bounds redeliveries of one request.
+
+    Quorum queues: durable and replicated on a cluster, with a delivery limit
+    that dead-letters a request whose handling keeps failing; dead-lettering is
+    at-least-once, which needs ``reject-publish`` overflow.
+    """
+    requests = Queue(
+        REQUEST_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+        ((EXCHANGE, REQUEST_BINDING),),
+    )
+    dead = Queue(
+        DEAD_LETTER_QUEUE,
+        {"x-queue-type": "quorum"},
+        ((DEAD_LETTER_EXCHANGE, "#"),),
+    )
+    return Topology(
+        exchanges=((EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "topic")),
+        queues=(requests, dead),
+    )
+
+
+def declare_blocking(channel, topo: Topology) -> None:
+    """Declare everything on a pika BlockingChannel (tests and tools use this)."""
+    for name, kind in topo.exchanges:
+        channel.exchange_declare(name, kind, durable=True)
+    for queue in topo.queues:
+        channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        for exchange, key in queue.bindings:
+            channel.queue_bind(queue.name, exchange, key)
