@@ -53,7 +53,8 @@ def connection_retry(
         stop = stop | tenacity.stop_when_event_set(stop_event)
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_connection_error),
-        wait=tenacity.wait_exponential_jitter(initial=INITIAL_BACKOFF, max=MAX_BACKOFF),
+        wait=tenacity.wait_exponential(multiplier=INITIAL_BACKOFF, max=MAX_BACKOFF)
+        + tenacity.wait_random(0, INITIAL_BACKOFF),
         stop=stop,
         before_sleep=_log_retry,
         sleep=stop_event.wait if stop_event is not None else tenacity.nap.sleep,

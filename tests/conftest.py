@@ -1,0 +1,128 @@
+"""Shared fixtures: an isolated database and vhost per run, a worker pool, and a
+``dataspace`` fixture that runs each test on both backends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import pytest
+
+from dataspace_client import DataSpace
+from tests import services
+
+
+def _postgres_admin_dsn(stack: contextlib.ExitStack) -> str:
+    dsn = os.environ.get("DATASPACE_TEST_PG_DSN", services.DEFAULT_PG_DSN)
+    if services.pg_reachable(dsn):
+        return dsn
+    if services.docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        container = stack.enter_context(PostgresContainer("postgres:15", driver=None))
+        return container.get_connection_url()
+    pytest.exit(f"PostgreSQL is not reachable at {dsn} and no Docker engine runs", returncode=3)
+
+
+def _amqp_base_url(stack: contextlib.ExitStack) -> str:
+    url = os.environ.get("DATASPACE_TEST_AMQP_URL", services.DEFAULT_AMQP_URL)
+    if services.amqp_reachable(url):
+        return url
+    if services.docker_available():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = stack.enter_context(RabbitMqContainer("rabbitmq:3.10-management"))
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(container.port)
+        return f"amqp://guest:guest@{host}:{port}/%2F"
+    pytest.exit(f"RabbitMQ is not reachable at {url} and no Docker engine runs", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def _stack():
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(_stack) -> str:
+    """DSN of a database of this run's own, with the schema created."""
+    return _stack.enter_context(services.scratch_database(_postgres_admin_dsn(_stack)))
+
+
+@pytest.fixture(scope="session")
+def amqp_url(_stack) -> str:
+    """URL of a vhost of this run's own."""
+    return _stack.enter_context(services.scratch_vhost(_amqp_base_url(_stack)))
+
+
+def inprocess_config(pg_dsn: str, **extra) -> dict:
+    return {
+        "dataspace": {
+            "datasource": {
+                "module": "dataspace_worker.postgres",
+                "name": "PostgresDataSource",
+                "config": {"dsn": pg_dsn, "pool_size": 4},
+            },
+            **extra,
+        }
+    }
+
+
+def remote_config(amqp_url: str, timeout: float = 30, **extra) -> dict:
+    return {
+        "dataspace": {
+            "datasource": {
+                "module": "dataspace_client.remote",
+                "name": "RemoteDataSource",
+                "config": {"url": amqp_url, "timeout": timeout, "app_id": "dataspace-tests"},
+            },
+            **extra,
+        }
+    }
+
+
+@pytest.fixture(scope="session")
+def worker_pool(pg_dsn, amqp_url):
+    """A real worker pool (two consumers) serving this run's vhost and database."""
+    from dataspace_worker.consumer import WorkerPool
+    from dataspace_worker.dispatch import Dispatcher
+    from dataspace_worker.postgres import PostgresDataSource
+    from dataspace_worker.topology import topology
+
+    stop = threading.Event()
+    datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2, "retry_timeout": 30}, stop)
+    pool = WorkerPool(
+        amqp_url, Dispatcher(datasource), topology(), consumers=2, prefetch=4, stop_event=stop
+    )
+    pool.start()
+    assert pool.consuming.wait(30), "the worker pool did not start consuming"
+    yield pool
+    pool.stop(10)
+    datasource.close()
+
+
+@pytest.fixture(scope="session")
+def inprocess_space(pg_dsn):
+    space = DataSpace(inprocess_config(pg_dsn))
+    yield space
+    space.close()
+
+
+@pytest.fixture(scope="session")
+def remote_space(worker_pool, amqp_url):
+    space = DataSpace(remote_config(amqp_url))
+    yield space
+    space.close()
+
+
+@pytest.fixture(params=["inprocess", "remote"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def dataspace(backend, request) -> DataSpace:
+    """The DataSpace under test: in process on PostgreSQL, or remote through the broker."""
+    return request.getfixturevalue(f"{backend}_space")

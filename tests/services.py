@@ -1,0 +1,100 @@
+"""Where the tests find PostgreSQL and RabbitMQ, and how each run isolates itself.
+
+Order of preference: the URLs in DATASPACE_TEST_PG_DSN / DATASPACE_TEST_AMQP_URL,
+else the local services; where those are unreachable and a Docker engine is,
+containers started with testcontainers.  Each run gets its own database and its
+own RabbitMQ vhost, removed at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import uuid
+from contextlib import contextmanager
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg2
+from psycopg2 import extensions
+from psycopg2 import sql as pgsql
+
+DEFAULT_PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+
+
+def pg_reachable(dsn: str) -> bool:
+    try:
+        psycopg2.connect(dsn, connect_timeout=3).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+def amqp_reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    return reachable(parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+@contextmanager
+def scratch_database(admin_dsn: str):
+    """A new, empty database for this run; dropped afterwards."""
+    name = f"dataspace_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(admin_dsn)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+        yield extensions.make_dsn(admin_dsn, dbname=name)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name))
+            )
+        admin.close()
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+@contextmanager
+def scratch_vhost(base_url: str):
+    """A new vhost for this run, through rabbitmqctl when the broker is local.
+
+    Without rabbitmqctl the base URL's vhost is used as it is (the run is then not
+    isolated from others on that vhost).
+    """
+    ctl = shutil.which("rabbitmqctl")
+    host = urlsplit(base_url).hostname
+    if ctl is None or host not in ("127.0.0.1", "localhost", "::1"):
+        yield base_url
+        return
+    vhost = f"dataspace-test-{uuid.uuid4().hex[:10]}"
+    user = urlsplit(base_url).username or "guest"
+    subprocess.run([ctl, "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(
+            [ctl, "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield with_vhost(base_url, vhost)
+    finally:
+        subprocess.run([ctl, "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
