@@ -202,10 +202,14 @@ class RpcClient:
         if self._closing:
             return
         reply = getattr(reason, "reply_text", str(reason))
-        hint = ""
         if getattr(reason, "reply_code", None) == 404:
-            hint = "; is a dataspace worker running against this vhost?"
-        self._lost(f"channel closed by the broker: {reply}{hint}", DataSpaceError)
+            # No exchange: no worker ever declared the topology on this vhost.
+            self._lost(
+                f"channel closed by the broker: {reply}; "
+                "is a dataspace worker running against this vhost?"
+            )
+        else:
+            self._lost(f"channel closed by the broker: {reply}", DataSpaceError)
         connection = self._connection
         if connection is not None and connection.is_open:
             connection.channel(on_open_callback=self._on_channel_open)
