@@ -110,9 +110,15 @@ class RpcClient:
             with self._lock:
                 if self._open:
                     self._calls[correlation_id] = call
-                    self._connection.ioloop.add_callback_threadsafe(
-                        lambda: self._publish(correlation_id, operation, routing_key, body)
-                    )
+                    try:
+                        self._connection.ioloop.add_callback_threadsafe(
+                            lambda: self._publish(correlation_id, operation, routing_key, body)
+                        )
+                    except Exception as exc:  # the I/O loop closed under us
+                        self._calls.pop(correlation_id, None)
+                        raise DataSpaceConnectionError(
+                            f"{operation}: connection to {self.masked_url} lost: {exc}"
+                        ) from None
                     break
             if not self._ready.wait(max(0.0, deadline - time.monotonic())):
                 raise DataSpaceConnectionError(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import tomllib
+
 from dataspace_client.errors import DataSpaceConfigurationError
 
 from .postgres import DEFAULT_DSN as DEFAULT_PG_DSN

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import pika
+from pika.exceptions import AMQPError
+
 from dataspace_client.protocol import CONTENT_TYPE, PROTOCOL_VERSION, VERSION_HEADER
 from dataspace_client.urls import mask_password
-from pika.exceptions import AMQPError
 
 from . import __version__
 from .dispatch import Dispatcher, Outcome

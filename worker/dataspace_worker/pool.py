@@ -12,6 +12,7 @@ import threading
 
 import psycopg2
 import psycopg2.extensions
+
 from dataspace_client.errors import DataSpaceConnectionError
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
+
 from dataspace_client import validate
 from dataspace_client.datasource import DataSource
 from dataspace_client.errors import (
