@@ -8,6 +8,7 @@ never trusts a message.  Each returns the normalized value.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -100,6 +101,8 @@ def _fields(value: Any, fields: tuple[str, ...], what: str) -> dict:
 
 def _time(value: Any, what: str) -> int:
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} must be a finite number, got {value}")
         value = int(value)
     return _integer(value, what)
 
@@ -134,6 +137,10 @@ def moment(value: Any, what: str, optional: bool = True) -> _dt.datetime | str |
     if value is None and optional:
         return None
     if isinstance(value, _dt.datetime):
+        # An aware time goes as UTC: JSON encoders round offsets with seconds
+        # (zoneinfo has them for historic dates) to whole minutes.
+        if value.utcoffset() is not None:
+            return value.astimezone(_dt.timezone.utc)
         return value
     if isinstance(value, str):
         return text(value, what)

@@ -73,6 +73,8 @@ def _translate(exc: psycopg2.Error) -> BaseException:
         return DataSpaceExistsError(f"already stored: {exc.diag.message_detail or first_line}")
     if isinstance(exc, psycopg2.errors.ForeignKeyViolation):
         return KeyError(f"no such task manager: {exc.diag.message_detail or first_line}")
+    if isinstance(exc, psycopg2.errors.CheckViolation):
+        return ValueError(f"value out of range: {first_line}")
     if isinstance(exc, (psycopg2.DataError, psycopg2.errors.ProgramLimitExceeded)):
         return ValueError(first_line)
     return DataSpaceError(f"database error: {first_line}")
@@ -200,7 +202,7 @@ class PostgresDataSource(DataSource):
         row = self._fetchone(sql.GET_TASKMANAGER, args)
         if row is None:
             suffix = f" and id {taskmanager_id!r}" if taskmanager_id is not None else ""
-            raise KeyError(f"no task manager named {taskmanager_name!r}{suffix}")
+            raise KeyError(f"no task manager named {taskmanager_name!r:.200}{suffix}")
         return self._taskmanager(row)
 
     def get_taskmanagers(self, taskmanager_name=None, start_time=None, end_time=None):
@@ -212,7 +214,7 @@ class PostgresDataSource(DataSource):
         (generation,) = self._fetchone(sql.GET_LAST_GENERATION_ID, args)
         if generation is None:
             suffix = f" and id {taskmanager_id!r}" if taskmanager_id is not None else ""
-            raise KeyError(f"no products for task manager {taskmanager_name!r}{suffix}")
+            raise KeyError(f"no products for task manager {taskmanager_name!r:.200}{suffix}")
         return generation
 
     # -- products -------------------------------------------------------------
@@ -246,7 +248,7 @@ class PostgresDataSource(DataSource):
     @staticmethod
     def _product_missing(args: dict) -> str:
         return (
-            f"no product {args['key']!r} in generation {args['generation_id']} "
+            f"no product {args['key']!r:.200} in generation {args['generation_id']} "
             f"of task manager {args['taskmanager_id']}"
         )
 
@@ -357,7 +359,7 @@ class PostgresDataSource(DataSource):
             missing = wanted - {row[0] for row in cur.fetchall()}
             if missing:
                 raise _Missing(
-                    f"no product(s) {sorted(missing)!r} in generation {generation} "
+                    f"no product(s) {sorted(missing)!r:.400} in generation {generation} "
                     f"of task manager {args['taskmanager_id']}"
                 )
             return len(wanted)

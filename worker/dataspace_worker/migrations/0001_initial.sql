@@ -5,7 +5,10 @@ CREATE TABLE taskmanager (
     sequence_id    BIGSERIAL PRIMARY KEY,
     taskmanager_id VARCHAR(36) NOT NULL,
     name           TEXT NOT NULL,
-    datestamp      TIMESTAMPTZ NOT NULL DEFAULT now()
+    datestamp      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- Readers are Python: keep datestamps within what datetime can represent.
+    CONSTRAINT taskmanager_datestamp_range
+        CHECK (datestamp >= '0001-01-02 00:00:00+00' AND datestamp < '9999-12-31 00:00:00+00')
 );
 CREATE INDEX taskmanager_name_idx ON taskmanager (name, taskmanager_id, sequence_id);
 CREATE INDEX taskmanager_datestamp_idx ON taskmanager (datestamp);
