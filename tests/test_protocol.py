@@ -88,13 +88,15 @@ class RawClient:
     def _on_reply(self, _ch, _method, props, body):
         self.replies[props.correlation_id] = (props, body)
 
-    def request(self, body: bytes, routing_key="data.get_schema", timeout=10.0):
+    def request(self, body: bytes, routing_key="data.get_schema", timeout=10.0, message_id=None):
         cid = uuid.uuid4().hex
         self.channel.basic_publish(
             "dataspace",
             routing_key,
             body,
-            pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id=cid),
+            pika.BasicProperties(
+                reply_to="amq.rabbitmq.reply-to", correlation_id=cid, message_id=message_id
+            ),
         )
         deadline = time.monotonic() + timeout
         while cid not in self.replies and time.monotonic() < deadline:
@@ -139,8 +141,11 @@ def test_poison_message_gets_an_error_reply_and_is_dead_lettered(raw, amqp_url):
     assert props.headers["x-dataspace-outcome"] == "bad_request"
     dead = _dead_letters(amqp_url, 1)
     assert any(marker in b for _, b in dead)
-    death = next(p for p, b in dead if marker in b).headers["x-death"][0]
-    assert death["queue"] == "dataspace.requests" and death["reason"] == "rejected"
+    headers = next(p for p, b in dead if marker in b).headers
+    assert headers["x-dataspace-error-code"] == "bad_request"
+    assert "not valid JSON" in headers["x-dataspace-reason"]
+    assert headers["x-original-exchange"] == "dataspace"
+    assert headers["x-original-routing-key"] == "data.get_schema"
 
 
 def test_missing_argument_is_a_bad_request_and_the_worker_carries_on(raw):
@@ -152,3 +157,37 @@ def test_missing_argument_is_a_bad_request_and_the_worker_carries_on(raw):
     reply = orjson.loads(body)
     assert reply["ok"] is True
     assert [c["name"] for c in reply["result"]][:2] == ["id", "taskmanager_id"]
+
+
+def _store(name: str) -> bytes:
+    args = {"taskmanager_name": name, "taskmanager_id": "RAW", "datestamp": None}
+    return orjson.dumps({"v": 1, "op": "store_taskmanager", "args": args})
+
+
+def test_a_write_without_message_id_is_refused(raw):
+    _, body = raw.request(_store(uuid.uuid4().hex), "data.store_taskmanager")
+    reply = orjson.loads(body)
+    assert reply["error"]["code"] == "bad_request"
+    assert "needs a message_id" in reply["error"]["message"]
+
+
+def test_a_write_sent_twice_is_applied_once_and_replays_its_reply(raw, pg_dsn):
+    import psycopg2
+
+    name = uuid.uuid4().hex
+    message_id = uuid.uuid4().hex
+    replies = [
+        orjson.loads(raw.request(_store(name), "data.store_taskmanager", message_id=message_id)[1])
+        for _ in range(3)
+    ]
+    assert replies[0]["ok"] is True
+    assert replies[1] == replies[0] == replies[2]
+    other = orjson.loads(
+        raw.request(_store(name), "data.store_taskmanager", message_id=uuid.uuid4().hex)[1]
+    )
+    assert other["result"] != replies[0]["result"]
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM taskmanager WHERE name = %s", (name,))
+        assert cur.fetchone()[0] == 2
+        cur.execute("SELECT operation FROM dataspace_request WHERE message_id = %s", (message_id,))
+        assert cur.fetchone()[0] == "store_taskmanager"

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_MAX = 5.0
 
 
+class _ConnectionLost(DataSpaceConnectionError):
+    """The connection dropped under a call; sending the request again is safe."""
+
+
 @dataclass
 class _Call:
     operation: str
@@ -99,9 +103,24 @@ class RpcClient:
     def call(
         self, operation: str, routing_key: str, body: bytes, timeout: float | None = None
     ) -> bytes:
-        """Send one request and return the reply body; raises DataSpace*Error on failure."""
+        """Send one request and return the reply body; raises DataSpace*Error on failure.
+
+        If the connection drops while the call waits, the request is sent again
+        on the new connection, with the same message_id, until the call's
+        timeout: the worker applies a write once whatever the number of copies.
+        """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        message_id = uuid.uuid4().hex
+        while True:
+            try:
+                return self._attempt(operation, routing_key, body, message_id, deadline, timeout)
+            except _ConnectionLost as lost:
+                if self._closing or time.monotonic() >= deadline:
+                    raise DataSpaceConnectionError(str(lost)) from None
+                log.info("%s: %s; sending it again (message_id %s)", operation, lost, message_id)
+
+    def _attempt(self, operation, routing_key, body, message_id, deadline, timeout) -> bytes:
         correlation_id = uuid.uuid4().hex
         call = _Call(operation)
         while True:
@@ -112,11 +131,13 @@ class RpcClient:
                     self._calls[correlation_id] = call
                     try:
                         self._connection.ioloop.add_callback_threadsafe(
-                            lambda: self._publish(correlation_id, operation, routing_key, body)
+                            lambda: self._publish(
+                                correlation_id, message_id, operation, routing_key, body
+                            )
                         )
                     except Exception as exc:  # the I/O loop closed under us
                         self._calls.pop(correlation_id, None)
-                        raise DataSpaceConnectionError(
+                        raise _ConnectionLost(
                             f"{operation}: connection to {self.masked_url} lost: {exc}"
                         ) from None
                     break
@@ -212,7 +233,8 @@ class RpcClient:
             # No exchange: no worker ever declared the topology on this vhost.
             self._lost(
                 f"channel closed by the broker: {reply}; "
-                "is a dataspace worker running against this vhost?"
+                "is a dataspace worker running against this vhost?",
+                DataSpaceConnectionError,
             )
         else:
             self._lost(f"channel closed by the broker: {reply}", DataSpaceError)
@@ -220,9 +242,7 @@ class RpcClient:
         if connection is not None and connection.is_open:
             connection.channel(on_open_callback=self._on_channel_open)
 
-    def _lost(
-        self, reason: str, error_cls: type[DataSpaceError] = DataSpaceConnectionError
-    ) -> None:
+    def _lost(self, reason: str, error_cls: type[DataSpaceError] = _ConnectionLost) -> None:
         """Mark the link down and fail every call in flight."""
         with self._lock:
             self._open = False
@@ -234,7 +254,7 @@ class RpcClient:
         for call in calls:
             call.fail(error_cls(f"{call.operation}: {reason} (broker {self.masked_url})"))
 
-    def _publish(self, correlation_id, operation, routing_key, body) -> None:
+    def _publish(self, correlation_id, message_id, operation, routing_key, body) -> None:
         with self._lock:
             call = self._calls.get(correlation_id)
         if call is None:  # the caller gave up before we got here
@@ -243,7 +263,7 @@ class RpcClient:
             content_type=CONTENT_TYPE,
             delivery_mode=pika.DeliveryMode.Persistent,
             correlation_id=correlation_id,
-            message_id=correlation_id,
+            message_id=message_id,
             reply_to=DIRECT_REPLY_TO,
             type=operation,
             app_id=self.app_id,

@@ -19,10 +19,13 @@ from dataspace_client.urls import mask_password
 from . import __version__, config
 from .consumer import WorkerPool
 from .dispatch import Dispatcher
+from .maintenance import RequestLogSweeper
 from .postgres import PostgresDataSource
 from .topology import topology
 
 log = logging.getLogger("dataspace_worker")
+
+SWEEP_INTERVAL = 60.0
 
 EXAMPLES = """\
 examples:
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     pool = WorkerPool(
         settings.amqp_url,
-        Dispatcher(datasource),
+        Dispatcher(datasource, settings.max_body),
         topology(settings.delivery_limit),
         consumers=settings.consumers,
         prefetch=settings.prefetch,
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_dsn(settings.pg_dsn),
     )
     pool.start()
+    RequestLogSweeper(datasource, settings.idempotency_ttl, SWEEP_INTERVAL, stop).start()
     if args.demo:
         threading.Thread(
             target=_demo_when_ready, args=(pool, settings.amqp_url), daemon=True

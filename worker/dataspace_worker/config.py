@@ -46,6 +46,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch", int, 4, "unacknowledged requests each consumer may hold", 1),
     Setting("delivery_limit", int, 10, "deliveries of one request before it is dead-lettered", 1),
     Setting("drain_timeout", float, 30.0, "seconds to finish requests in hand on SIGTERM", 0),
+    Setting("max_body", int, 64 * 1024 * 1024, "largest request body accepted, in bytes", 1024),
+    Setting("idempotency_ttl", float, 86400.0, "seconds a write's message_id is remembered", 600),
     Setting("connect_timeout", float, 10.0, "seconds per broker or database connection attempt", 1),
     Setting("log_level", str, "INFO", "logging level", None, ("DEBUG", "INFO", "WARNING", "ERROR")),
 )
@@ -61,6 +63,8 @@ class WorkerSettings:
     prefetch: int
     delivery_limit: int
     drain_timeout: float
+    max_body: int
+    idempotency_ttl: float
     connect_timeout: float
     log_level: str
 

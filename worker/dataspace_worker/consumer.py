@@ -31,7 +31,12 @@ from functools import partial
 import pika
 from pika.exceptions import AMQPError
 
-from dataspace_client.protocol import CONTENT_TYPE, PROTOCOL_VERSION, VERSION_HEADER
+from dataspace_client.protocol import (
+    CONTENT_TYPE,
+    DEAD_LETTER_EXCHANGE,
+    PROTOCOL_VERSION,
+    VERSION_HEADER,
+)
 from dataspace_client.urls import mask_password
 
 from . import __version__
@@ -48,8 +53,19 @@ APP_ID = f"dataspace-worker/{__version__}"
 class Delivery:
     channel: object  # pika.channel.Channel
     tag: int
+    exchange: str
+    routing_key: str
     properties: pika.BasicProperties
     body: bytes
+
+
+@dataclass
+class _Settlement:
+    """A delivery waiting for the confirms of what was published for it."""
+
+    delivery: Delivery
+    remaining: int
+    refused: bool = False
 
 
 class Consumer:
@@ -62,6 +78,9 @@ class Consumer:
         self.channel = None
         self.consumer_tag: str | None = None
         self.handled = 0
+        # publisher confirms of this consumer's channel (I/O thread only)
+        self.published = 0
+        self.unconfirmed: dict[int, _Settlement] = {}
         self.thread = threading.Thread(
             target=self._work, name=f"dataspace-consumer-{index}", daemon=True
         )
@@ -74,17 +93,24 @@ class Consumer:
             if not delivery.channel.is_open:
                 continue  # its channel closed: the broker requeued it already
             started = time.monotonic()
-            outcome = self.pool.dispatcher.handle(delivery.body)
-            elapsed = time.monotonic() - started
+            props = delivery.properties
+            outcome = self.pool.dispatcher.handle(
+                delivery.body, props.message_id, props.content_type
+            )
             log.debug(
-                "%s %s in %.1f ms (correlation %s)",
+                "%s %s%s in %.1f ms (correlation %s)",
                 outcome.operation,
                 outcome.code,
-                elapsed * 1000,
-                delivery.properties.correlation_id,
+                " (replayed)" if outcome.replayed else "",
+                (time.monotonic() - started) * 1000,
+                props.correlation_id,
             )
+            if outcome.poison:
+                log.warning(
+                    "dead-lettering request %s: %s", props.message_id or "-", outcome.reason
+                )
             self.handled += 1
-            self.pool.call_soon(partial(self.pool.finish, delivery, outcome))
+            self.pool.call_soon(partial(self.pool.finish, self, delivery, outcome))
 
 
 class WorkerPool:
@@ -216,7 +242,10 @@ class WorkerPool:
 
     def _on_channel_open(self, consumer: Consumer, channel) -> None:
         consumer.channel = channel
+        consumer.published = 0
+        consumer.unconfirmed.clear()
         channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
+        channel.confirm_delivery(ack_nack_callback=partial(self._on_confirm, consumer))
         channel.basic_qos(
             prefetch_count=self.prefetch, callback=lambda _frame: self._consume(consumer, channel)
         )
@@ -256,34 +285,70 @@ class WorkerPool:
             connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
 
     def _on_message(self, consumer: Consumer, channel, method, properties, body) -> None:
-        consumer.inbox.put(Delivery(channel, method.delivery_tag, properties, body))
+        consumer.inbox.put(
+            Delivery(
+                channel, method.delivery_tag, method.exchange, method.routing_key, properties, body
+            )
+        )
 
-    def finish(self, delivery: Delivery, outcome: Outcome) -> None:
-        """Reply, then ack (or dead-letter, or requeue); runs on the I/O thread."""
+    def finish(self, consumer: Consumer, delivery: Delivery, outcome: Outcome) -> None:
+        """Publish the reply (and, for a poison message, its dead letter), then settle.
+
+        Runs on the I/O thread. The request is acked only once the broker has
+        confirmed everything published for it; if the broker refuses one, the
+        request is requeued (a write replays its stored reply next time).
+        """
         channel = delivery.channel
-        if not channel.is_open:
-            return  # the broker requeued it when the channel closed
+        if not channel.is_open or channel is not consumer.channel:
+            return  # the broker requeued it when its channel closed
         if outcome.retry:
             channel.basic_nack(delivery.tag, requeue=True)
             return
-        reply_to = delivery.properties.reply_to
-        if reply_to:
-            channel.basic_publish(
-                "",
-                reply_to,
-                outcome.body,
-                pika.BasicProperties(
-                    content_type=CONTENT_TYPE,
-                    correlation_id=delivery.properties.correlation_id,
-                    type=f"{outcome.operation}.reply",
-                    app_id=APP_ID,
-                    headers={VERSION_HEADER: PROTOCOL_VERSION, "x-dataspace-outcome": outcome.code},
-                ),
+        publications = []
+        if delivery.properties.reply_to:
+            publications.append(
+                ("", delivery.properties.reply_to, outcome.body, _reply(delivery, outcome))
             )
         if outcome.poison:
-            channel.basic_reject(delivery.tag, requeue=False)
-        else:
+            publications.append(
+                (
+                    DEAD_LETTER_EXCHANGE,
+                    delivery.routing_key,
+                    delivery.body,
+                    _dead_letter(delivery, outcome),
+                )
+            )
+        if not publications:
             channel.basic_ack(delivery.tag)
+            return
+        settlement = _Settlement(delivery, len(publications))
+        for exchange, routing_key, body, properties in publications:
+            channel.basic_publish(exchange, routing_key, body, properties)
+            consumer.published += 1
+            consumer.unconfirmed[consumer.published] = settlement
+
+    def _on_confirm(self, consumer: Consumer, frame) -> None:
+        method = frame.method
+        refused = isinstance(method, pika.spec.Basic.Nack)
+        if method.multiple:
+            tags = [t for t in consumer.unconfirmed if t <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            settlement = consumer.unconfirmed.pop(tag, None)
+            if settlement is None:
+                continue
+            settlement.remaining -= 1
+            settlement.refused |= refused
+            if settlement.remaining == 0:
+                channel, delivery_tag = settlement.delivery.channel, settlement.delivery.tag
+                if not channel.is_open:
+                    continue
+                if settlement.refused:
+                    log.warning("broker refused a reply; requeueing the request")
+                    channel.basic_nack(delivery_tag, requeue=True)
+                else:
+                    channel.basic_ack(delivery_tag)
 
     def _cancel_consumers(self) -> None:
         for consumer in self.consumers:
@@ -299,3 +364,41 @@ class WorkerPool:
             connection.close()
         elif connection is not None:
             connection.ioloop.stop()
+
+
+def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        correlation_id=delivery.properties.correlation_id,
+        type=f"{outcome.operation}.reply",
+        app_id=APP_ID,
+        headers={VERSION_HEADER: PROTOCOL_VERSION, "x-dataspace-outcome": outcome.code},
+    )
+
+
+def _dead_letter(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
+    """The original properties, persistent, with why and whence in the headers."""
+    original = delivery.properties
+    headers = dict(original.headers or {})
+    headers.update(
+        {
+            "x-dataspace-reason": outcome.reason[:1000],
+            "x-dataspace-error-code": outcome.code,
+            "x-original-exchange": delivery.exchange,
+            "x-original-routing-key": delivery.routing_key,
+            "x-dead-lettered-by": APP_ID,
+            "x-dead-lettered-at": int(time.time()),
+        }
+    )
+    return pika.BasicProperties(
+        content_type=original.content_type,
+        content_encoding=original.content_encoding,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        correlation_id=original.correlation_id,
+        message_id=original.message_id,
+        reply_to=original.reply_to,
+        type=original.type,
+        app_id=original.app_id,
+        timestamp=original.timestamp,
+        headers=headers,
+    )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -39,7 +38,7 @@ from dataspace_client.errors import (
     DataSpaceExistsError,
 )
 
-from . import schema, sql
+from . import idempotency, operations, schema
 from .pool import ConnectionPool
 from .retry import connection_retry, is_connection_error
 
@@ -121,7 +120,7 @@ class PostgresDataSource(DataSource):
 
     def create_tables(self):
         """Create or migrate the schema (idempotent; safe from several processes at once)."""
-        return self._with_connection(schema.migrate)
+        return self._run("create_tables", {})
 
     # -- transactions ---------------------------------------------------------
     def _with_connection(self, work: Callable[[Any], T]) -> T:
@@ -169,216 +168,97 @@ class PostgresDataSource(DataSource):
 
         return self._with_connection(run)
 
-    def _fetchone(self, query: str, params: dict):
+    def _run(self, operation: str, args: dict) -> Any:
+        checked = validate.check(operation, args)
+        body = operations.OPERATIONS[operation]
+        return self._transaction(lambda cur: body(cur, checked))
+
+    def execute(
+        self,
+        operation: str,
+        args: dict,
+        encode: Callable[[Any], bytes],
+        request_id: str | None = None,
+    ) -> tuple[bytes, bool]:
+        """Run one request and return ``(reply, replayed)``.
+
+        With a ``request_id`` (the request's message_id, given for writes) the
+        request is applied at most once: its id and ``encode(result)`` commit in
+        the same transaction as its effect, and a later request with the same id
+        gets that stored reply back (``replayed`` True) without writing again.
+        """
+        checked = validate.check(operation, args)
+        body = operations.OPERATIONS[operation]
+
         def work(cur):
-            cur.execute(query, params)
-            return cur.fetchone()
+            if request_id is not None:
+                stored = idempotency.claim(cur, request_id, operation)
+                if stored is not None:
+                    return stored, True
+            reply = encode(body(cur, checked))
+            if request_id is not None:
+                idempotency.record(cur, request_id, reply)
+            return reply, False
 
         return self._transaction(work)
 
-    def _fetchall(self, query: str, params: dict):
-        def work(cur):
-            cur.execute(query, params)
-            return cur.fetchall()
+    def sweep_request_log(self, older_than_seconds: float, limit: int = 10_000) -> int:
+        """Forget idempotency records older than ``older_than_seconds`` (bounded batch)."""
+        return self._transaction(lambda cur: idempotency.sweep(cur, older_than_seconds, limit))
 
-        return self._transaction(work)
-
-    # -- task managers --------------------------------------------------------
-    @staticmethod
-    def _taskmanager(row) -> dict:
-        return {
-            "sequence_id": row[0],
-            "taskmanager_id": row[1],
-            "name": row[2],
-            "datestamp": row[3],
-        }
-
+    # -- the DataSource API: each call one transaction ------------------------
     def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
-        args = validate.check("store_taskmanager", locals())
-        return self._fetchone(sql.STORE_TASKMANAGER, args)[0]
+        return self._run("store_taskmanager", locals())
 
     def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
-        args = validate.check("get_taskmanager", locals())
-        row = self._fetchone(sql.GET_TASKMANAGER, args)
-        if row is None:
-            suffix = f" and id {taskmanager_id!r}" if taskmanager_id is not None else ""
-            raise KeyError(f"no task manager named {taskmanager_name!r:.200}{suffix}")
-        return self._taskmanager(row)
+        return self._run("get_taskmanager", locals())
 
     def get_taskmanagers(self, taskmanager_name=None, start_time=None, end_time=None):
-        args = validate.check("get_taskmanagers", locals())
-        return [self._taskmanager(r) for r in self._fetchall(sql.GET_TASKMANAGERS, args)]
+        return self._run("get_taskmanagers", locals())
 
     def get_last_generation_id(self, taskmanager_name, taskmanager_id=None):
-        args = validate.check("get_last_generation_id", locals())
-        (generation,) = self._fetchone(sql.GET_LAST_GENERATION_ID, args)
-        if generation is None:
-            suffix = f" and id {taskmanager_id!r}" if taskmanager_id is not None else ""
-            raise KeyError(f"no products for task manager {taskmanager_name!r:.200}{suffix}")
-        return generation
-
-    # -- products -------------------------------------------------------------
-    @staticmethod
-    def _write_params(args: dict) -> dict:
-        return {
-            **{k: args[k] for k in ("taskmanager_id", "generation_id", "key")},
-            "value": psycopg2.Binary(args["value"]),
-            **args["header"],
-            **args["metadata"],
-        }
+        return self._run("get_last_generation_id", locals())
 
     def insert(self, taskmanager_id, generation_id, key, value, header, metadata):
-        params = self._write_params(validate.check("insert", locals()))
-
-        def work(cur):
-            cur.execute(sql.INSERT, params)
-
-        self._transaction(work)
+        self._run("insert", locals())
 
     def update(self, taskmanager_id, generation_id, key, value, header, metadata):
-        params = self._write_params(validate.check("update", locals()))
-
-        def work(cur):
-            cur.execute(sql.UPDATE, params)
-            if cur.fetchone() != (1, 1, 1):
-                raise _Missing(self._product_missing(params))
-
-        self._unwrap(work)
-
-    @staticmethod
-    def _product_missing(args: dict) -> str:
-        return (
-            f"no product {args['key']!r:.200} in generation {args['generation_id']} "
-            f"of task manager {args['taskmanager_id']}"
-        )
-
-    def _unwrap(self, work):
-        """Run a transaction whose work raises _Missing to roll back and report a KeyError."""
-        try:
-            return self._transaction(work)
-        except _Missing as missing:
-            raise KeyError(missing.args[0]) from None
+        self._run("update", locals())
 
     def get_dataproduct(self, taskmanager_id, generation_id, key):
-        args = validate.check("get_dataproduct", locals())
-        row = self._fetchone(sql.GET_DATAPRODUCT, args)
-        if row is None:
-            raise KeyError(self._product_missing(args))
-        return bytes(row[0])
+        return self._run("get_dataproduct", locals())
 
     def get_dataproducts(self, taskmanager_id, key=None):
-        args = validate.check("get_dataproducts", locals())
-        rows = self._fetchall(sql.GET_DATAPRODUCTS, args)
-        return [
-            {"taskmanager_id": r[0], "generation_id": r[1], "key": r[2], "value": bytes(r[3])}
-            for r in rows
-        ]
+        return self._run("get_dataproducts", locals())
 
     def get_datablock(self, taskmanager_id, generation_id):
-        args = validate.check("get_datablock", locals())
-        return {key: bytes(value) for key, value in self._fetchall(sql.GET_DATABLOCK, args)}
+        return self._run("get_datablock", locals())
 
     def get_header(self, taskmanager_id, generation_id, key):
-        args = validate.check("get_header", locals())
-        row = self._fetchone(sql.GET_HEADER, args)
-        if row is None:
-            raise KeyError(self._product_missing(args))
-        return tuple(row)
+        return self._run("get_header", locals())
 
     def get_metadata(self, taskmanager_id, generation_id, key):
-        args = validate.check("get_metadata", locals())
-        row = self._fetchone(sql.GET_METADATA, args)
-        if row is None:
-            raise KeyError(self._product_missing(args))
-        return tuple(row)
+        return self._run("get_metadata", locals())
 
     def duplicate_datablock(self, taskmanager_id, generation_id, new_generation_id):
-        args = validate.check("duplicate_datablock", locals())
-        self._fetchone(sql.DUPLICATE_DATABLOCK, args)
+        self._run("duplicate_datablock", locals())
 
     def delete_data_older_than(self, days):
         """Delete task managers older than ``days`` days; return what went.
 
         Returns ``{"taskmanagers": n, "dataproducts": m}``.
         """
-        args = validate.check("delete_data_older_than", locals())
-
-        def work(cur):
-            cur.execute(sql.COUNT_PRODUCTS_OLDER_THAN, args)
-            (products,) = cur.fetchone()
-            cur.execute(sql.DELETE_OLDER_THAN, args)
-            return {"taskmanagers": cur.rowcount, "dataproducts": products}
-
-        return self._transaction(work)
+        return self._run("delete_data_older_than", locals())
 
     def delete(self, taskmanager_id, all_generations=False):
-        args = validate.check("delete", locals())
-
-        def work(cur):
-            generation = None
-            if not args["all_generations"]:
-                cur.execute(sql.NEWEST_GENERATION, args)
-                (generation,) = cur.fetchone()
-                if generation is None:
-                    return 0
-            cur.execute(sql.DELETE_GENERATIONS, {**args, "generation_id": generation})
-            return cur.fetchone()[0]
-
-        return self._transaction(work)
+        return self._run("delete", locals())
 
     def mark_expired(self, taskmanager_id, generation_id, key, expiry_time):
-        args = validate.check("mark_expired", locals())
-
-        def work(cur):
-            cur.execute(sql.MARK_EXPIRED, args)
-            if cur.rowcount != 1:
-                raise _Missing(self._product_missing(args))
-
-        self._unwrap(work)
+        self._run("mark_expired", locals())
 
     def mark_demented(self, taskmanager_id, keys, generation_id=None):
-        args = validate.check("mark_demented", locals())
-        wanted = set(args["keys"])
-
-        def work(cur):
-            generation = args["generation_id"]
-            if generation is None:
-                cur.execute(sql.NEWEST_GENERATION, args)
-                (generation,) = cur.fetchone()
-                if generation is None:
-                    raise _Missing(f"task manager {args['taskmanager_id']} has no products")
-            cur.execute(
-                sql.MARK_DEMENTED,
-                {
-                    **args,
-                    "generation_id": generation,
-                    "keys": sorted(wanted),
-                    "now": int(time.time()),
-                },
-            )
-            missing = wanted - {row[0] for row in cur.fetchall()}
-            if missing:
-                raise _Missing(
-                    f"no product(s) {sorted(missing)!r:.400} in generation {generation} "
-                    f"of task manager {args['taskmanager_id']}"
-                )
-            return len(wanted)
-
-        return self._unwrap(work)
+        return self._run("mark_demented", locals())
 
     def get_schema(self, table=None):
         """Columns of ``table`` as a list of dicts, or ``{table: columns}`` for all tables."""
-        args = validate.check("get_schema", locals())
-        tables = [args["table"]] if args["table"] else list(validate.TABLES)
-        described: dict[str, list[dict]] = {t: [] for t in tables}
-        for table_name, column, data_type, nullable, default in self._fetchall(
-            sql.GET_SCHEMA, {"tables": tables}
-        ):
-            described[table_name].append(
-                {"name": column, "type": data_type, "nullable": nullable, "default": default}
-            )
-        return described[args["table"]] if args["table"] else described
-
-
-class _Missing(Exception):
-    """Raised inside a transaction to roll it back and report a missing row."""
+        return self._run("get_schema", locals())

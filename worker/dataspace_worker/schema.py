@@ -1,9 +1,10 @@
 """Creating and migrating the schema from the versioned SQL files in ``migrations/``.
 
-Each file ``NNNN_name.sql`` is applied once, in order, in its own transaction,
-and recorded in ``dataspace_schema_version``.  A transaction-scoped advisory
-lock serializes workers that start at the same moment, so several can migrate
-at once safely; one that finds the work done applies nothing.
+Each file ``NNNN_name.sql`` is applied once, in order, and recorded in
+``dataspace_schema_version``; the pending ones apply in one transaction. A
+transaction-scoped advisory lock serializes workers that start at the same
+moment, so several can migrate at once safely; one that finds the work done
+applies nothing.
 """
 
 from __future__ import annotations
@@ -42,40 +43,32 @@ def migrations() -> list[Migration]:
     return found
 
 
-def migrate(conn) -> list[int]:
-    """Bring the schema of ``conn``'s database up to date; return the versions applied."""
+def migrate(cur) -> list[int]:
+    """Bring the schema up to date in the caller's transaction; return the versions applied.
+
+    The advisory lock makes concurrent migrators wait for each other; the second
+    finds the work done.  All pending migrations commit together or not at all.
+    """
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    cur.execute(f"SELECT version FROM {VERSION_TABLE}")
+    done = {row[0] for row in cur.fetchall()}
     applied = []
     for migration in migrations():
-        with conn:  # one transaction per migration, committed on success
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
-                cur.execute(
-                    f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} ("
-                    " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-                    " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                )
-                cur.execute(
-                    f"SELECT 1 FROM {VERSION_TABLE} WHERE version = %s", (migration.version,)
-                )
-                if cur.fetchone():
-                    continue
-                cur.execute(migration.sql)
-                cur.execute(
-                    f"INSERT INTO {VERSION_TABLE} (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
-                )
+        if migration.version in done:
+            continue
+        cur.execute(migration.sql)
+        cur.execute(
+            f"INSERT INTO {VERSION_TABLE} (version, name) VALUES (%s, %s)",
+            (migration.version, migration.name),
+        )
         log.info("schema migration %04d_%s applied", migration.version, migration.name)
         applied.append(migration.version)
     return applied
-
-
-def current_version(conn) -> int:
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (VERSION_TABLE,))
-        if cur.fetchone()[0] is None:
-            return 0
-        cur.execute(f"SELECT coalesce(max(version), 0) FROM {VERSION_TABLE}")
-        return cur.fetchone()[0]
 
 
 def ensure_database(dsn: str, connect_timeout: int = 5) -> bool:

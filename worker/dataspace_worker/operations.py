@@ -1,0 +1,192 @@
+"""The body of every DataSpace operation, run on a cursor inside a transaction.
+
+Each function takes a cursor and the operation's checked arguments (see
+``dataspace_client.validate.SIGNATURES``) and returns the result. None commits:
+the caller owns the transaction, so a request's effect and its idempotency
+record commit together (``PostgresDataSource.execute``). A missing row raises
+KeyError, which rolls the transaction back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+
+from dataspace_client import validate
+
+from . import schema, sql
+
+Args = dict[str, Any]
+
+
+def _product_missing(args: Args) -> str:
+    return (
+        f"no product {args['key']!r:.200} in generation {args['generation_id']} "
+        f"of task manager {args['taskmanager_id']}"
+    )
+
+
+def _named(args: Args) -> str:
+    suffix = f" and id {args['taskmanager_id']!r}" if args["taskmanager_id"] is not None else ""
+    return f"{args['taskmanager_name']!r:.200}{suffix}"
+
+
+def _one(cur, query: str, args: Args):
+    cur.execute(query, args)
+    return cur.fetchone()
+
+
+def _taskmanager(row) -> dict:
+    return {"sequence_id": row[0], "taskmanager_id": row[1], "name": row[2], "datestamp": row[3]}
+
+
+def _write_params(args: Args) -> dict:
+    return {
+        "taskmanager_id": args["taskmanager_id"],
+        "generation_id": args["generation_id"],
+        "key": args["key"],
+        "value": psycopg2.Binary(args["value"]),
+        **args["header"],
+        **args["metadata"],
+    }
+
+
+def _newest_generation(cur, args: Args) -> int | None:
+    return _one(cur, sql.NEWEST_GENERATION, args)[0]
+
+
+# -- task managers ------------------------------------------------------------------
+def store_taskmanager(cur, args: Args) -> int:
+    return _one(cur, sql.STORE_TASKMANAGER, args)[0]
+
+
+def get_taskmanager(cur, args: Args) -> dict:
+    row = _one(cur, sql.GET_TASKMANAGER, args)
+    if row is None:
+        raise KeyError(f"no task manager named {_named(args)}")
+    return _taskmanager(row)
+
+
+def get_taskmanagers(cur, args: Args) -> list[dict]:
+    cur.execute(sql.GET_TASKMANAGERS, args)
+    return [_taskmanager(r) for r in cur.fetchall()]
+
+
+def get_last_generation_id(cur, args: Args) -> int:
+    (generation,) = _one(cur, sql.GET_LAST_GENERATION_ID, args)
+    if generation is None:
+        raise KeyError(f"no products for task manager {_named(args)}")
+    return generation
+
+
+# -- products -----------------------------------------------------------------------
+def insert(cur, args: Args) -> None:
+    cur.execute(sql.INSERT, _write_params(args))
+
+
+def update(cur, args: Args) -> None:
+    if _one(cur, sql.UPDATE, _write_params(args)) != (1, 1, 1):
+        raise KeyError(_product_missing(args))
+
+
+def get_dataproduct(cur, args: Args) -> bytes:
+    row = _one(cur, sql.GET_DATAPRODUCT, args)
+    if row is None:
+        raise KeyError(_product_missing(args))
+    return bytes(row[0])
+
+
+def get_dataproducts(cur, args: Args) -> list[dict]:
+    cur.execute(sql.GET_DATAPRODUCTS, args)
+    return [
+        {"taskmanager_id": r[0], "generation_id": r[1], "key": r[2], "value": bytes(r[3])}
+        for r in cur.fetchall()
+    ]
+
+
+def get_datablock(cur, args: Args) -> dict[str, bytes]:
+    cur.execute(sql.GET_DATABLOCK, args)
+    return {key: bytes(value) for key, value in cur.fetchall()}
+
+
+def get_header(cur, args: Args) -> tuple:
+    row = _one(cur, sql.GET_HEADER, args)
+    if row is None:
+        raise KeyError(_product_missing(args))
+    return tuple(row)
+
+
+def get_metadata(cur, args: Args) -> tuple:
+    row = _one(cur, sql.GET_METADATA, args)
+    if row is None:
+        raise KeyError(_product_missing(args))
+    return tuple(row)
+
+
+def duplicate_datablock(cur, args: Args) -> None:
+    cur.execute(sql.DUPLICATE_DATABLOCK, args)
+
+
+def delete_data_older_than(cur, args: Args) -> dict[str, int]:
+    (products,) = _one(cur, sql.COUNT_PRODUCTS_OLDER_THAN, args)
+    cur.execute(sql.DELETE_OLDER_THAN, args)
+    return {"taskmanagers": cur.rowcount, "dataproducts": products}
+
+
+def delete(cur, args: Args) -> int:
+    generation = None
+    if not args["all_generations"]:
+        generation = _newest_generation(cur, args)
+        if generation is None:
+            return 0
+    return _one(cur, sql.DELETE_GENERATIONS, {**args, "generation_id": generation})[0]
+
+
+def mark_expired(cur, args: Args) -> None:
+    cur.execute(sql.MARK_EXPIRED, args)
+    if cur.rowcount != 1:
+        raise KeyError(_product_missing(args))
+
+
+def mark_demented(cur, args: Args) -> int:
+    generation = args["generation_id"]
+    if generation is None:
+        generation = _newest_generation(cur, args)
+        if generation is None:
+            raise KeyError(f"task manager {args['taskmanager_id']} has no products")
+    wanted = set(args["keys"])
+    cur.execute(
+        sql.MARK_DEMENTED,
+        {**args, "generation_id": generation, "keys": sorted(wanted), "now": int(time.time())},
+    )
+    missing = wanted - {row[0] for row in cur.fetchall()}
+    if missing:
+        raise KeyError(
+            f"no product(s) {sorted(missing)!r:.400} in generation {generation} "
+            f"of task manager {args['taskmanager_id']}"
+        )
+    return len(wanted)
+
+
+def get_schema(cur, args: Args):
+    table = args["table"]
+    tables = [table] if table else list(validate.TABLES)
+    described: dict[str, list[dict]] = {t: [] for t in tables}
+    cur.execute(sql.GET_SCHEMA, {"tables": tables})
+    for table_name, column, data_type, nullable, default in cur.fetchall():
+        described[table_name].append(
+            {"name": column, "type": data_type, "nullable": nullable, "default": default}
+        )
+    return described[table] if table else described
+
+
+def create_tables(cur, args: Args) -> list[int]:
+    return schema.migrate(cur)
+
+
+OPERATIONS: dict[str, Callable[[Any, Args], Any]] = {
+    name: globals()[name] for name in validate.SIGNATURES
+}
