@@ -105,9 +105,12 @@ class Consumer:
                 (time.monotonic() - started) * 1000,
                 props.correlation_id,
             )
-            if outcome.poison:
+            if outcome.dead_letter(props.reply_to):
                 log.warning(
-                    "dead-lettering request %s: %s", props.message_id or "-", outcome.reason
+                    "dead-lettering %s request %s: %s",
+                    outcome.operation,
+                    props.message_id or "-",
+                    outcome.reason,
                 )
             self.handled += 1
             self.pool.call_soon(partial(self.pool.finish, self, delivery, outcome))
@@ -135,6 +138,7 @@ class WorkerPool:
         self.stopping = stop_event or threading.Event()
         self.consumers = [Consumer(i, self) for i in range(consumers)]
         self.consuming = threading.Event()
+        self.connections_opened = 0
         self._params = pika.URLParameters(amqp_url)
         self._params.connection_attempts = 1
         self._params.socket_timeout = connect_timeout
@@ -228,6 +232,7 @@ class WorkerPool:
             connection.close()
 
     def _on_open(self, connection) -> None:
+        self.connections_opened += 1
         for consumer in self.consumers:
             connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
 
@@ -305,11 +310,10 @@ class WorkerPool:
             channel.basic_nack(delivery.tag, requeue=True)
             return
         publications = []
-        if delivery.properties.reply_to:
-            publications.append(
-                ("", delivery.properties.reply_to, outcome.body, _reply(delivery, outcome))
-            )
-        if outcome.poison:
+        reply_to = delivery.properties.reply_to
+        if reply_to:
+            publications.append(("", reply_to, outcome.body, _reply(delivery, outcome)))
+        if outcome.dead_letter(reply_to):
             publications.append(
                 (
                     DEAD_LETTER_EXCHANGE,

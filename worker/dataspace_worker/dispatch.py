@@ -34,13 +34,18 @@ class Outcome:
     body: bytes | None  # reply body, None when the request must be retried
     code: str  # "ok" or an error code from the protocol
     operation: str  # the operation, or "?" when the body named none we know
-    reason: str = ""  # for a poison message: what was wrong with it
+    reason: str = ""  # for a failed request: what was wrong
     replayed: bool = False  # a write seen before: its stored reply, nothing written
 
     @property
     def poison(self) -> bool:
         """A malformed request: reply with the error and dead-letter it."""
         return self.code == "bad_request"
+
+    def dead_letter(self, reply_to: str | None) -> bool:
+        """Whether to keep the request in the dead-letter queue: a malformed one, or a
+        failed one whose sender cannot be told (no ``reply_to``)."""
+        return self.poison or (self.code != "ok" and not self.retry and not reply_to)
 
     @property
     def retry(self) -> bool:
@@ -97,7 +102,16 @@ class Dispatcher:
             message = protocol.error_message(exc)
             return Outcome(protocol.encode_error(exc), exc.code, operation, reason=message)
         except (KeyError, ValueError, TypeError, NotImplementedError, DataSpaceError) as exc:
-            return Outcome(protocol.encode_error(exc), protocol.error_code(exc), operation)
+            return _failed(operation, exc)
         except Exception as exc:
             log.exception("%s: unexpected error", operation)
-            return Outcome(protocol.encode_error(exc), protocol.error_code(exc), operation)
+            return _failed(operation, exc)
+
+
+def _failed(operation: str, exc: BaseException) -> Outcome:
+    return Outcome(
+        protocol.encode_error(exc),
+        protocol.error_code(exc),
+        operation,
+        reason=protocol.error_message(exc),
+    )
