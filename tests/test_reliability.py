@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 
 import orjson
 import pika
@@ -345,3 +346,118 @@ def test_injection_strings_in_every_string_argument(dataspace, pg_dsn, injection
             (["taskmanager", "dataproduct", "header", "metadata", "dataspace_request"],),
         )
         assert cur.fetchone()[0] == 5
+
+
+# -- regressions from review ------------------------------------------------------------
+def _close_broker_connections(name_fragment: str) -> int:
+    """Close (as an operator would) every broker connection whose properties mention
+    ``name_fragment``; return how many."""
+    import subprocess
+
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    closed = 0
+    for line in listing.splitlines():
+        if name_fragment in line:
+            pid = line.split("\t")[0]
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", pid, "closed by a dataspace test"],
+                capture_output=True,
+                timeout=60,
+            )
+            closed += 1
+    return closed
+
+
+def test_a_call_survives_its_connection_being_closed_under_it(own_vhost, pool_factory, pg_dsn):
+    """The broker closes the client's connection while a write waits for its reply:
+    the client reconnects and sends it again with the same message_id; the caller gets
+    one answer and the write is applied once."""
+    pool_factory(own_vhost, consumers=1)
+    app_id = f"dataspace-test-{uuid.uuid4().hex[:8]}"
+    config = remote_config(own_vhost, timeout=30)
+    config["dataspace"]["datasource"]["config"]["app_id"] = app_id
+    space = DataSpace(config)
+    try:
+        space.store_taskmanager("conn-closed", "CLOSED")
+        blocker = psycopg2.connect(pg_dsn)
+        with blocker.cursor() as cur:  # the worker's insert waits behind this lock
+            cur.execute("LOCK TABLE taskmanager IN SHARE ROW EXCLUSIVE MODE")
+        result = {}
+
+        def write():
+            try:
+                result["value"] = space.store_taskmanager("conn-closed-2", "CLOSED2")
+            except Exception as exc:  # recorded for the assertion below
+                result["error"] = exc
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(1.0)
+        assert _close_broker_connections(app_id) == 1
+        time.sleep(1.0)
+        blocker.commit()
+        blocker.close()
+        writer.join(30)
+        assert "error" not in result, result.get("error")
+        assert isinstance(result["value"], int)
+        with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM taskmanager WHERE name = 'conn-closed-2'")
+            assert cur.fetchone()[0] == 1
+        # the same client object keeps working
+        assert space.get_taskmanager("conn-closed-2")["sequence_id"] == result["value"]
+    finally:
+        space.close()
+
+
+def test_an_undecodable_header_does_not_break_the_worker_connection(
+    own_vhost, pool_factory, monkeypatch
+):
+    """A timestamp header past year 9999 used to abort pika's whole connection."""
+    import struct
+
+    import pika.data
+
+    class FarFuture(int):
+        pass
+
+    original = pika.data.encode_value
+
+    def encode_value(pieces, value):
+        if isinstance(value, FarFuture):
+            pieces.append(struct.pack(">cQ", b"T", int(value)))
+            return 9
+        return original(pieces, value)
+
+    pool = pool_factory(own_vhost, consumers=1)
+    client_connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    channel = client_connection.channel()
+    replies = {}
+    channel.basic_consume(
+        "amq.rabbitmq.reply-to",
+        lambda _c, _m, props, body: replies.__setitem__(props.correlation_id, body),
+        auto_ack=True,
+    )
+    monkeypatch.setattr(pika.data, "encode_value", encode_value)
+    body = orjson.dumps({"v": 1, "op": "get_schema", "args": {"table": "header"}})
+    channel.basic_publish(
+        "dataspace",
+        "data.get_schema",
+        body,
+        pika.BasicProperties(
+            reply_to="amq.rabbitmq.reply-to",
+            correlation_id="far",
+            headers={"when": FarFuture(2**62)},
+        ),
+    )
+    monkeypatch.setattr(pika.data, "encode_value", original)
+    deadline = time.monotonic() + 15
+    while "far" not in replies and time.monotonic() < deadline:
+        client_connection.process_data_events(time_limit=0.2)
+    client_connection.close()
+    assert orjson.loads(replies["far"])["ok"] is True
+    assert pool.connections_opened == 1

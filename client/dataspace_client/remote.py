@@ -17,6 +17,7 @@ as the same exception types the in-process store raises.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from . import validate
@@ -52,20 +53,24 @@ class RemoteDataSource(DataSource):
         self.connect_timeout = _positive(config, "connect_timeout", 10.0)
         self.app_id = str(config.get("app_id", "dataspace-client"))
         self._client: RpcClient | None = None
+        self._connect_lock = threading.Lock()
         self.connect()
 
     # -- lifecycle ------------------------------------------------------------
     def connect(self):
-        if self._client is None:
-            self._client = RpcClient(
-                self.url,
-                app_id=self.app_id,
-                timeout=self.timeout,
-                connect_timeout=self.connect_timeout,
-            )
+        with self._connect_lock:
+            if self._client is None:
+                self._client = RpcClient(
+                    self.url,
+                    app_id=self.app_id,
+                    timeout=self.timeout,
+                    connect_timeout=self.connect_timeout,
+                )
+            return self._client
 
     def close(self):
-        client, self._client = self._client, None
+        with self._connect_lock:
+            client, self._client = self._client, None
         if client is not None:
             client.close()
 
@@ -77,10 +82,7 @@ class RemoteDataSource(DataSource):
         op = OPERATIONS[operation]
         args = validate.check(operation, args)
         body = encode_request(op, args)
-        client = self._client
-        if client is None:
-            self.connect()
-            client = self._client
+        client = self._client or self.connect()
         reply = client.call(operation, ROUTING_PREFIX + operation, body)
         return decode_reply(op, reply)
 

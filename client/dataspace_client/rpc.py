@@ -2,20 +2,24 @@
 
 pika is not thread-safe, so one I/O thread owns the connection and its channel;
 caller threads hand it requests through ``add_callback_threadsafe`` and wait on
-an event for the reply.  This keeps heartbeats flowing while callers wait,
+an event for the reply. This keeps heartbeats flowing while callers wait,
 tracks publisher confirms asynchronously (a nack fails the call at once), and
 publishes with ``mandatory`` so a request nobody can receive fails at once
-instead of timing out.  Replies come over direct reply-to: nothing to declare or
+instead of timing out. Replies come over direct reply-to: nothing to declare or
 clean up, and measured as fast as a private reply queue here.
 
-When the connection drops, every call in flight fails with
-DataSpaceConnectionError (retryable) and the I/O thread reconnects with bounded
-backoff; calls made while disconnected wait for the reconnection up to their
-own timeout.
+Each request carries the rest of its call's time budget as its AMQP
+``expiration``: a request whose caller has given up is never run later.
+
+When the connection drops, the I/O thread reconnects with bounded backoff, and
+each call in flight is sent again, with the same message_id (so the worker
+applies a write once), until the call's timeout; calls made while disconnected
+wait for the reconnection up to their own timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,15 +29,18 @@ import uuid
 from dataclasses import dataclass, field
 
 import pika
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, ChannelClosedByBroker
 
+from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
 from .errors import DataSpaceConnectionError, DataSpaceError, DataSpaceTimeoutError
 from .protocol import CONTENT_TYPE, DIRECT_REPLY_TO, EXCHANGE, PROTOCOL_VERSION, VERSION_HEADER
 from .urls import mask_password
 
 log = logging.getLogger(__name__)
 
+RECONNECT_BACKOFF_MIN = 0.1
 RECONNECT_BACKOFF_MAX = 5.0
+CHANNEL_REOPEN_DELAY = 1.0
 
 
 class _ConnectionLost(DataSpaceConnectionError):
@@ -43,6 +50,7 @@ class _ConnectionLost(DataSpaceConnectionError):
 @dataclass
 class _Call:
     operation: str
+    deadline: float
     done: threading.Event = field(default_factory=threading.Event)
     body: bytes | None = None
     error: BaseException | None = None
@@ -76,24 +84,30 @@ class RpcClient:
             raise DataSpaceConnectionError(f"invalid broker URL {self.masked_url}: {exc}") from None
         self._params.connection_attempts = 1
         self._params.socket_timeout = connect_timeout
+        # A broker under a resource alarm blocks publishers; give up rather than
+        # buffer requests without bound (their calls are re-sent after reconnecting).
+        self._params.blocked_connection_timeout = max(timeout, connect_timeout)
         self._params.client_properties = {
             "connection_name": f"{app_id} {socket.gethostname()}:{os.getpid()}"
         }
-        self._lock = threading.Lock()
+        # Everything below is guarded by _state (a Condition on one lock).
+        self._state = threading.Condition()
         self._calls: dict[str, _Call] = {}
         self._unconfirmed: dict[int, str] = {}
         self._published = 0
         self._open = False
-        self._ready = threading.Event()
         self._closing = False
+        self._attempts = 0  # connection attempts finished
+        self._last_open_attempt = -1  # the attempt that last reached consuming
         self._last_error = "not connected yet"
         self._connection: pika.SelectConnection | None = None
         self._channel = None
-        self._first_attempt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dataspace-rpc-io", daemon=True)
         self._thread.start()
-        self._first_attempt.wait(connect_timeout + 5)
-        if not self._ready.is_set():
+        with self._state:
+            self._state.wait_for(lambda: self._open or self._attempts > 0, connect_timeout + 5)
+            connected = self._open
+        if not connected:
             self.close()
             raise DataSpaceConnectionError(
                 f"cannot reach the broker at {self.masked_url}: {self._last_error}"
@@ -101,17 +115,23 @@ class RpcClient:
 
     # -- caller side --------------------------------------------------------------
     def call(
-        self, operation: str, routing_key: str, body: bytes, timeout: float | None = None
+        self,
+        operation: str,
+        routing_key: str,
+        body: bytes,
+        timeout: float | None = None,
+        message_id: str | None = None,
     ) -> bytes:
         """Send one request and return the reply body; raises DataSpace*Error on failure.
 
         If the connection drops while the call waits, the request is sent again
-        on the new connection, with the same message_id, until the call's
-        timeout: the worker applies a write once whatever the number of copies.
+        on the new connection, with the same ``message_id`` (a fresh one when
+        None), until the call's timeout: the worker applies a write once
+        whatever the number of copies.
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        message_id = uuid.uuid4().hex
+        message_id = message_id or uuid.uuid4().hex
         while True:
             try:
                 return self._attempt(operation, routing_key, body, message_id, deadline, timeout)
@@ -122,35 +142,29 @@ class RpcClient:
 
     def _attempt(self, operation, routing_key, body, message_id, deadline, timeout) -> bytes:
         correlation_id = uuid.uuid4().hex
-        call = _Call(operation)
-        while True:
+        call = _Call(operation, deadline)
+        with self._state:
+            ready = self._state.wait_for(
+                lambda: self._open or self._closing, max(0.0, deadline - time.monotonic())
+            )
             if self._closing:
                 raise DataSpaceConnectionError(f"{operation}: the client is closed")
-            with self._lock:
-                if self._open:
-                    self._calls[correlation_id] = call
-                    try:
-                        self._connection.ioloop.add_callback_threadsafe(
-                            lambda: self._publish(
-                                correlation_id, message_id, operation, routing_key, body
-                            )
-                        )
-                    except Exception as exc:  # the I/O loop closed under us
-                        self._calls.pop(correlation_id, None)
-                        raise _ConnectionLost(
-                            f"{operation}: connection to {self.masked_url} lost: {exc}"
-                        ) from None
-                    break
-            if not self._ready.wait(max(0.0, deadline - time.monotonic())):
+            if not ready:
                 raise DataSpaceConnectionError(
                     f"{operation}: not connected to the broker at {self.masked_url} "
                     f"within {timeout:g} s: {self._last_error}"
                 )
+            self._calls[correlation_id] = call
+            # Under the lock: a connection loss either sees this call (and fails
+            # it) or happened before (and we saw _open false).
+            self._connection.ioloop.add_callback_threadsafe(
+                lambda: self._publish(correlation_id, message_id, operation, routing_key, body)
+            )
         try:
             if not call.done.wait(max(0.0, deadline - time.monotonic())):
                 raise DataSpaceTimeoutError(operation, timeout)
         finally:
-            with self._lock:
+            with self._state:
                 self._calls.pop(correlation_id, None)
         if call.error is not None:
             raise call.error
@@ -158,44 +172,53 @@ class RpcClient:
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with DataSpaceConnectionError."""
-        self._closing = True
-        self._ready.set()  # wake callers waiting for a reconnection
-        with self._lock:
+        with self._state:
+            self._closing = True
+            self._state.notify_all()
             connection = self._connection
+            calls = list(self._calls.values())
+        for call in calls:
+            call.fail(DataSpaceConnectionError(f"{call.operation}: the client is closed"))
         if connection is not None:
-            try:
+            with contextlib.suppress(Exception):  # its loop may be closed already
                 connection.ioloop.add_callback_threadsafe(self._close_connection)
-            except Exception:  # the loop is already gone
-                pass
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
 
     # -- I/O thread ----------------------------------------------------------------
     def _run(self) -> None:
-        backoff = 0.1
-        while not self._closing:
-            connection = pika.SelectConnection(
-                self._params,
-                on_open_callback=self._on_connection_open,
-                on_open_error_callback=self._on_connection_open_error,
-                on_close_callback=self._on_connection_closed,
-            )
-            with self._lock:
+        backoff = RECONNECT_BACKOFF_MIN
+        while True:
+            with self._state:
+                if self._closing:
+                    break
+                connection = pika.SelectConnection(
+                    self._params,
+                    on_open_callback=self._on_connection_open,
+                    on_open_error_callback=self._on_connection_open_error,
+                    on_close_callback=self._on_connection_closed,
+                )
                 self._connection = connection
+                was_open_before = self._attempts
             try:
                 connection.ioloop.start()
             except Exception as exc:  # never let the I/O thread die silently
                 log.exception("broker I/O loop failed")
                 self._lost(f"I/O loop failed: {exc}")
-            self._first_attempt.set()
-            if self._closing:
-                break
-            if self._ready.is_set():
-                backoff = 0.1
+            connection.ioloop.close()
+            with self._state:
+                self._attempts += 1
+                self._state.notify_all()
+                if self._closing:
+                    break
+                reached = self._last_open_attempt > was_open_before
+            backoff = RECONNECT_BACKOFF_MIN if reached else min(backoff * 2, RECONNECT_BACKOFF_MAX)
             time.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
 
     def _on_connection_open(self, connection) -> None:
+        if self._closing:
+            connection.close()
+            return
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection, error) -> None:
@@ -216,49 +239,57 @@ class RpcClient:
         )
 
     def _on_consuming(self, _frame) -> None:
-        with self._lock:
+        with self._state:
             self._published = 0
             self._unconfirmed.clear()
             self._open = True
-        self._ready.set()
-        self._first_attempt.set()
+            self._last_open_attempt = self._attempts
+            self._state.notify_all()
         log.debug("connected to %s", self.masked_url)
 
     def _on_channel_closed(self, channel, reason) -> None:
-        """The broker closed the channel (e.g. the exchange does not exist): fail, reopen."""
-        if self._closing:
+        """A channel error from the broker fails the calls in flight and reopens the
+        channel after a pause; a channel closed by its connection's end is left to
+        ``_on_connection_closed`` (those calls are re-sent after reconnecting)."""
+        if self._closing or not isinstance(reason, ChannelClosedByBroker):
+            self._lost(f"channel closed: {reason}")
             return
-        reply = getattr(reason, "reply_text", str(reason))
-        if getattr(reason, "reply_code", None) == 404:
+        if reason.reply_code == 404:
             # No exchange: no worker ever declared the topology on this vhost.
             self._lost(
-                f"channel closed by the broker: {reply}; "
+                f"channel closed by the broker: {reason.reply_text}; "
                 "is a dataspace worker running against this vhost?",
                 DataSpaceConnectionError,
             )
         else:
-            self._lost(f"channel closed by the broker: {reply}", DataSpaceError)
+            self._lost(f"channel closed by the broker: {reason.reply_text}", DataSpaceError)
         connection = self._connection
         if connection is not None and connection.is_open:
+            connection.ioloop.call_later(CHANNEL_REOPEN_DELAY, self._reopen_channel)
+
+    def _reopen_channel(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.is_open and not self._closing:
             connection.channel(on_open_callback=self._on_channel_open)
 
     def _lost(self, reason: str, error_cls: type[DataSpaceError] = _ConnectionLost) -> None:
         """Mark the link down and fail every call in flight."""
-        with self._lock:
+        with self._state:
             self._open = False
             self._last_error = reason
             calls = list(self._calls.values())
             self._unconfirmed.clear()
-        if not self._closing:
-            self._ready.clear()
         for call in calls:
             call.fail(error_cls(f"{call.operation}: {reason} (broker {self.masked_url})"))
 
     def _publish(self, correlation_id, message_id, operation, routing_key, body) -> None:
-        with self._lock:
+        with self._state:
             call = self._calls.get(correlation_id)
+            channel = self._channel
         if call is None:  # the caller gave up before we got here
             return
+        # what is left of the caller's wait, as the request's time to live
+        remaining_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
         properties = pika.BasicProperties(
             content_type=CONTENT_TYPE,
             delivery_mode=pika.DeliveryMode.Persistent,
@@ -268,22 +299,23 @@ class RpcClient:
             type=operation,
             app_id=self.app_id,
             timestamp=int(time.time()),
+            expiration=str(remaining_ms),
             headers={VERSION_HEADER: PROTOCOL_VERSION},
         )
         try:
-            self._channel.basic_publish(
+            channel.basic_publish(
                 self.exchange, routing_key, body, properties=properties, mandatory=True
             )
         except (AMQPError, AttributeError, OSError) as exc:
-            call.fail(DataSpaceConnectionError(f"{operation}: publish failed: {exc}"))
+            call.fail(_ConnectionLost(f"{operation}: publish failed: {exc}"))
             return
-        with self._lock:
+        with self._state:
             self._published += 1
             self._unconfirmed[self._published] = correlation_id
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
-        with self._lock:
+        with self._state:
             if method.multiple:
                 tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
             else:
@@ -294,11 +326,14 @@ class RpcClient:
             for call in calls:
                 if call is not None:
                     call.fail(
-                        DataSpaceError(f"{call.operation}: the broker refused the request (nack)")
+                        DataSpaceConnectionError(
+                            f"{call.operation}: the broker refused the request (nack): "
+                            "the queue is full or the broker is overloaded; retry later"
+                        )
                     )
 
     def _on_return(self, _channel, method, properties, _body) -> None:
-        with self._lock:
+        with self._state:
             call = self._calls.get(properties.correlation_id)
         if call is not None:
             call.fail(
@@ -310,7 +345,7 @@ class RpcClient:
             )
 
     def _on_reply(self, _channel, _method, properties, body) -> None:
-        with self._lock:
+        with self._state:
             call = self._calls.get(properties.correlation_id)
         if call is not None and not call.done.is_set():
             call.body = body
@@ -318,9 +353,11 @@ class RpcClient:
 
     def _close_connection(self) -> None:
         connection = self._connection
-        if connection is not None and (connection.is_open or connection.is_opening):
+        if connection is None or connection.is_closing:
+            return  # its close callback stops the loop
+        if connection.is_open or connection.is_opening:
             connection.close()
-        elif connection is not None:
+        else:
             connection.ioloop.stop()
 
     def __repr__(self) -> str:

@@ -1,13 +1,16 @@
 """``dataspace-worker``: run the consumer pool against RabbitMQ and PostgreSQL.
 
-Exit codes: 0 after a clean stop (SIGTERM, SIGINT), 2 for a configuration error,
-1 when the store could not be reached before a stop was requested.
+Exit codes: 0 after a clean stop (SIGTERM, SIGINT), 2 for a configuration error
+or a refusal by the broker (credentials, permissions, queue arguments), 1 when
+the store could not be reached before a stop was requested or a second signal
+cut the drain short.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -110,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum, _frame):
         signals_seen.append(signum)
+        if len(signals_seen) > 1:  # a second signal: stop waiting for requests in hand
+            log.warning(
+                "second %s: exiting now; unacked requests are redelivered",
+                signal.Signals(signum).name,
+            )
+            os._exit(1)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -152,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
     while not stop.wait(0.5):
         pass
+    if pool.fatal:
+        pool.stop(settings.drain_timeout)
+        datasource.close()
+        log.error("dataspace-worker stopped: %s", pool.fatal)
+        return 2
     name = signal.Signals(signals_seen[0]).name if signals_seen else "stop"
     log.info("%s received: finishing requests in hand", name)
     drained = pool.stop(settings.drain_timeout)

@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=s.name,
             default=None,
             metavar=s.name.upper(),
-            help=f"{s.help} (env {s.env}, default {s.default!r})",
+            help=f"{s.help} (env {s.env}, default {s.default!r})".replace("%", "%%"),
         )
 
 
@@ -155,7 +155,21 @@ def load(args: argparse.Namespace | None = None, environ: dict | None = None) ->
         if flag_value is not None:
             value, source = flag_value, f"flag {s.flag}"
         values[s.name] = _coerce(s, value, source)
+    _check_amqp_url(values["amqp_url"])
     return WorkerSettings(**values)
+
+
+def _check_amqp_url(url: str) -> None:
+    import pika
+
+    from dataspace_client.urls import mask_password
+
+    try:
+        pika.URLParameters(url)
+    except Exception as exc:  # pika raises assorted errors for a bad URL
+        raise DataSpaceConfigurationError(
+            f"setting 'amqp_url' is not a valid AMQP URL ({mask_password(url)}): {exc}"
+        ) from None
 
 
 def settings_table() -> str:

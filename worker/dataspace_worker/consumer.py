@@ -29,8 +29,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import pika
-from pika.exceptions import AMQPError
+from pika.exceptions import (
+    AMQPError,
+    ChannelClosedByBroker,
+    ProbableAccessDeniedError,
+    ProbableAuthenticationError,
+)
 
+from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
 from dataspace_client.protocol import (
     CONTENT_TYPE,
     DEAD_LETTER_EXCHANGE,
@@ -45,7 +51,9 @@ from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
 
+RECONNECT_BACKOFF_MIN = 0.2
 RECONNECT_BACKOFF_MAX = 5.0
+PUBLISH_SEQ_HEADER = "x-dataspace-publish-seq"
 APP_ID = f"dataspace-worker/{__version__}"
 
 
@@ -113,7 +121,7 @@ class Consumer:
                     outcome.reason,
                 )
             self.handled += 1
-            self.pool.call_soon(partial(self.pool.finish, self, delivery, outcome))
+            self.pool.schedule_finish(self, delivery, outcome)
 
 
 class WorkerPool:
@@ -139,6 +147,9 @@ class WorkerPool:
         self.consumers = [Consumer(i, self) for i in range(consumers)]
         self.consuming = threading.Event()
         self.connections_opened = 0
+        #: why the pool gave up for good (the broker refused it), or None
+        self.fatal: str | None = None
+        self._finishing = 0  # replies scheduled on the I/O thread, not yet published
         self._params = pika.URLParameters(amqp_url)
         self._params.connection_attempts = 1
         self._params.socket_timeout = connect_timeout
@@ -157,16 +168,37 @@ class WorkerPool:
     def handled(self) -> int:
         return sum(c.handled for c in self.consumers)
 
-    def call_soon(self, callback) -> None:
-        """Run ``callback`` on the I/O thread; dropped if the connection is gone."""
+    def call_soon(self, callback) -> bool:
+        """Run ``callback`` on the I/O thread; False if the connection is gone."""
         with self._lock:
             connection = self._connection
-        if connection is None:
-            return
-        try:
+            if connection is None:
+                return False
             connection.ioloop.add_callback_threadsafe(callback)
-        except Exception:  # the loop closed: the delivery will be redelivered
-            log.debug("I/O loop gone; callback dropped")
+            return True
+
+    def schedule_finish(self, consumer: Consumer, delivery: Delivery, outcome: Outcome) -> None:
+        """Hand a handled request to the I/O thread for its reply and ack."""
+        with self._lock:
+            self._finishing += 1
+
+        def run():
+            try:
+                self.finish(consumer, delivery, outcome)
+            finally:
+                with self._lock:
+                    self._finishing -= 1
+
+        if not self.call_soon(run):  # no connection: the broker redelivers it
+            with self._lock:
+                self._finishing -= 1
+
+    def _settled(self) -> bool:
+        """Every reply published and confirmed, every ack sent."""
+        with self._lock:
+            if self._finishing:
+                return False
+        return not any(c.unconfirmed for c in self.consumers)
 
     def stop(self, drain_timeout: float = 30.0) -> bool:
         """Stop consuming, finish and ack the requests in hand, close.
@@ -183,45 +215,72 @@ class WorkerPool:
         for consumer in self.consumers:
             consumer.thread.join(max(0.0, deadline - time.monotonic()))
         drained = not any(c.thread.is_alive() for c in self.consumers)
+        # Replies confirmed and acks sent before closing, or finished work is redone.
+        while not self._settled() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.call_soon(self._close_connection)
         self._io_thread.join(10)
         return drained
 
     # -- I/O thread ---------------------------------------------------------------
     def _run(self) -> None:
-        backoff = 0.2
+        backoff = RECONNECT_BACKOFF_MIN
         while not self.stopping.is_set():
             try:
                 self._declare_topology()
-            except (AMQPError, OSError) as exc:
-                log.warning(
-                    "broker %s unavailable (%s); retrying in %.1fs",
-                    self.masked_url,
-                    exc or type(exc).__name__,
-                    backoff,
-                )
-                self.stopping.wait(backoff)
+            except (ProbableAuthenticationError, ProbableAccessDeniedError) as exc:
+                self._give_up(f"the broker refused the credentials or vhost: {exc!r}")
+                break
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code in (403, 406):  # no permission, or inequivalent arguments
+                    self._give_up(f"the broker refused the topology: {exc.reply_text}")
+                    break
+                self._pause(exc, backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
                 continue
-            connection = pika.SelectConnection(
-                self._params,
-                on_open_callback=self._on_open,
-                on_open_error_callback=self._on_open_error,
-                on_close_callback=self._on_closed,
-            )
+            except (AMQPError, OSError) as exc:
+                self._pause(exc, backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+                continue
             with self._lock:
+                if self.stopping.is_set():
+                    break
+                connection = pika.SelectConnection(
+                    self._params,
+                    on_open_callback=self._on_open,
+                    on_open_error_callback=self._on_open_error,
+                    on_close_callback=self._on_closed,
+                )
                 self._connection = connection
-            connection.ioloop.start()
+            try:
+                connection.ioloop.start()
+            except Exception:  # never let the I/O thread die silently
+                log.exception("AMQP I/O loop failed; reconnecting")
             with self._lock:
                 self._connection = None
-            if self.consuming.is_set():
-                backoff = 0.2
+            connection.ioloop.close()
+            reached = self.consuming.is_set()
             self.consuming.clear()
+            backoff = RECONNECT_BACKOFF_MIN if reached else min(backoff * 2, RECONNECT_BACKOFF_MAX)
             if not self.stopping.is_set():
                 self.stopping.wait(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
         for consumer in self.consumers:
             consumer.inbox.put(None)
+
+    def _pause(self, exc: BaseException, backoff: float) -> None:
+        log.warning(
+            "broker %s unavailable (%s); retrying in %.1fs",
+            self.masked_url,
+            exc or type(exc).__name__,
+            backoff,
+        )
+        self.stopping.wait(backoff)
+
+    def _give_up(self, reason: str) -> None:
+        """A refusal that retrying cannot cure: stop the pool and say why."""
+        self.fatal = reason
+        log.error("%s; stopping", reason)
+        self.stopping.set()
 
     def _declare_topology(self) -> None:
         """Declare exchanges, queues and bindings (idempotent) on a short-lived connection."""
@@ -232,6 +291,9 @@ class WorkerPool:
             connection.close()
 
     def _on_open(self, connection) -> None:
+        if self.stopping.is_set():
+            connection.close()
+            return
         self.connections_opened += 1
         for consumer in self.consumers:
             connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
@@ -250,6 +312,8 @@ class WorkerPool:
         consumer.published = 0
         consumer.unconfirmed.clear()
         channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
+        channel.add_on_cancel_callback(partial(self._on_cancelled, consumer))
+        channel.add_on_return_callback(partial(self._on_return, consumer))
         channel.confirm_delivery(ack_nack_callback=partial(self._on_confirm, consumer))
         channel.basic_qos(
             prefetch_count=self.prefetch, callback=lambda _frame: self._consume(consumer, channel)
@@ -281,13 +345,24 @@ class WorkerPool:
         if consumer.channel is channel:
             consumer.channel = None
             consumer.consumer_tag = None
+            consumer.unconfirmed.clear()
         if self.stopping.is_set():
             consumer.inbox.put(None)
             return
-        log.warning("consumer %d channel closed: %s", consumer.index, reason)
+        if isinstance(reason, ChannelClosedByBroker):
+            self._reconnect(f"consumer {consumer.index} channel closed by the broker: {reason}")
+
+    def _on_cancelled(self, consumer: Consumer, _frame) -> None:
+        """The broker cancelled a consumer (its queue was deleted, say)."""
+        if not self.stopping.is_set():
+            self._reconnect(f"the broker cancelled consumer {consumer.index}")
+
+    def _reconnect(self, reason: str) -> None:
+        """Start over: reconnect with backoff and declare the topology again."""
+        log.warning("%s; reconnecting", reason)
         connection = self._connection
         if connection is not None and connection.is_open:
-            connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+            connection.close()
 
     def _on_message(self, consumer: Consumer, channel, method, properties, body) -> None:
         consumer.inbox.put(
@@ -327,9 +402,22 @@ class WorkerPool:
             return
         settlement = _Settlement(delivery, len(publications))
         for exchange, routing_key, body, properties in publications:
-            channel.basic_publish(exchange, routing_key, body, properties)
             consumer.published += 1
+            if exchange == DEAD_LETTER_EXCHANGE:
+                # mandatory: a dead letter with no queue to go to must not be acked away
+                properties.headers[PUBLISH_SEQ_HEADER] = consumer.published
+                channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+            else:  # direct reply-to replies must not be mandatory on RabbitMQ 3.x
+                channel.basic_publish(exchange, routing_key, body, properties)
             consumer.unconfirmed[consumer.published] = settlement
+
+    def _on_return(self, consumer: Consumer, _channel, method, properties, _body) -> None:
+        """A dead letter came back unroutable: requeue its request instead of acking it."""
+        seq = (properties.headers or {}).get(PUBLISH_SEQ_HEADER)
+        settlement = consumer.unconfirmed.get(seq)
+        log.error("dead letter unroutable (%s): is queue dataspace.dead bound?", method.reply_text)
+        if settlement is not None:
+            settlement.refused = True
 
     def _on_confirm(self, consumer: Consumer, frame) -> None:
         method = frame.method
@@ -349,7 +437,7 @@ class WorkerPool:
                 if not channel.is_open:
                     continue
                 if settlement.refused:
-                    log.warning("broker refused a reply; requeueing the request")
+                    log.warning("broker refused a reply or dead letter; requeueing the request")
                     channel.basic_nack(delivery_tag, requeue=True)
                 else:
                     channel.basic_ack(delivery_tag)
@@ -364,9 +452,11 @@ class WorkerPool:
 
     def _close_connection(self) -> None:
         connection = self._connection
-        if connection is not None and (connection.is_open or connection.is_opening):
+        if connection is None or connection.is_closing:
+            return  # its close callback stops the loop
+        if connection.is_open or connection.is_opening:
             connection.close()
-        elif connection is not None:
+        else:
             connection.ioloop.stop()
 
 

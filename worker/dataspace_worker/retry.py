@@ -22,13 +22,24 @@ INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    """Errors after which the connection is suspect and the transaction may be retried.
+#: SQLSTATEs a retry can cure: connection exceptions (class 08), the server
+#: shutting down or starting (57P01-57P03), deadlocks and serialization failures.
+RETRYABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "40001", "40P01"})
 
-    OperationalError covers a lost server, refused connections, admin shutdown,
-    deadlocks and serialization failures, all of which a retry may cure.
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Errors after which the transaction may be retried on a fresh connection.
+
+    A lost or refused connection comes without SQLSTATE (or in class 08);
+    statement timeouts, full disks, bad passwords and the like are not
+    retried: they come back the same.
     """
-    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    if isinstance(exc, psycopg2.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg2.OperationalError):
+        return False
+    code = exc.pgcode
+    return code is None or code.startswith("08") or code in RETRYABLE_SQLSTATES
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:

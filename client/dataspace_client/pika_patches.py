@@ -1,0 +1,29 @@
+"""Work-arounds for pika behaviour that lets one message break a whole connection.
+
+pika 1.4 decodes a header of AMQP type timestamp into a ``datetime``; a value
+beyond year 9999 raises OverflowError/OSError inside the frame parser, which
+aborts the connection, so every channel on it drops and the same message comes
+back to do it again. Here such a value stays the integer it was sent as.
+Imported (and applied once) by every module of this project that speaks AMQP.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pika.data
+
+_decode_value = pika.data.decode_value
+
+
+def _tolerant_decode_value(encoded, offset):
+    try:
+        return _decode_value(encoded, offset)
+    except (OverflowError, OSError, ValueError):
+        if encoded[offset : offset + 1] != b"T":
+            raise
+        return struct.unpack_from(">Q", encoded, offset + 1)[0], offset + 9
+
+
+if getattr(pika.data.decode_value, "__name__", "") != "_tolerant_decode_value":
+    pika.data.decode_value = _tolerant_decode_value
