@@ -271,7 +271,7 @@ class WorkerPool:
         log.warning(
             "broker %s unavailable (%s); retrying in %.1fs",
             self.masked_url,
-            exc or type(exc).__name__,
+            str(exc) or type(exc).__name__,
             backoff,
         )
         self.stopping.wait(backoff)
@@ -299,7 +299,7 @@ class WorkerPool:
             connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
 
     def _on_open_error(self, connection, error) -> None:
-        log.warning("cannot connect to %s: %s", self.masked_url, error or type(error).__name__)
+        log.warning("cannot connect to %s: %s", self.masked_url, str(error) or type(error).__name__)
         connection.ioloop.stop()
 
     def _on_closed(self, connection, reason) -> None:

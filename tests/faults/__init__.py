@@ -1,0 +1,1 @@
+"""Fault tests: the service under a killed worker, a restarted database or broker."""

@@ -1,0 +1,190 @@
+"""Fixtures for the fault tests: throwaway instances, fresh vhosts and databases, workers.
+
+Run them alone with ``pytest -q tests/faults`` or select them with ``-m fault``.
+The figures each test gathers are printed (visible with ``-s``) and repeated in a
+"fault figures" section at the end of the run, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+import pytest
+from psycopg2 import extensions
+
+from dataspace_client import DataSpace
+from tests import services
+from tests.conftest import remote_config
+from tests.test_worker_cli import WorkerProcess
+
+from .instances import InstanceUnavailable, throwaway_postgres, throwaway_rabbitmq
+
+CONSUMING = "consuming 'dataspace.requests'"
+
+_FIGURES: list[str] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "fault: fault injection (killed worker, restarted database or broker)"
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("fault figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_pika():
+    """The client's pika logs every refused reconnection attempt at ERROR: noise here."""
+    logger = logging.getLogger("pika")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def report_figures(request):
+    """``report_figures(figures)``: print a test's figures and keep them for the summary."""
+
+    def report(figures: dict) -> None:
+        line = f"{request.node.name}: {json.dumps(figures, sort_keys=False)}"
+        print(line)
+        _FIGURES.append(line)
+
+    return report
+
+
+# -- throwaway instances (session: they take seconds to start) ----------------------
+@pytest.fixture(scope="session")
+def _throwaway_postgres():
+    with contextlib.ExitStack() as stack:
+        try:
+            instance = stack.enter_context(throwaway_postgres())
+        except InstanceUnavailable as exc:
+            pytest.skip(f"no throwaway PostgreSQL here: {exc}")
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def _throwaway_rabbitmq():
+    with contextlib.ExitStack() as stack:
+        try:
+            instance = stack.enter_context(throwaway_rabbitmq())
+        except InstanceUnavailable as exc:
+            pytest.skip(f"no throwaway RabbitMQ here: {exc}")
+        yield instance
+
+
+@pytest.fixture
+def throwaway_pg(_throwaway_postgres):
+    """The session's throwaway PostgreSQL, running (started again if a test left it down)."""
+    if not _throwaway_postgres.running:
+        _throwaway_postgres.start()
+    return _throwaway_postgres
+
+
+@pytest.fixture
+def throwaway_mq(_throwaway_rabbitmq):
+    """The session's throwaway RabbitMQ node, running (started again if a test left it down)."""
+    if not _throwaway_rabbitmq.running:
+        _throwaway_rabbitmq.start()
+    return _throwaway_rabbitmq
+
+
+# -- fresh vhosts and databases on the machine's own services ------------------------
+@pytest.fixture
+def fresh_vhost(amqp_url):
+    """A new vhost on the tests' broker, for one test's worker and clients only."""
+    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
+        if url.endswith("/%2F"):
+            pytest.skip("needs rabbitmqctl to create a vhost")
+        yield url
+
+
+@pytest.fixture
+def fresh_database(pg_dsn):
+    """A new, empty database on the tests' PostgreSQL (the worker creates the schema)."""
+    with services.scratch_database(extensions.make_dsn(pg_dsn, dbname="postgres")) as dsn:
+        yield dsn
+
+
+# -- workers and clients -------------------------------------------------------------
+def worker_env(amqp_url: str, pg_dsn: str, consumers: int = 4) -> dict:
+    return {
+        "DATASPACE_AMQP_URL": amqp_url,
+        "DATASPACE_PG_DSN": pg_dsn,
+        "DATASPACE_CONSUMERS": str(consumers),
+        "DATASPACE_PREFETCH": "4",
+        "DATASPACE_DRAIN_TIMEOUT": "5",
+        # DEBUG: one line per request, marked "(replayed)" when the idempotency
+        # record answered it; the tests count those.
+        "DATASPACE_LOG_LEVEL": "DEBUG",
+    }
+
+
+def replays(workers) -> int:
+    """Requests the given workers answered from the request log instead of running them."""
+    return sum(" (replayed) in " in line for w in workers for line in list(w.lines))
+
+
+class WorkerStarter:
+    """Starts ``dataspace-worker`` subprocesses and remembers them for teardown."""
+
+    def __init__(self):
+        self.workers: list[WorkerProcess] = []
+
+    def __call__(self, env: dict, timeout: float = 30) -> WorkerProcess:
+        worker = WorkerProcess(env)
+        self.workers.append(worker)
+        worker.wait_for(CONSUMING, timeout)
+        return worker
+
+    def replays(self) -> int:
+        return replays(self.workers)
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    worker.terminate(10)
+            worker.kill()
+
+
+@pytest.fixture
+def start_worker():
+    """``start_worker(env)``: a ``dataspace-worker`` subprocess, consuming; killed at teardown."""
+    starter = WorkerStarter()
+    yield starter
+    starter.stop_all()
+
+
+@pytest.fixture
+def open_space():
+    """``open_space(url, timeout)``: a remote DataSpace, closed at teardown."""
+    spaces: list[DataSpace] = []
+
+    def open_(url: str, timeout: float) -> DataSpace:
+        space = DataSpace(remote_config(url, timeout=timeout))
+        spaces.append(space)
+        return space
+
+    yield open_
+    for space in spaces:
+        with contextlib.suppress(Exception):
+            space.close()
+
+
+def tail(text: str, lines: int = 30) -> str:
+    """The last ``lines`` log lines of the worker's own loggers, without the per-request
+    DEBUG lines (pika's reconnection errors and tracebacks left out too)."""
+    kept = [
+        line for line in text.splitlines() if " dataspace_worker" in line and " DEBUG " not in line
+    ]
+    return "\n".join(kept[-lines:])
