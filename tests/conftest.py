@@ -85,16 +85,23 @@ def remote_config(amqp_url: str, timeout: float = 30, **extra) -> dict:
 
 @pytest.fixture(scope="session")
 def worker_pool(pg_dsn, amqp_url):
-    """A real worker pool (two consumers) serving this run's vhost and database."""
+    """A real worker pool (two consumers and the reaper) serving this run's vhost and database."""
     from dataspace_worker.consumer import WorkerPool
     from dataspace_worker.dispatch import Dispatcher
     from dataspace_worker.postgres import PostgresDataSource
+    from dataspace_worker.reaper import ReaperDispatcher
     from dataspace_worker.topology import topology
 
     stop = threading.Event()
-    datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2, "retry_timeout": 30}, stop)
+    datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 3, "retry_timeout": 30}, stop)
     pool = WorkerPool(
-        amqp_url, Dispatcher(datasource), topology(), consumers=2, prefetch=4, stop_event=stop
+        amqp_url,
+        Dispatcher(datasource),
+        topology(),
+        consumers=2,
+        prefetch=4,
+        stop_event=stop,
+        reaper=ReaperDispatcher(datasource, None, 1024 * 1024),
     )
     pool.start()
     assert pool.consuming.wait(30), "the worker pool did not start consuming"

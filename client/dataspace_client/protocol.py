@@ -35,6 +35,9 @@ REQUEST_BINDING = "data.#"
 ROUTING_PREFIX = "data."
 DEAD_LETTER_EXCHANGE = "dataspace.dead"
 DEAD_LETTER_QUEUE = "dataspace.dead"
+REAP_ROUTING_KEY = "admin.reap"
+REAPER_QUEUE = "dataspace.reaper"
+SCHEDULE_QUEUE = "dataspace.reaper.schedule"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 VERSION_HEADER = "x-dataspace-protocol"
 
@@ -105,6 +108,15 @@ class Operation:
     #: client side: JSON -> result
     decode_result: Callable[[Any], Any] = _same
 
+    #: False for work that commits in many short transactions of its own (a reap):
+    #: run as a plain call, outside the idempotency record
+    transactional: bool = True
+
+    @property
+    def routing_key(self) -> str:
+        """Data operations go to the request queue, a reap to the reaper's queue."""
+        return REAP_ROUTING_KEY if self.name == "reap" else ROUTING_PREFIX + self.name
+
     @property
     def params(self) -> tuple[str, ...]:
         """Parameter names in call order (validate.SIGNATURES is the one source)."""
@@ -150,6 +162,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("mark_demented", True),
         Operation("get_schema", False),
         Operation("create_tables", True),
+        Operation("reap", True, transactional=False),
     )
 }
 

@@ -1,8 +1,15 @@
 """Reaper: deletes data older than the retention interval, once or periodically.
 
-This is the seed's in-process behaviour (a thread that calls
-``delete_data_older_than`` every ``seconds_between_runs``).  Which datasource does
-the deleting follows the configuration, as for DataSpace.
+The seed's API and states: ``start()`` runs a thread that reaps every
+``seconds_between_runs``. What one reap does follows the configured datasource:
+with ``RemoteDataSource`` it sends one retention message to the workers' reaper
+(one active across all workers) and waits for its result; in process it deletes
+directly, in bounded batches. Either way it returns
+``{"taskmanagers": n, "dataproducts": m, "batches": b, "seconds": s}``.
+
+Services should rather let the workers reap on the broker-held schedule
+(``dataspace-worker --retention-days``, docs/retention.md); this class is for
+programs written against the original API.
 """
 
 from __future__ import annotations
@@ -104,7 +111,11 @@ class Reaper:
         """
         with self._reap_lock:
             log.info("reaping data older than %s days", self.retention_interval)
-            return self.datasource.delete_data_older_than(self.retention_interval)
+            source = self.datasource.datasource
+            reap = getattr(source, "reap", None)
+            if reap is None:  # a third-party datasource: the seed's one-shot delete
+                return source.delete_data_older_than(self.retention_interval)
+            return reap(self.retention_interval)
 
     def _reaper_loop(self, delay: float) -> None:
         """The thread runs this: wait ``delay``, then reap every ``seconds_between_runs``."""

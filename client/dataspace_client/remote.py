@@ -23,7 +23,7 @@ from typing import Any
 from . import validate
 from .datasource import DataSource
 from .errors import DataSpaceConfigurationError
-from .protocol import OPERATIONS, ROUTING_PREFIX, decode_reply, encode_request
+from .protocol import OPERATIONS, decode_reply, encode_request
 from .rpc import RpcClient
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -83,7 +83,7 @@ class RemoteDataSource(DataSource):
         args = validate.check(operation, args)
         body = encode_request(op, args)
         client = self._client or self.connect()
-        reply = client.call(operation, ROUTING_PREFIX + operation, body)
+        reply = client.call(operation, op.routing_key, body)
         return decode_reply(op, reply)
 
     # -- the DataSource API ---------------------------------------------------
@@ -176,6 +176,15 @@ class RemoteDataSource(DataSource):
 
     def delete_data_older_than(self, days):
         return self._call("delete_data_older_than", days=days)
+
+    def reap(self, days):
+        """Send one retention message to the reaper and wait for its result.
+
+        The worker's reaper consumer (one active across all workers) deletes task
+        managers older than ``days`` days in bounded batches and returns
+        ``{"taskmanagers": n, "dataproducts": m, "batches": b, "seconds": s}``.
+        """
+        return self._call("reap", days=days)
 
     def delete(self, taskmanager_id, all_generations=False):
         return self._call("delete", taskmanager_id=taskmanager_id, all_generations=all_generations)

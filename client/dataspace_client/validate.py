@@ -259,6 +259,7 @@ SIGNATURES: dict[str, dict[str, Any]] = {
     },
     "get_schema": {"table": _table},
     "create_tables": {},
+    "reap": {"days": days},
 }
 
 

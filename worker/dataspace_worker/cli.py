@@ -16,19 +16,23 @@ import signal
 import sys
 import threading
 
+import pika
+
 from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceConnectionError
 from dataspace_client.urls import mask_password
 
 from . import __version__, config
 from .consumer import WorkerPool
 from .dispatch import Dispatcher
-from .maintenance import RequestLogSweeper
+from .maintenance import RequestLogSweeper, every
 from .postgres import PostgresDataSource
+from .reaper import ReaperDispatcher, Schedule
 from .topology import topology
 
 log = logging.getLogger("dataspace_worker")
 
 SWEEP_INTERVAL = 60.0
+ARM_INTERVAL = 60.0
 
 EXAMPLES = """\
 examples:
@@ -131,12 +135,18 @@ def main(argv: list[str] | None = None) -> int:
                 "pool_size": settings.consumers,
                 "retry_timeout": None,
                 "connect_timeout": max(1, int(settings.connect_timeout)),
+                "reap_batch": settings.reap_batch,
             },
             stop_event=stop,
         )
     except DataSpaceConnectionError as exc:
         log.error("stopped before the database was reached: %s", exc)
         return 1
+    schedule = None
+    if settings.retention_days:
+        schedule = Schedule(
+            pika.URLParameters(settings.amqp_url), settings.retention_days, settings.reap_interval
+        )
     pool = WorkerPool(
         settings.amqp_url,
         Dispatcher(datasource, settings.max_body),
@@ -145,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         prefetch=settings.prefetch,
         connect_timeout=settings.connect_timeout,
         stop_event=stop,
+        reaper=ReaperDispatcher(datasource, schedule, settings.max_body),
     )
     log.info(
         "dataspace-worker %s starting: %d consumers, broker %s, database %s",
@@ -154,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         mask_dsn(settings.pg_dsn),
     )
     pool.start()
-    RequestLogSweeper(datasource, settings.idempotency_ttl, SWEEP_INTERVAL, stop).start()
+    sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
+    every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
+    if schedule is not None:
+        # Arm now (once the topology exists) and keep trying: a refusal means one
+        # run is pending already; a success heals a schedule lost with a node.
+        pool.consuming.wait(settings.connect_timeout)
+        schedule.try_arm()
+        every(min(ARM_INTERVAL, settings.reap_interval), schedule.try_arm, stop, "dataspace-arm")
     if args.demo:
         threading.Thread(
             target=_demo_when_ready, args=(pool, settings.amqp_url), daemon=True

@@ -46,6 +46,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch", int, 4, "unacknowledged requests each consumer may hold", 1),
     Setting("delivery_limit", int, 10, "deliveries of one request before it is dead-lettered", 1),
     Setting("drain_timeout", float, 30.0, "seconds to finish requests in hand on SIGTERM", 0),
+    Setting(
+        "retention_days",
+        float,
+        0.0,
+        "scheduled reaps delete task managers older than this (0: no schedule; else >= 7)",
+        0,
+    ),
+    Setting("reap_interval", float, 86400.0, "seconds between scheduled reaps (>= 7080)", 0),
+    Setting("reap_batch", int, 5000, "rows deleted per transaction by a reap", 1),
     Setting("max_body", int, 64 * 1024 * 1024, "largest request body accepted, in bytes", 1024),
     Setting("idempotency_ttl", float, 86400.0, "seconds a write's message_id is remembered", 600),
     Setting("connect_timeout", float, 10.0, "seconds per broker or database connection attempt", 1),
@@ -63,6 +72,9 @@ class WorkerSettings:
     prefetch: int
     delivery_limit: int
     drain_timeout: float
+    retention_days: float
+    reap_interval: float
+    reap_batch: int
     max_body: int
     idempotency_ttl: float
     connect_timeout: float
@@ -156,7 +168,25 @@ def load(args: argparse.Namespace | None = None, environ: dict | None = None) ->
             value, source = flag_value, f"flag {s.flag}"
         values[s.name] = _coerce(s, value, source)
     _check_amqp_url(values["amqp_url"])
+    _check_retention(values)
     return WorkerSettings(**values)
+
+
+def _check_retention(values: dict) -> None:
+    """The seed Reaper's minimums, read at load time from ``reaper`` (tests lower them)."""
+    from . import reaper
+
+    days = values["retention_days"]
+    if days and days < reaper.MIN_RETENTION_DAYS:
+        raise DataSpaceConfigurationError(
+            f"setting 'retention_days' must be 0 (no scheduled reaps) or at least "
+            f"{reaper.MIN_RETENTION_DAYS}, got {days:g}"
+        )
+    if values["reap_interval"] < reaper.MIN_INTERVAL:
+        raise DataSpaceConfigurationError(
+            f"setting 'reap_interval' must be at least {reaper.MIN_INTERVAL} seconds, "
+            f"got {values['reap_interval']:g}"
+        )
 
 
 def _check_amqp_url(url: str) -> None:

@@ -77,11 +77,14 @@ class _Settlement:
 
 
 class Consumer:
-    """One channel on the request queue and the thread that runs its deliveries in order."""
+    """One channel on a queue and the thread that runs its deliveries in order."""
 
-    def __init__(self, index: int, pool: WorkerPool):
+    def __init__(self, index: int, pool: WorkerPool, queue_name: str, dispatcher, prefetch: int):
         self.index = index
         self.pool = pool
+        self.queue_name = queue_name
+        self.dispatcher = dispatcher
+        self.prefetch = prefetch
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()
         self.channel = None
         self.consumer_tag: str | None = None
@@ -102,8 +105,8 @@ class Consumer:
                 continue  # its channel closed: the broker requeued it already
             started = time.monotonic()
             props = delivery.properties
-            outcome = self.pool.dispatcher.handle(
-                delivery.body, props.message_id, props.content_type
+            outcome = self.dispatcher.handle(
+                delivery.body, props.message_id, props.content_type, props.headers
             )
             log.debug(
                 "%s %s%s in %.1f ms (correlation %s)",
@@ -137,14 +140,25 @@ class WorkerPool:
         prefetch: int = 4,
         connect_timeout: float = 10.0,
         stop_event: threading.Event | None = None,
+        reaper=None,
     ):
+        """``reaper``: a dispatcher for retention messages; when given, one more
+        consumer (prefetch 1) takes the reaper queue, as a single active consumer
+        among all workers."""
         self.amqp_url = amqp_url
         self.masked_url = mask_password(amqp_url)
         self.dispatcher = dispatcher
         self.topology = topology
         self.prefetch = prefetch
         self.stopping = stop_event or threading.Event()
-        self.consumers = [Consumer(i, self) for i in range(consumers)]
+        request_queue = topology.request_queue.name
+        self.consumers = [
+            Consumer(i, self, request_queue, dispatcher, prefetch) for i in range(consumers)
+        ]
+        if reaper is not None:
+            self.consumers.append(
+                Consumer(consumers, self, topology.reaper_queue.name, reaper, prefetch=1)
+            )
         self.consuming = threading.Event()
         self.connections_opened = 0
         #: why the pool gave up for good (the broker refused it), or None
@@ -316,7 +330,8 @@ class WorkerPool:
         channel.add_on_return_callback(partial(self._on_return, consumer))
         channel.confirm_delivery(ack_nack_callback=partial(self._on_confirm, consumer))
         channel.basic_qos(
-            prefetch_count=self.prefetch, callback=lambda _frame: self._consume(consumer, channel)
+            prefetch_count=consumer.prefetch,
+            callback=lambda _frame: self._consume(consumer, channel),
         )
 
     def _consume(self, consumer: Consumer, channel) -> None:
@@ -324,7 +339,7 @@ class WorkerPool:
             consumer.inbox.put(None)
             return
         consumer.consumer_tag = channel.basic_consume(
-            self.topology.request_queue.name,
+            consumer.queue_name,
             partial(self._on_message, consumer),
             callback=lambda _frame: self._on_consuming(),
         )
@@ -332,12 +347,16 @@ class WorkerPool:
     def _on_consuming(self) -> None:
         if all(c.consumer_tag and c.channel and c.channel.is_open for c in self.consumers):
             if not self.consuming.is_set():
+                requests = self.topology.request_queue.name
+                served = [c for c in self.consumers if c.queue_name == requests]
+                others = sorted({c.queue_name for c in self.consumers} - {requests})
                 log.info(
-                    "consuming '%s' on %s with %d consumers, prefetch %d",
-                    self.topology.request_queue.name,
+                    "consuming '%s' on %s with %d consumers, prefetch %d%s",
+                    requests,
                     self.masked_url,
-                    len(self.consumers),
+                    len(served),
                     self.prefetch,
+                    "".join(f"; and '{q}'" for q in others),
                 )
             self.consuming.set()
 

@@ -56,11 +56,15 @@ class Outcome:
 class Dispatcher:
     """Runs requests against a PostgresDataSource."""
 
-    def __init__(self, datasource, max_body: int = DEFAULT_MAX_BODY):
+    def __init__(self, datasource, max_body: int = DEFAULT_MAX_BODY, operations=None):
+        """``operations``: the names this dispatcher accepts (default: every data
+        operation; the reaper's dispatcher takes only ``reap``)."""
         self.datasource = datasource
         self.max_body = max_body
+        if operations is None:
+            operations = [n for n in protocol.OPERATIONS if n != "reap"]
         self._signatures = {
-            name: inspect.signature(getattr(datasource, name)) for name in protocol.OPERATIONS
+            name: inspect.signature(getattr(datasource, name)) for name in operations
         }
 
     def _parse(self, body: bytes, content_type: str | None):
@@ -71,6 +75,8 @@ class Dispatcher:
                 f"content_type {content_type!r:.60} is not {protocol.CONTENT_TYPE!r}"
             )
         op, args = protocol.decode_request(body)
+        if op.name not in self._signatures:
+            raise ProtocolError(f"operation {op.name!r} is not served on this queue")
         try:
             bound = self._signatures[op.name].bind(**args)
         except TypeError as exc:
@@ -78,7 +84,9 @@ class Dispatcher:
         bound.apply_defaults()
         return op, bound.arguments
 
-    def handle(self, body: bytes, message_id: str | None = None, content_type=None) -> Outcome:
+    def handle(
+        self, body: bytes, message_id: str | None = None, content_type=None, headers=None
+    ) -> Outcome:
         operation = "?"
         try:
             op, args = self._parse(body, content_type)
@@ -91,6 +99,9 @@ class Dispatcher:
                         f"{MAX_ID_LENGTH} characters (its idempotency key)"
                     )
                 request_id = message_id
+            if not op.transactional:  # commits batch by batch itself; naturally idempotent
+                result = getattr(self.datasource, op.name)(**args)
+                return Outcome(protocol.encode_result(op, result), "ok", operation)
             reply, replayed = self.datasource.execute(
                 op.name, args, lambda result: protocol.encode_result(op, result), request_id
             )

@@ -1,14 +1,17 @@
-"""Periodic upkeep that no request triggers: forgetting old idempotency records.
+"""Periodic upkeep that no request triggers.
 
-Records must outlive any redelivery or client re-send of their request (those
-happen within minutes); the default keeps them a day. Each sweep deletes in
-bounded batches so it never holds long locks.
+``every`` runs a task on a thread at a fixed interval until the worker stops;
+``RequestLogSweeper`` forgets old idempotency records. Records must outlive any
+redelivery or client re-send of their request (those happen within minutes);
+the default keeps them a day. Each sweep deletes in bounded batches so it never
+holds long locks.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from dataspace_client.errors import DataSpaceError
 
@@ -17,35 +20,38 @@ log = logging.getLogger(__name__)
 SWEEP_BATCH = 10_000
 
 
-class RequestLogSweeper:
-    """A thread that deletes request-log records older than ``ttl`` every ``interval``."""
+def every(interval: float, task: Callable[[], object], stop: threading.Event, name: str):
+    """Run ``task`` every ``interval`` seconds on a daemon thread until ``stop`` is set."""
 
-    def __init__(self, datasource, ttl: float, interval: float, stop: threading.Event):
+    def run():
+        while not stop.wait(interval):
+            try:
+                task()
+            except DataSpaceError as exc:
+                log.warning("%s failed: %s", name, exc)
+            except Exception:
+                log.exception("%s failed", name)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class RequestLogSweeper:
+    """Deletes request-log records older than ``ttl`` seconds."""
+
+    def __init__(self, datasource, ttl: float):
         self.datasource = datasource
         self.ttl = ttl
-        self.interval = interval
-        self.stop = stop
-        self.thread = threading.Thread(target=self._run, name="dataspace-sweeper", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
 
     def sweep(self) -> int:
         """Delete every expired record, batch by batch; return how many."""
         total = 0
-        while not self.stop.is_set():
+        while True:
             deleted = self.datasource.sweep_request_log(self.ttl, SWEEP_BATCH)
             total += deleted
             if deleted < SWEEP_BATCH:
                 break
+        if total:
+            log.info("forgot %d idempotency records older than %gs", total, self.ttl)
         return total
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                deleted = self.sweep()
-            except DataSpaceError as exc:
-                log.warning("request log sweep failed: %s", exc)
-                continue
-            if deleted:
-                log.info("forgot %d idempotency records older than %gs", deleted, self.ttl)

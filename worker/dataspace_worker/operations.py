@@ -187,6 +187,7 @@ def create_tables(cur, args: Args) -> list[int]:
     return schema.migrate(cur)
 
 
+#: every operation that runs in one transaction (a reap runs in many: PostgresDataSource.reap)
 OPERATIONS: dict[str, Callable[[Any, Args], Any]] = {
-    name: globals()[name] for name in validate.SIGNATURES
+    name: globals()[name] for name in validate.SIGNATURES if name != "reap"
 }

@@ -10,7 +10,8 @@ Settings: ``dsn`` (libpq connection string or URL), ``pool_size`` (default 8),
 DataSpaceConnectionError, default 15; the worker passes None: until stopped),
 ``connect_timeout`` (seconds per connection attempt, default 5),
 ``create_tables`` (create the database if missing and migrate the schema on
-connect, default true).
+connect, default true), ``reap_batch`` (rows per transaction when reaping,
+default 5000).
 
 Each call is one transaction, run through the retry policy in ``retry.py``.
 Database errors come out as the Python exceptions the API documents:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,7 +40,7 @@ from dataspace_client.errors import (
     DataSpaceExistsError,
 )
 
-from . import idempotency, operations, schema
+from . import idempotency, operations, schema, sql
 from .pool import ConnectionPool
 from .retry import connection_retry, is_connection_error
 
@@ -79,6 +81,21 @@ def _translate(exc: psycopg2.Error) -> BaseException:
     return DataSpaceError(f"database error: {first_line}")
 
 
+class ReapInterrupted(DataSpaceConnectionError):
+    """The worker is stopping: a reap stops between two batches (and is redelivered)."""
+
+
+def _fetchone(cur, query: str, params: dict):
+    cur.execute(query, params)
+    return cur.fetchone()
+
+
+def _count(cur, query: str, params: dict) -> int:
+    """Rows a statement removed: its SELECT count(*) result, or its rowcount."""
+    cur.execute(query, params)
+    return cur.fetchone()[0] if cur.description else cur.rowcount
+
+
 class PostgresDataSource(DataSource):
     """The DataSource on PostgreSQL; thread-safe, one pool of connections."""
 
@@ -93,6 +110,7 @@ class PostgresDataSource(DataSource):
         )
         self.connect_timeout = _setting(config, "connect_timeout", 5, (int,), minimum=1)
         self._create = _setting(config, "create_tables", True, (bool,))
+        self.reap_batch = _setting(config, "reap_batch", 5000, (int,), minimum=1)
         self._stop_event = stop_event
         self._pool: ConnectionPool | None = None
         self.connect()
@@ -201,6 +219,44 @@ class PostgresDataSource(DataSource):
             return reply, False
 
         return self._transaction(work)
+
+    def reap(self, days):
+        """Delete task managers older than ``days`` days, and their products, in batches.
+
+        Unlike ``delete_data_older_than`` (one transaction), this runs many short
+        transactions of at most ``reap_batch`` rows each, so other task managers'
+        reads and writes carry on while it works; the cut-off is fixed when it
+        starts. Interrupted, it leaves a consistent store and the next reap
+        continues. Recorded in ``dataspace_reap``. Returns
+        ``{"taskmanagers": n, "dataproducts": m, "batches": b, "seconds": s}``.
+        """
+        args = validate.check("reap", {"days": days})
+        clock = time.monotonic()
+        cutoff, started_at = self._transaction(lambda cur: _fetchone(cur, sql.REAP_CUTOFF, args))
+        totals = {"taskmanagers": 0, "dataproducts": 0, "batches": 0}
+        params = {"cutoff": cutoff, "batch": self.reap_batch}
+        for statement, counted in (
+            (sql.REAP_PRODUCTS, "dataproducts"),
+            (sql.REAP_TASKMANAGERS, "taskmanagers"),
+        ):
+            while True:
+                if self._stop_event is not None and self._stop_event.is_set():
+                    raise ReapInterrupted(f"reap interrupted after {totals}; the next continues")
+                deleted = self._transaction(lambda cur, q=statement: _count(cur, q, params))
+                totals[counted] += deleted
+                totals["batches"] += 1
+                if deleted < self.reap_batch:
+                    break
+        record = {**args, **totals, "started_at": started_at}
+        self._transaction(lambda cur: cur.execute(sql.RECORD_REAP, record))
+        log.info(
+            "reaped task managers older than %s days: %d task managers, %d products in %d batches",
+            args["days"],
+            totals["taskmanagers"],
+            totals["dataproducts"],
+            totals["batches"],
+        )
+        return {**totals, "seconds": round(time.monotonic() - clock, 3)}
 
     def sweep_request_log(self, older_than_seconds: float, limit: int = 10_000) -> int:
         """Forget idempotency records older than ``older_than_seconds`` (bounded batch)."""

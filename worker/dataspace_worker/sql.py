@@ -169,3 +169,40 @@ ORDER BY table_name, ordinal_position
 """
 
 TASKMANAGER_EXISTS = "SELECT 1 FROM taskmanager WHERE sequence_id = %(taskmanager_id)s"
+
+# -- reaping in bounded batches: each statement is its own short transaction ---------
+REAP_CUTOFF = "SELECT now() - make_interval(secs => %(days)s * 86400.0), now()"
+
+# Up to %(batch)s products (with their headers and metadata) of task managers
+# older than the cutoff.
+REAP_PRODUCTS = """
+WITH doomed AS (
+    SELECT dp.id, dp.taskmanager_id, dp.generation_id, dp.key
+    FROM dataproduct dp JOIN taskmanager tm ON tm.sequence_id = dp.taskmanager_id
+    WHERE tm.datestamp < %(cutoff)s
+    LIMIT %(batch)s
+), h AS (
+    DELETE FROM header h USING doomed d
+    WHERE h.taskmanager_id = d.taskmanager_id AND h.generation_id = d.generation_id
+      AND h.key = d.key
+), m AS (
+    DELETE FROM metadata m USING doomed d
+    WHERE m.taskmanager_id = d.taskmanager_id AND m.generation_id = d.generation_id
+      AND m.key = d.key
+), p AS (
+    DELETE FROM dataproduct WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT count(*) FROM p
+"""
+
+# Then the task managers themselves (any stray header/metadata row goes by cascade).
+REAP_TASKMANAGERS = """
+DELETE FROM taskmanager WHERE sequence_id IN (
+    SELECT sequence_id FROM taskmanager WHERE datestamp < %(cutoff)s LIMIT %(batch)s
+)
+"""
+
+RECORD_REAP = """
+INSERT INTO dataspace_reap (started_at, retention_days, taskmanagers, dataproducts, batches)
+VALUES (%(started_at)s, %(days)s, %(taskmanagers)s, %(dataproducts)s, %(batches)s)
+"""

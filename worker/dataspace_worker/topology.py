@@ -13,8 +13,11 @@ from dataspace_client.protocol import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     EXCHANGE,
+    REAP_ROUTING_KEY,
+    REAPER_QUEUE,
     REQUEST_BINDING,
     REQUEST_QUEUE,
+    SCHEDULE_QUEUE,
 )
 
 
@@ -33,6 +36,10 @@ class Topology:
     @property
     def request_queue(self) -> Queue:
         return self.queues[0]
+
+    @property
+    def reaper_queue(self) -> Queue:
+        return self.queues[2]
 
 
 def topology(delivery_limit: int = 10) -> Topology:
@@ -58,9 +65,35 @@ def topology(delivery_limit: int = 10) -> Topology:
         {"x-queue-type": "quorum"},
         ((DEAD_LETTER_EXCHANGE, "#"),),
     )
+    # One reap at a time across every worker: a single active consumer.
+    reaper = Queue(
+        REAPER_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+        ((EXCHANGE, REAP_ROUTING_KEY),),
+    )
+    # The pending scheduled reap (see reaper.py). Classic: on RabbitMQ 3.10 a
+    # quorum queue accepted a second message despite max-length 1 and
+    # reject-publish (measured), which would let runs pile up.
+    schedule = Queue(
+        SCHEDULE_QUEUE,
+        {
+            "x-queue-type": "classic",
+            "x-max-length": 1,
+            "x-overflow": "reject-publish",
+            "x-dead-letter-exchange": EXCHANGE,
+            "x-dead-letter-routing-key": REAP_ROUTING_KEY,
+        },
+    )
     return Topology(
         exchanges=((EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "topic")),
-        queues=(requests, dead),
+        queues=(requests, dead, reaper, schedule),
     )
 
 
