@@ -1,0 +1,417 @@
+"""Retention (issue 4): the seed Reaper, batched reaps on both backends, the broker-held
+schedule across several workers and restarts, and a large reap under traffic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psycopg2
+import pytest
+
+from dataspace_client import (
+    DataSpace,
+    DataSpaceConfigurationError,
+    DataSpaceError,
+    Reaper,
+)
+from dataspace_client.reaper import State
+from dataspace_worker.postgres import PostgresDataSource
+from tests import services
+from tests.conftest import inprocess_config, remote_config
+from tests.test_worker_cli import WORKER, WorkerProcess
+
+HEADER = {
+    "create_time": 1,
+    "expiration_time": 2,
+    "scheduled_create_time": 1,
+    "creator": "reaper-test",
+    "schema_id": None,
+}
+METADATA = {"state": "NEW", "generation_time": 1, "missed_update_count": 0}
+
+
+# -- the seed Reaper ---------------------------------------------------------------------
+class ControlledSource(PostgresDataSource):
+    """A PostgresDataSource whose reap the test holds, releases or makes fail."""
+
+    release = threading.Event()
+    entered = threading.Event()
+    fail = False
+
+    def reap(self, days):
+        type(self).entered.set()
+        assert type(self).release.wait(30)
+        if type(self).fail:
+            raise DataSpaceError("reap failed on purpose")
+        return {"taskmanagers": 0, "dataproducts": 0, "batches": 1, "seconds": 0.0}
+
+
+def controlled_config(pg_dsn: str, **settings) -> dict:
+    return {
+        "dataspace": {
+            "datasource": {
+                "module": __name__,
+                "name": "ControlledSource",
+                "config": {"dsn": pg_dsn, "pool_size": 1},
+            },
+            "retention_interval_in_days": 7,
+            **settings,
+        }
+    }
+
+
+@pytest.fixture
+def controlled(pg_dsn):
+    ControlledSource.release.clear()
+    ControlledSource.entered.clear()
+    ControlledSource.fail = False
+    reaper = Reaper(controlled_config(pg_dsn))
+    yield reaper
+    ControlledSource.release.set()
+    reaper.stop()
+    reaper.datasource.close()
+
+
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        ({}, DataSpaceConfigurationError, "missing dataspace"),
+        ({"dataspace": "x"}, DataSpaceConfigurationError, "missing dataspace"),
+        ({"dataspace": {}}, DataSpaceConfigurationError, "retention_interval_in_days"),
+        ({"dataspace": {"retention_interval_in_days": "7"}}, ValueError, "must be an integer"),
+        ({"dataspace": {"retention_interval_in_days": 6}}, ValueError, "below the minimum"),
+        (
+            {"dataspace": {"retention_interval_in_days": 7, "reaper_run_interval": 60}},
+            ValueError,
+            "below the minimum",
+        ),
+    ],
+)
+def test_reaper_configuration_errors(config, error, message):
+    with pytest.raises(error, match=message):
+        Reaper(config)
+
+
+def test_reaper_properties_enforce_minimums(controlled):
+    assert Reaper.MIN_RETENTION_INTERVAL_DAYS == 7
+    assert Reaper.MIN_SECONDS_BETWEEN_RUNS == 7080
+    assert controlled.seconds_between_runs == 24 * 60 * 60
+    with pytest.raises(ValueError):
+        controlled.retention_interval = 6
+    with pytest.raises(ValueError):
+        controlled.seconds_between_runs = 7079
+    controlled.retention_interval = 30
+    controlled.seconds_between_runs = 7080
+    assert (controlled.retention_interval, controlled.seconds_between_runs) == (30, 7080)
+
+
+def test_reaper_states_start_stop(controlled):
+    assert controlled.state is State.BOOT
+    controlled.stop()  # never started: harmless
+    controlled.start(delay=60)
+    assert controlled.state is State.IDLE
+    with pytest.raises(RuntimeError):
+        controlled.start()
+    controlled.stop()
+    assert controlled.state is State.SHUTDOWN
+    controlled.stop()  # stopped: harmless
+    assert controlled.state is State.SHUTDOWN
+
+
+def test_reaper_states_during_a_slow_reap_and_after(controlled):
+    controlled.start()
+    assert ControlledSource.entered.wait(10)
+    assert controlled.state is State.ACTIVE
+    ControlledSource.release.set()
+    deadline = time.monotonic() + 10
+    while controlled.state is not State.STEADY and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert controlled.state is State.STEADY
+    controlled.stop()
+    assert controlled.state is State.SHUTDOWN
+
+
+def test_a_failing_reap_leaves_error_and_the_reaper_restarts(controlled):
+    ControlledSource.fail = True
+    ControlledSource.release.set()
+    controlled.start()
+    controlled.thread.join(10)
+    assert controlled.state is State.ERROR
+    ControlledSource.fail = False
+    ControlledSource.entered.clear()
+    controlled.start()
+    assert ControlledSource.entered.wait(10)
+    deadline = time.monotonic() + 10
+    while controlled.state is not State.STEADY and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert controlled.state is State.STEADY
+
+
+# -- what a reap removes, on both backends -------------------------------------------------
+def _taskmanager_with_products(space: DataSpace, name: str, datestamp, products: int) -> int:
+    seq = space.store_taskmanager(name, str(uuid.uuid4()).upper(), datestamp)
+    for i in range(products):
+        space.insert(seq, 1, f"k{i}", b"v%d" % i, HEADER, METADATA)
+    space.duplicate_datablock(seq, 1, 2)
+    return seq
+
+
+def _rows(pg_dsn: str, seq: int) -> dict:
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        counts = {}
+        for table in ("dataproduct", "header", "metadata"):
+            cur.execute(f"SELECT count(*) FROM {table} WHERE taskmanager_id = %s", (seq,))
+            counts[table] = cur.fetchone()[0]
+        cur.execute("SELECT count(*) FROM taskmanager WHERE sequence_id = %s", (seq,))
+        counts["taskmanager"] = cur.fetchone()[0]
+        return counts
+
+
+def test_reap_removes_old_data_with_cascades_and_keeps_new(backend, pg_dsn, amqp_url, request):
+    request.getfixturevalue("worker_pool")
+    config = inprocess_config(pg_dsn) if backend == "inprocess" else remote_config(amqp_url)
+    config["dataspace"]["retention_interval_in_days"] = 300
+    reaper = Reaper(config)
+    space = reaper.datasource
+    try:
+        old_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=400)
+        edge_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=299)
+        old = _taskmanager_with_products(space, f"reap-old-{uuid.uuid4()}", old_at, 3)
+        edge = _taskmanager_with_products(space, f"reap-edge-{uuid.uuid4()}", edge_at, 2)
+        new = _taskmanager_with_products(space, f"reap-new-{uuid.uuid4()}", None, 2)
+        result = reaper.reap()
+        assert result["taskmanagers"] >= 1 and result["dataproducts"] >= 6
+        assert result["batches"] >= 2
+        assert _rows(pg_dsn, old) == dict.fromkeys(
+            ("dataproduct", "header", "metadata", "taskmanager"), 0
+        )
+        assert _rows(pg_dsn, edge) == {
+            "dataproduct": 4,
+            "header": 4,
+            "metadata": 4,
+            "taskmanager": 1,
+        }
+        assert space.get_datablock(new, 2) == {"k0": b"v0", "k1": b"v1"}
+        with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT taskmanagers, dataproducts FROM dataspace_reap ORDER BY id DESC")
+            assert cur.fetchone() == (result["taskmanagers"], result["dataproducts"])
+    finally:
+        space.close()
+
+
+# -- the schedule: several workers, restarts -----------------------------------------------
+SHORT_INTERVAL = 2.0
+# A worker whose reaper minimums are lowered for the test: not reachable from any setting.
+TEST_WORKER = [
+    sys.executable,
+    "-c",
+    "import sys, dataspace_worker.reaper as r; r.MIN_INTERVAL = 1; "
+    "from dataspace_worker.cli import main; sys.exit(main())",
+]
+
+
+def _reap_times(pg_dsn: str) -> list[float]:
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT extract(epoch FROM started_at) FROM dataspace_reap ORDER BY started_at")
+        return [float(r[0]) for r in cur.fetchall()]
+
+
+def _schedule_depth(vhost_url: str) -> int:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(vhost_url))
+    try:
+        return (
+            connection.channel()
+            .queue_declare("dataspace.reaper.schedule", passive=True)
+            .method.message_count
+        )
+    finally:
+        connection.close()
+
+
+def test_schedule_runs_one_reap_per_interval_across_workers_and_restarts():
+    with (
+        services.scratch_database(services.DEFAULT_PG_DSN) as dsn,
+        services.scratch_vhost(services.DEFAULT_AMQP_URL) as url,
+    ):
+        if url.endswith("/%2F"):
+            pytest.skip("needs rabbitmqctl to create a vhost")
+        env = {
+            "DATASPACE_AMQP_URL": url,
+            "DATASPACE_PG_DSN": dsn,
+            "DATASPACE_CONSUMERS": "1",
+            "DATASPACE_RETENTION_DAYS": "7",
+            "DATASPACE_REAP_INTERVAL": str(SHORT_INTERVAL),
+        }
+
+        def start_three():
+            workers = [_TestWorker(env) for _ in range(3)]
+            for w in workers:
+                w.wait_for("consuming 'dataspace.requests'")
+            return workers
+
+        workers = start_three()
+        try:
+            time.sleep(5 * SHORT_INTERVAL + 0.5)
+            first = _reap_times(dsn)
+            assert _schedule_depth(url) <= 1
+            for w in workers:
+                w.kill()
+            killed_at = time.time()
+            time.sleep(3 * SHORT_INTERVAL)  # runs missed while no worker is up
+            workers = start_three()
+            restarted_at = time.time()
+            time.sleep(4 * SHORT_INTERVAL + 0.5)
+            for w in workers:
+                assert w.terminate() == 0
+        finally:
+            for w in workers:
+                w.kill()
+        times = _reap_times(dsn)
+    before = [t for t in times if t <= killed_at]
+    after = [t for t in times if t >= restarted_at]
+    assert len(first) in (4, 5, 6), first  # about one per interval over 5 intervals
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # never two runs closer than the interval (a little slack for the broker's timer)
+    assert min(gaps) >= SHORT_INTERVAL * 0.9, gaps
+    # after the outage: at most one overdue run at once, then one per interval
+    burst = [t for t in times if killed_at < t < restarted_at + SHORT_INTERVAL * 0.9]
+    assert len(burst) <= 1, (burst, after)
+    assert len([t for t in times if t > killed_at]) >= 4, "the schedule did not resume"
+    assert len(after) in (3, 4, 5), after
+    assert before, "no reap before the restart"
+    print(
+        f"schedule: {len(first)} reaps in the first {5 * SHORT_INTERVAL:g} s with 3 workers, "
+        f"{len(after)} in {4 * SHORT_INTERVAL:g} s after all were killed and restarted "
+        f"(at most one overdue: {len(burst)}); smallest gap {min(gaps):.2f} s "
+        f"for an interval of {SHORT_INTERVAL:g} s"
+    )
+
+
+class _TestWorker(WorkerProcess):
+    """dataspace-worker with the reaper's minimums lowered (test only)."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen(
+            TEST_WORKER,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+def test_minimum_interval_is_not_reachable_from_configuration():
+    result = subprocess.run(
+        [WORKER, "--retention-days", "7", "--reap-interval", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "'reap_interval' must be at least 7080" in result.stderr
+    result = subprocess.run(
+        [WORKER, "--retention-days", "3"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "'retention_days' must be 0" in result.stderr
+
+
+# -- a large reap while other clients work ---------------------------------------------------
+OLD_TASKMANAGERS = 200
+PRODUCTS_EACH = 1000
+
+
+def test_large_reap_keeps_other_clients_answered(worker_pool, amqp_url, pg_dsn, remote_space):
+    tag = uuid.uuid4().hex[:8]
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO taskmanager (taskmanager_id, name, datestamp)
+            SELECT 'BIG-' || g, %s, now() - interval '40 days' FROM generate_series(1, %s) g
+            """,
+            (f"big-{tag}", OLD_TASKMANAGERS),
+        )
+        for table, columns, values in (
+            ("dataproduct", "value", "'\\x00'::bytea"),
+            (
+                "header",
+                "create_time, expiration_time, scheduled_create_time, creator",
+                "1, 2, 1, 'big'",
+            ),
+            ("metadata", "state, generation_time", "'NEW', 1"),
+        ):
+            cur.execute(
+                f"""
+                INSERT INTO {table} (taskmanager_id, generation_id, key, {columns})
+                SELECT tm.sequence_id, 1, 'k' || g, {values}
+                FROM taskmanager tm, generate_series(1, %s) g WHERE tm.name = %s
+                """,
+                (PRODUCTS_EACH, f"big-{tag}"),
+            )
+    busy = remote_space.store_taskmanager(f"busy-{tag}", "BUSY")
+    stop = threading.Event()
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def traffic():
+        i = 0
+        while not stop.is_set() and i < 20_000:
+            started = time.monotonic()
+            try:
+                remote_space.insert(busy, 1, f"k{i}", b"x", HEADER, METADATA)
+                assert remote_space.get_dataproduct(busy, 1, f"k{i}") == b"x"
+            except BaseException as exc:  # recorded, asserted below
+                errors.append(exc)
+                return
+            latencies.append(time.monotonic() - started)
+            i += 1
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    time.sleep(0.5)
+    calls_before = len(latencies)
+    result = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "dataspace"),
+            "--url",
+            amqp_url,
+            "reap",
+            "--now",
+            "--days",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    calls_during = len(latencies) - calls_before
+    stop.set()
+    thread.join(30)
+    assert result.returncode == 0, result.stderr
+    assert "reaped task managers older than 30 days" in result.stdout
+    import orjson
+
+    figures = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["taskmanagers"] >= OLD_TASKMANAGERS
+    assert figures["dataproducts"] >= OLD_TASKMANAGERS * PRODUCTS_EACH
+    assert figures["batches"] >= OLD_TASKMANAGERS * PRODUCTS_EACH // 5000
+    assert not errors, errors[0]
+    assert calls_during >= 20, f"only {calls_during} calls answered during the reap"
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM taskmanager WHERE name = %s", (f"big-{tag}",))
+        assert cur.fetchone()[0] == 0
+    print(
+        f"large reap: {figures}; {calls_during} insert+get pairs answered meanwhile, "
+        f"slowest {max(latencies[calls_before:]) * 1000:.0f} ms"
+    )
