@@ -21,7 +21,7 @@ import pika
 from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceConnectionError
 from dataspace_client.urls import mask_password
 
-from . import __version__, config
+from . import __version__, config, logs, metrics
 from .consumer import WorkerPool
 from .dispatch import Dispatcher
 from .maintenance import RequestLogSweeper, every
@@ -105,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataSpaceConfigurationError as exc:
         print(f"dataspace-worker: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logs.configure(settings.log_level, settings.log_format)
 
     stop = threading.Event()
     signals_seen = []
@@ -165,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_dsn(settings.pg_dsn),
     )
     pool.start()
+    server = _serve_metrics(settings, pool, datasource)
     sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
     every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
     if schedule is not None:
@@ -188,12 +184,35 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s received: finishing requests in hand", name)
     drained = pool.stop(settings.drain_timeout)
     datasource.close()
+    if server is not None:
+        server.shutdown()
     log.info(
         "dataspace-worker stopped: %d requests handled%s",
         pool.handled,
         "" if drained else f"; some still running after {settings.drain_timeout:g}s were requeued",
     )
     return 0
+
+
+def _serve_metrics(settings, pool: WorkerPool, datasource: PostgresDataSource):
+    """The /metrics, /healthz, /readyz server, unless metrics_port is 0."""
+    if not settings.metrics_port:
+        return None
+    metrics.POOL_SIZE.set(datasource.pool_size)
+    metrics.POOL_IN_USE.set_function(lambda: datasource.pool_in_use)
+    health = metrics.Health(
+        broker=pool.connected, database=datasource.ping, ready=pool.consuming.is_set
+    )
+    try:
+        return metrics.serve(settings.metrics_host, settings.metrics_port, health)
+    except OSError as exc:
+        log.error(
+            "cannot serve metrics on %s:%d: %s (set metrics_port, or 0 to turn it off)",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc,
+        )
+        return None
 
 
 def _demo_when_ready(pool: WorkerPool, amqp_url: str) -> None:

@@ -59,6 +59,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idempotency_ttl", float, 86400.0, "seconds a write's message_id is remembered", 600),
     Setting("connect_timeout", float, 10.0, "seconds per broker or database connection attempt", 1),
     Setting("log_level", str, "INFO", "logging level", None, ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("log_format", str, "TEXT", "log lines as TEXT or JSON", None, ("TEXT", "JSON")),
+    Setting(
+        "metrics_host",
+        str,
+        "127.0.0.1",
+        "address of the metrics and health server (0.0.0.0 in containers)",
+    ),
+    Setting("metrics_port", int, 9464, "port of /metrics, /healthz, /readyz (0: off)", 0),
 )
 
 
@@ -79,6 +87,9 @@ class WorkerSettings:
     idempotency_ttl: float
     connect_timeout: float
     log_level: str
+    log_format: str
+    metrics_host: str
+    metrics_port: int
 
     @classmethod
     def with_defaults(cls, **overrides: Any) -> WorkerSettings:

@@ -45,7 +45,7 @@ from dataspace_client.protocol import (
 )
 from dataspace_client.urls import mask_password
 
-from . import __version__
+from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome
 from .topology import Topology, declare_blocking
 
@@ -105,16 +105,26 @@ class Consumer:
                 continue  # its channel closed: the broker requeued it already
             started = time.monotonic()
             props = delivery.properties
-            outcome = self.dispatcher.handle(
-                delivery.body, props.message_id, props.content_type, props.headers
-            )
+            with metrics.IN_FLIGHT.track_inprogress():
+                outcome = self.dispatcher.handle(
+                    delivery.body, props.message_id, props.content_type, props.headers
+                )
+            elapsed = time.monotonic() - started
+            _count(outcome, elapsed, props.reply_to)
             log.debug(
                 "%s %s%s in %.1f ms (correlation %s)",
                 outcome.operation,
                 outcome.code,
                 " (replayed)" if outcome.replayed else "",
-                (time.monotonic() - started) * 1000,
+                elapsed * 1000,
                 props.correlation_id,
+                extra={
+                    "operation": outcome.operation,
+                    "outcome": outcome.code,
+                    "correlation_id": props.correlation_id,
+                    "message_id": props.message_id,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
             )
             if outcome.dead_letter(props.reply_to):
                 log.warning(
@@ -125,6 +135,17 @@ class Consumer:
                 )
             self.handled += 1
             self.pool.schedule_finish(self, delivery, outcome)
+
+
+def _count(outcome: Outcome, elapsed: float, reply_to: str | None) -> None:
+    metrics.REQUESTS.labels(outcome.operation, outcome.code).inc()
+    metrics.LATENCY.labels(outcome.operation).observe(elapsed)
+    if outcome.replayed:
+        metrics.REPLAYED.inc()
+    if outcome.dead_letter(reply_to):
+        metrics.DEAD_LETTERED.labels(outcome.code).inc()
+    if outcome.operation == "reap":
+        metrics.REAPS.labels(outcome.code).inc()
 
 
 class WorkerPool:
@@ -177,6 +198,11 @@ class WorkerPool:
         for consumer in self.consumers:
             consumer.thread.start()
         self._io_thread.start()
+
+    def connected(self) -> bool:
+        """Whether the AMQP connection is open (for the health endpoint)."""
+        connection = self._connection
+        return connection is not None and connection.is_open
 
     @property
     def handled(self) -> int:
@@ -384,6 +410,8 @@ class WorkerPool:
             connection.close()
 
     def _on_message(self, consumer: Consumer, channel, method, properties, body) -> None:
+        if method.redelivered:
+            metrics.REDELIVERED.inc()
         consumer.inbox.put(
             Delivery(
                 channel, method.delivery_tag, method.exchange, method.routing_key, properties, body

@@ -29,6 +29,8 @@ class ConnectionPool:
         self._slots = threading.BoundedSemaphore(size)
         self._idle: queue.LifoQueue[psycopg2.extensions.connection] = queue.LifoQueue()
         self._closed = False
+        self._in_use = 0
+        self._count_lock = threading.Lock()
 
     def acquire(self) -> psycopg2.extensions.connection:
         """A connection for the caller's exclusive use; give it back with ``release``."""
@@ -40,16 +42,22 @@ class ConnectionPool:
                 f"(pool size {self.size})"
             )
         try:
-            while True:
-                try:
-                    conn = self._idle.get_nowait()
-                except queue.Empty:
-                    return psycopg2.connect(self.dsn, **self._connect_kwargs)
-                if not conn.closed:
-                    return conn
+            conn = self._idle_or_new()
         except BaseException:
             self._slots.release()
             raise
+        with self._count_lock:
+            self._in_use += 1
+        return conn
+
+    def _idle_or_new(self) -> psycopg2.extensions.connection:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return psycopg2.connect(self.dsn, **self._connect_kwargs)
+            if not conn.closed:
+                return conn
 
     def release(self, conn: psycopg2.extensions.connection, discard: bool = False) -> None:
         """Give a connection back; ``discard`` closes it (after an error on it)."""
@@ -59,7 +67,14 @@ class ConnectionPool:
             else:
                 self._idle.put(conn)
         finally:
+            with self._count_lock:
+                self._in_use -= 1
             self._slots.release()
+
+    @property
+    def in_use(self) -> int:
+        """Connections handed out and not yet released."""
+        return self._in_use
 
     def close(self) -> None:
         """Close idle connections; those in use are closed when released."""

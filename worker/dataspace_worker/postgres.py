@@ -113,6 +113,8 @@ class PostgresDataSource(DataSource):
         self.reap_batch = _setting(config, "reap_batch", 5000, (int,), minimum=1)
         self._stop_event = stop_event
         self._pool: ConnectionPool | None = None
+        self._ping_lock = threading.Lock()
+        self._ping_conn = None
         self.connect()
 
     # -- lifecycle ------------------------------------------------------------
@@ -131,6 +133,10 @@ class PostgresDataSource(DataSource):
     def close(self):
         if self._pool is not None:
             self._pool.close()
+        with self._ping_lock:
+            if self._ping_conn is not None:
+                self._ping_conn.close()
+                self._ping_conn = None
 
     def reset_connections(self):
         if self._pool is not None:
@@ -257,6 +263,31 @@ class PostgresDataSource(DataSource):
             totals["batches"],
         )
         return {**totals, "seconds": round(time.monotonic() - clock, 3)}
+
+    def ping(self, timeout: int = 2) -> bool:
+        """Whether PostgreSQL answers ``SELECT 1`` now, on a connection of its own.
+
+        For health checks: no retry, no wait for a pooled connection.
+        """
+        with self._ping_lock:
+            try:
+                if self._ping_conn is None or self._ping_conn.closed:
+                    self._ping_conn = psycopg2.connect(
+                        self.dsn, connect_timeout=timeout, application_name="dataspace-health"
+                    )
+                    self._ping_conn.autocommit = True
+                with self._ping_conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return True
+            except psycopg2.Error:
+                if self._ping_conn is not None:
+                    self._ping_conn.close()
+                self._ping_conn = None
+                return False
+
+    @property
+    def pool_in_use(self) -> int:
+        return self._pool.in_use if self._pool is not None else 0
 
     def sweep_request_log(self, older_than_seconds: float, limit: int = 10_000) -> int:
         """Forget idempotency records older than ``older_than_seconds`` (bounded batch)."""

@@ -16,6 +16,8 @@ import threading
 import psycopg2
 import tenacity
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.1
@@ -43,6 +45,7 @@ def is_connection_error(exc: BaseException) -> bool:
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
+    metrics.DB_RETRIES.inc()
     exc = state.outcome.exception() if state.outcome else None
     log.warning(
         "database unavailable (attempt %d, %.1fs so far): %s; retrying in %.2fs",

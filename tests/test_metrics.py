@@ -1,0 +1,106 @@
+"""Observability (issue 6): metrics and health endpoints of a real worker process,
+health following PostgreSQL down and up, and JSON logs."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.request
+
+import orjson
+import pytest
+
+from dataspace_client import DataSpace
+from tests import services
+from tests.conftest import remote_config
+from tests.faults.instances import free_port, throwaway_postgres
+from tests.test_worker_cli import WorkerProcess
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture
+def own_vhost(amqp_url):
+    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
+        if url.endswith("/%2F"):
+            pytest.skip("needs rabbitmqctl to create a vhost")
+        yield url
+
+
+def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with throwaway_postgres() as pg:
+        worker = WorkerProcess(
+            {
+                "DATASPACE_AMQP_URL": own_vhost,
+                "DATASPACE_PG_DSN": pg.dsn,
+                "DATASPACE_CONSUMERS": "2",
+                "DATASPACE_METRICS_PORT": str(port),
+                "DATASPACE_LOG_FORMAT": "json",
+                "DATASPACE_LOG_LEVEL": "debug",
+            }
+        )
+        try:
+            worker.wait_for("consuming 'dataspace.requests'")
+            assert _get(base + "/healthz") == (200, b'{"broker":true,"database":true}')
+            status, body = _get(base + "/readyz")
+            assert status == 200 and orjson.loads(body)["consuming"] is True
+
+            before = _get(base + "/metrics")[1].decode()
+            space = DataSpace(remote_config(own_vhost, timeout=20))
+            try:
+                for i in range(5):
+                    space.store_taskmanager(f"metrics-{i}", "M")
+                with pytest.raises(KeyError):
+                    space.get_taskmanager("no-such-taskmanager")
+                after = _get(base + "/metrics")[1].decode()
+                ok = 'operation="store_taskmanager",outcome="ok"'
+                assert _sample(after, "dataspace_requests_total", ok) == (
+                    _sample(before, "dataspace_requests_total", ok) + 5
+                )
+                missing = 'operation="get_taskmanager",outcome="not_found"'
+                assert _sample(after, "dataspace_requests_total", missing) == 1
+                assert (
+                    _sample(
+                        after, "dataspace_request_seconds_count", 'operation="store_taskmanager"'
+                    )
+                    == 5
+                )
+                assert _sample(after, "dataspace_database_pool_size") == 2
+                assert "dataspace_requests_in_flight" in after
+
+                pg.stop("fast")
+                status, body = _get(base + "/healthz")
+                assert status == 503
+                assert orjson.loads(body) == {"broker": True, "database": False}
+                pg.start()
+                deadline = time.monotonic() + 20
+                while _get(base + "/healthz")[0] != 200 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert _get(base + "/healthz")[0] == 200
+                space.store_taskmanager("metrics-after", "M")  # serves again
+                assert _get(base + "/nothing")[0] == 404
+            finally:
+                space.close()
+            assert worker.terminate() == 0
+        finally:
+            worker.kill()
+    lines = [orjson.loads(line) for line in worker.lines if line.startswith("{")]
+    assert lines, worker.output
+    request_lines = [e for e in lines if e.get("operation") == "store_taskmanager"]
+    assert request_lines and {"correlation_id", "duration_ms", "outcome"} <= set(request_lines[0])
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
