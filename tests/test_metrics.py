@@ -80,7 +80,7 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                     )
                     == 5
                 )
-                assert _sample(after, "dataspace_database_pool_size") == 2
+                assert _sample(after, "dataspace_database_pool_size") == 4  # consumers + 2
                 assert "dataspace_requests_in_flight" in after
 
                 pg.stop("fast")

@@ -67,6 +67,7 @@ class Reaper:
         self._state_changed = threading.Condition()
         self._stop = threading.Event()
         self._reap_lock = threading.Lock()
+        self._control = threading.Lock()  # start() and stop() one at a time
         self.thread: threading.Thread | None = None
 
     @property
@@ -117,46 +118,59 @@ class Reaper:
                 return source.delete_data_older_than(self.retention_interval)
             return reap(self.retention_interval)
 
+    def _enter(self, state: State) -> bool:
+        """Move to ``state`` unless a stop was asked for (stop's SHUTTINGDOWN stands)."""
+        with self._state_changed:
+            if self._stop.is_set():
+                return False
+            self.state = state
+            self._state_changed.notify_all()
+            return True
+
     def _reaper_loop(self, delay: float) -> None:
         """The thread runs this: wait ``delay``, then reap every ``seconds_between_runs``."""
-        self._set_state(State.IDLE)
-        if self._stop.wait(delay):
-            self._set_state(State.SHUTDOWN)
-            return
-        while not self._stop.is_set():
-            self._set_state(State.ACTIVE)
-            try:
-                self.reap()
-            except Exception:
-                log.exception("reap failed; the reaper stops in ERROR")
-                self._set_state(State.ERROR)
-                return
-            self._set_state(State.STEADY)
-            self._stop.wait(self.seconds_between_runs)
+        self._enter(State.IDLE)
+        if not self._stop.wait(delay):
+            while self._enter(State.ACTIVE):
+                try:
+                    self.reap()
+                except Exception:
+                    log.exception("reap failed; the reaper stops in ERROR")
+                    self._set_state(State.ERROR)
+                    return
+                if not self._enter(State.STEADY) or self._stop.wait(self.seconds_between_runs):
+                    break
         self._set_state(State.SHUTDOWN)
 
     def start(self, delay: float = 0) -> None:
         """Start the loop, first reap after ``delay`` seconds; RuntimeError if running."""
-        if self.thread is not None and self.thread.is_alive():
-            raise RuntimeError("the reaper is already running")
-        self._stop.clear()
-        self._set_state(State.BOOT)
-        self.thread = threading.Thread(
-            target=self._reaper_loop, args=(delay,), name="dataspace-reaper", daemon=True
-        )
-        self.thread.start()
-        with self._state_changed:
-            self._state_changed.wait_for(lambda: self.state is not State.BOOT)
+        with self._control:
+            if self.thread is not None and self.thread.is_alive():
+                raise RuntimeError("the reaper is already running")
+            self._stop.clear()
+            self._set_state(State.BOOT)
+            self.thread = threading.Thread(
+                target=self._reaper_loop, args=(delay,), name="dataspace-reaper", daemon=True
+            )
+            self.thread.start()
+            with self._state_changed:
+                self._state_changed.wait_for(lambda: self.state is not State.BOOT)
 
     def stop(self) -> None:
         """Stop the loop; waits for a reap in progress.  Harmless if not running."""
-        if self.thread is None or not self.thread.is_alive():
-            return
-        self._set_state(State.SHUTTINGDOWN)
-        self._stop.set()
-        self.thread.join()
-        if self.state is not State.ERROR:
-            self._set_state(State.SHUTDOWN)
+        with self._control:
+            if self.thread is None or not self.thread.is_alive():
+                return
+            with self._state_changed:
+                self._stop.set()
+                if self.state is not State.ERROR:
+                    self.state = State.SHUTTINGDOWN
+                    self._state_changed.notify_all()
+            self.thread.join()
+            with self._state_changed:
+                if self.state is not State.ERROR:
+                    self.state = State.SHUTDOWN
+                    self._state_changed.notify_all()
 
     def __repr__(self) -> str:
         return (

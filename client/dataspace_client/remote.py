@@ -8,7 +8,8 @@ Configure it as the DataSpace's datasource::
 
 Settings in ``config``: ``url`` (default the local broker), ``timeout`` (seconds a
 call waits for its reply, default 30), ``connect_timeout`` (default 10),
-``app_id`` (shown in the management UI, default ``dataspace-client``).
+``app_id`` (shown in the management UI, default ``dataspace-client``),
+``reap_timeout`` (seconds ``reap`` waits, default 3600).
 
 Arguments are checked here with the same checks the worker applies, so a bad call
 raises TypeError/ValueError without a round trip; the worker's errors come back
@@ -28,6 +29,7 @@ from .rpc import RpcClient
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_REAP_TIMEOUT = 3600.0
 
 
 def _positive(config: dict, name: str, default: float) -> float:
@@ -51,6 +53,7 @@ class RemoteDataSource(DataSource):
             raise DataSpaceConfigurationError("RemoteDataSource setting 'url' must be a string")
         self.timeout = _positive(config, "timeout", DEFAULT_TIMEOUT)
         self.connect_timeout = _positive(config, "connect_timeout", 10.0)
+        self.reap_timeout = _positive(config, "reap_timeout", DEFAULT_REAP_TIMEOUT)
         self.app_id = str(config.get("app_id", "dataspace-client"))
         self._client: RpcClient | None = None
         self._connect_lock = threading.Lock()
@@ -78,12 +81,12 @@ class RemoteDataSource(DataSource):
         self.close()
         self.connect()
 
-    def _call(self, operation: str, **args: Any) -> Any:
+    def _call(self, operation: str, timeout: float | None = None, **args: Any) -> Any:
         op = OPERATIONS[operation]
         args = validate.check(operation, args)
         body = encode_request(op, args)
         client = self._client or self.connect()
-        reply = client.call(operation, op.routing_key, body)
+        reply = client.call(operation, op.routing_key, body, timeout=timeout)
         return decode_reply(op, reply)
 
     # -- the DataSource API ---------------------------------------------------
@@ -177,14 +180,17 @@ class RemoteDataSource(DataSource):
     def delete_data_older_than(self, days):
         return self._call("delete_data_older_than", days=days)
 
-    def reap(self, days):
+    def reap(self, days, timeout: float | None = None):
         """Send one retention message to the reaper and wait for its result.
+
+        Waits up to ``timeout`` seconds, default the ``reap_timeout`` setting (one
+        hour): a large reap takes minutes, far longer than an ordinary call.
 
         The worker's reaper consumer (one active across all workers) deletes task
         managers older than ``days`` days in bounded batches and returns
         ``{"taskmanagers": n, "dataproducts": m, "batches": b, "seconds": s}``.
         """
-        return self._call("reap", days=days)
+        return self._call("reap", timeout=timeout or self.reap_timeout, days=days)
 
     def delete(self, taskmanager_id, all_generations=False):
         return self._call("delete", taskmanager_id=taskmanager_id, all_generations=all_generations)

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         datasource = PostgresDataSource(
             {
                 "dsn": settings.pg_dsn,
-                "pool_size": settings.consumers,
+                # the consumers, the reaper and the sweeper each need one at times
+                "pool_size": settings.consumers + 2,
                 "retry_timeout": None,
                 "connect_timeout": max(1, int(settings.connect_timeout)),
                 "reap_batch": settings.reap_batch,
@@ -137,15 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     except DataSpaceConnectionError as exc:
         log.error("stopped before the database was reached: %s", exc)
         return 1
+    topo = topology(settings.delivery_limit)
     schedule = None
     if settings.retention_days:
         schedule = Schedule(
-            pika.URLParameters(settings.amqp_url), settings.retention_days, settings.reap_interval
+            pika.URLParameters(settings.amqp_url),
+            settings.retention_days,
+            settings.reap_interval,
+            queue_arguments=topo.schedule_queue.arguments,
         )
     pool = WorkerPool(
         settings.amqp_url,
         Dispatcher(datasource, settings.max_body),
-        topology(settings.delivery_limit),
+        topo,
         consumers=settings.consumers,
         prefetch=settings.prefetch,
         connect_timeout=settings.connect_timeout,

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg2
@@ -233,28 +234,19 @@ class PostgresDataSource(DataSource):
         transactions of at most ``reap_batch`` rows each, so other task managers'
         reads and writes carry on while it works; the cut-off is fixed when it
         starts. Interrupted, it leaves a consistent store and the next reap
-        continues. Recorded in ``dataspace_reap``. Returns
-        ``{"taskmanagers": n, "dataproducts": m, "batches": b, "seconds": s}``.
+        continues. One reap runs at a time per database (an advisory lock); a
+        second one returns at once with ``skipped`` true. Recorded in
+        ``dataspace_reap``. Returns ``{"taskmanagers": n, "dataproducts": m,
+        "batches": b, "seconds": s, "skipped": bool}``.
         """
         args = validate.check("reap", {"days": days})
         clock = time.monotonic()
-        cutoff, started_at = self._transaction(lambda cur: _fetchone(cur, sql.REAP_CUTOFF, args))
         totals = {"taskmanagers": 0, "dataproducts": 0, "batches": 0}
-        params = {"cutoff": cutoff, "batch": self.reap_batch}
-        for statement, counted in (
-            (sql.REAP_PRODUCTS, "dataproducts"),
-            (sql.REAP_TASKMANAGERS, "taskmanagers"),
-        ):
-            while True:
-                if self._stop_event is not None and self._stop_event.is_set():
-                    raise ReapInterrupted(f"reap interrupted after {totals}; the next continues")
-                deleted = self._transaction(lambda cur, q=statement: _count(cur, q, params))
-                totals[counted] += deleted
-                totals["batches"] += 1
-                if deleted < self.reap_batch:
-                    break
-        record = {**args, **totals, "started_at": started_at}
-        self._transaction(lambda cur: cur.execute(sql.RECORD_REAP, record))
+        with self._reap_lock() as acquired:
+            if not acquired:
+                log.info("another reap is running on this database; skipping this one")
+                return {**totals, "seconds": 0.0, "skipped": True}
+            self._reap_batches(args, totals)
         log.info(
             "reaped task managers older than %s days: %d task managers, %d products in %d batches",
             args["days"],
@@ -262,7 +254,49 @@ class PostgresDataSource(DataSource):
             totals["dataproducts"],
             totals["batches"],
         )
-        return {**totals, "seconds": round(time.monotonic() - clock, 3)}
+        return {**totals, "seconds": round(time.monotonic() - clock, 3), "skipped": False}
+
+    def _reap_batches(self, args: dict, totals: dict) -> None:
+        cutoff, started_at = self._transaction(lambda cur: _fetchone(cur, sql.REAP_CUTOFF, args))
+        params = {"cutoff": cutoff, "batch": self.reap_batch}
+        for statement, counted in (
+            (sql.REAP_PRODUCTS, "dataproducts"),
+            (sql.REAP_TASKMANAGERS, "taskmanagers"),
+        ):
+            # Until a batch finds nothing: a short batch may only mean that rows it
+            # picked were deleted meanwhile by someone else.
+            while True:
+                if self._stop_event is not None and self._stop_event.is_set():
+                    raise ReapInterrupted(f"reap interrupted after {totals}; the next continues")
+                deleted = self._transaction(lambda cur, q=statement: _count(cur, q, params))
+                totals[counted] += deleted
+                totals["batches"] += 1
+                if deleted == 0:
+                    break
+        record = {**args, **totals, "started_at": started_at}
+        self._transaction(lambda cur: cur.execute(sql.RECORD_REAP, record))
+
+    @contextmanager
+    def _reap_lock(self):
+        """Hold the database-wide reap lock on a connection of its own, if free."""
+        conn = self._retrying(
+            lambda: psycopg2.connect(
+                self.dsn, connect_timeout=self.connect_timeout, application_name="dataspace-reap"
+            )
+        )
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.TRY_REAP_LOCK, (sql.REAP_LOCK_KEY,))
+                acquired = cur.fetchone()[0]
+            yield acquired
+        finally:
+            conn.close()  # ends the session, and with it the lock
+
+    def seconds_since_last_reap(self) -> float | None:
+        """Seconds since the last recorded reap finished, or None if there was none."""
+        age = self._transaction(lambda cur: _fetchone(cur, sql.LAST_REAP_AGE, {}))[0]
+        return None if age is None else float(age)
 
     def ping(self, timeout: int = 2) -> bool:
         """Whether PostgreSQL answers ``SELECT 1`` now, on a connection of its own.

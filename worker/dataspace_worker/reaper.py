@@ -12,8 +12,8 @@ properties ``timestamp`` + ``expiration``, header ``x-dataspace-next-reap-at``).
 
 The reaper queue has a single active consumer, so one reap runs at a time
 across all workers. The consumer that runs a scheduled reap arms the next one;
-every worker also tries to arm it at start and every minute, which heals a
-schedule lost with a broker node.
+every worker also tries to arm it at start and every minute (refused while one
+is pending), which restores a schedule message that was purged or lost.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 
+import orjson
 import pika
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
@@ -32,7 +33,11 @@ from dataspace_client.protocol import (
     PROTOCOL_VERSION,
     SCHEDULE_QUEUE,
     VERSION_HEADER,
+    ProtocolError,
+    encode_error,
     encode_request,
+    encode_result,
+    error_message,
 )
 
 from .dispatch import Dispatcher, Outcome
@@ -51,13 +56,26 @@ NEXT_REAP_HEADER = "x-dataspace-next-reap-at"
 class Schedule:
     """Arms the next scheduled reap: publishes the pending message if none is."""
 
-    def __init__(self, params: pika.URLParameters, retention_days: float, interval: float):
+    def __init__(
+        self,
+        params: pika.URLParameters,
+        retention_days: float,
+        interval: float,
+        queue_arguments: dict | None = None,
+    ):
         self.params = params
+        # a broker under a resource alarm must not hold the reaper here
+        self.params.blocked_connection_timeout = 30
+        self.params.socket_timeout = 10
         self.retention_days = retention_days
         self.interval = interval
+        self.queue_arguments = queue_arguments
 
-    def arm(self) -> bool:
-        """Publish the next run; False when one is pending already (the broker refuses)."""
+    def arm(self, redeclare: bool = True) -> bool:
+        """Publish the next run; False when one is pending already (the broker refuses).
+
+        If the schedule queue was deleted, declare it again (once) and retry.
+        """
         now = time.time()
         body = encode_request(OPERATIONS["reap"], {"days": self.retention_days})
         next_at = dt.datetime.fromtimestamp(now + self.interval, dt.timezone.utc)
@@ -83,8 +101,13 @@ class Schedule:
         except NackError:
             return False
         except UnroutableError:
-            log.error("queue %s is missing: cannot schedule reaps", SCHEDULE_QUEUE)
-            return False
+            if not redeclare or self.queue_arguments is None:
+                log.error("queue %s is missing: cannot schedule reaps", SCHEDULE_QUEUE)
+                return False
+            log.warning("queue %s was missing: declaring it again", SCHEDULE_QUEUE)
+            channel = connection.channel()
+            channel.queue_declare(SCHEDULE_QUEUE, durable=True, arguments=self.queue_arguments)
+            return self.arm(redeclare=False)
         finally:
             if connection.is_open:
                 connection.close()
@@ -99,15 +122,59 @@ class Schedule:
 
 
 class ReaperDispatcher:
-    """Handles retention messages: a batched reap, then, if it was scheduled, the next one."""
+    """Handles retention messages: a batched reap, then, if it was scheduled, the next one.
+
+    A scheduled message runs with *this* worker's retention (the one in its body
+    is what the arming worker had: retention may have been raised or turned off
+    since), and is skipped when this worker has no retention or when a reap
+    finished less than half an interval ago (scheduled messages that piled up in
+    the reaper queue while the reaper was blocked run once, not back to back).
+    Every reap's ``days`` must be at least MIN_RETENTION_DAYS.
+    """
 
     def __init__(self, datasource, schedule: Schedule | None, max_body: int):
+        self.datasource = datasource
         self.dispatcher = Dispatcher(datasource, max_body, operations=["reap"])
         self.schedule = schedule
 
     def handle(self, body, message_id=None, content_type=None, headers=None) -> Outcome:
-        outcome = self.dispatcher.handle(body, message_id, content_type)
         scheduled = bool((headers or {}).get(SCHEDULED_HEADER))
-        if scheduled and not outcome.retry and self.schedule is not None:
-            self.schedule.try_arm()
+        if scheduled:
+            skip = self._skip_reason()
+            if skip:
+                log.info("scheduled reap skipped: %s", skip)
+                self._arm()
+                result = {"taskmanagers": 0, "dataproducts": 0, "batches": 0, "seconds": 0.0}
+                reply = encode_result(OPERATIONS["reap"], {**result, "skipped": True})
+                return Outcome(reply, "ok", "reap")
+            body = encode_request(OPERATIONS["reap"], {"days": self.schedule.retention_days})
+        try:
+            _check_days(body)
+        except ProtocolError as exc:
+            return Outcome(encode_error(exc), exc.code, "reap", reason=error_message(exc))
+        outcome = self.dispatcher.handle(body, message_id, content_type)
+        if scheduled and not outcome.retry:
+            self._arm()
         return outcome
+
+    def _skip_reason(self) -> str | None:
+        if self.schedule is None:
+            return "retention_days is 0 on this worker"
+        age = self.datasource.seconds_since_last_reap()
+        if age is not None and age < self.schedule.interval / 2:
+            return f"the last reap finished {age:.1f} s ago (interval {self.schedule.interval:g} s)"
+        return None
+
+    def _arm(self) -> None:
+        if self.schedule is not None:
+            self.schedule.try_arm()
+
+
+def _check_days(body: bytes) -> None:
+    """A retention below the floor is refused here too, not only by clients."""
+    try:
+        days = orjson.loads(body)["args"]["days"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return  # malformed: the dispatcher says what is wrong
+    if isinstance(days, (int, float)) and not isinstance(days, bool) and days < MIN_RETENTION_DAYS:
+        raise ProtocolError(f"reap: days must be at least {MIN_RETENTION_DAYS}, got {days}")

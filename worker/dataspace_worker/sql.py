@@ -195,11 +195,25 @@ WITH doomed AS (
 SELECT count(*) FROM p
 """
 
-# Then the task managers themselves (any stray header/metadata row goes by cascade).
+# Then the task managers left without products (a product inserted into an old
+# task manager during the reap keeps it for the next reap; stray header/metadata
+# rows go by cascade, a handful at most).
 REAP_TASKMANAGERS = """
 DELETE FROM taskmanager WHERE sequence_id IN (
-    SELECT sequence_id FROM taskmanager WHERE datestamp < %(cutoff)s LIMIT %(batch)s
+    SELECT tm.sequence_id FROM taskmanager tm
+    WHERE tm.datestamp < %(cutoff)s
+      AND NOT EXISTS (SELECT 1 FROM dataproduct dp WHERE dp.taskmanager_id = tm.sequence_id)
+    LIMIT %(batch)s
 )
+"""
+
+# One reap at a time per database, whatever delivers it (a redelivery after the
+# broker's consumer_timeout, the in-process Reaper): a session advisory lock.
+REAP_LOCK_KEY = 0x6473_7265_6170  # "dsreap"
+TRY_REAP_LOCK = "SELECT pg_try_advisory_lock(%s)"
+
+LAST_REAP_AGE = """
+SELECT extract(epoch FROM now() - max(finished_at)) FROM dataspace_reap
 """
 
 RECORD_REAP = """

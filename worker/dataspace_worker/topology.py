@@ -41,6 +41,10 @@ class Topology:
     def reaper_queue(self) -> Queue:
         return self.queues[2]
 
+    @property
+    def schedule_queue(self) -> Queue:
+        return self.queues[3]
+
 
 def topology(delivery_limit: int = 10) -> Topology:
     """The service's topology.  ``delivery_limit`` bounds redeliveries of one request.
