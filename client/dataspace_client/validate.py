@@ -19,6 +19,7 @@ INT_MAX = 2**31 - 1
 MAX_TEXT_BYTES = 1024
 MAX_UUID_CHARS = 36
 MAX_KEYS_PER_CALL = 10_000
+MAX_DAYS = 100_000
 
 HEADER_FIELDS = ("create_time", "expiration_time", "scheduled_create_time", "creator", "schema_id")
 METADATA_FIELDS = ("state", "generation_time", "missed_update_count")
@@ -152,8 +153,8 @@ def days(value: Any) -> float:
         raise TypeError(f"days must be a number, not {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"days must be > 0, got {value}")
-    if value > 1_000_000:
-        raise ValueError(f"days {value} is too large")
+    if not value <= MAX_DAYS:  # also refuses NaN
+        raise ValueError(f"days must be at most {MAX_DAYS} (the cut-off must stay after year 1)")
     return value
 
 
