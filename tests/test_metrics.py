@@ -87,6 +87,7 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                 status, body = _get(base + "/healthz")
                 assert status == 503
                 assert orjson.loads(body) == {"broker": True, "database": False}
+                assert _get(base + "/livez")[0] == 200  # an outage is no reason to restart
                 pg.start()
                 deadline = time.monotonic() + 20
                 while _get(base + "/healthz")[0] != 200 and time.monotonic() < deadline:
@@ -94,6 +95,7 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                 assert _get(base + "/healthz")[0] == 200
                 space.store_taskmanager("metrics-after", "M")  # serves again
                 assert _get(base + "/nothing")[0] == 404
+                assert _get(base + "/livez") == (200, b'{"alive":true}')
             finally:
                 space.close()
             assert worker.terminate() == 0

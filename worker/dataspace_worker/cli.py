@@ -206,7 +206,10 @@ def _serve_metrics(settings, pool: WorkerPool, datasource: PostgresDataSource):
     metrics.POOL_SIZE.set(datasource.pool_size)
     metrics.POOL_IN_USE.set_function(lambda: datasource.pool_in_use)
     health = metrics.Health(
-        broker=pool.connected, database=datasource.ping, ready=pool.consuming.is_set
+        broker=pool.connected,
+        database=datasource.ping,
+        ready=pool.consuming.is_set,
+        alive=pool.alive,
     )
     try:
         return metrics.serve(settings.metrics_host, settings.metrics_port, health)

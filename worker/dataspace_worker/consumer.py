@@ -199,6 +199,13 @@ class WorkerPool:
             consumer.thread.start()
         self._io_thread.start()
 
+    def alive(self) -> bool:
+        """Whether the I/O thread and every database thread still run (for /livez)."""
+        if self.stopping.is_set():
+            return True  # threads end on purpose while stopping
+        threads = [self._io_thread] + [c.thread for c in self.consumers]
+        return all(t.is_alive() for t in threads)
+
     def connected(self) -> bool:
         """Whether the AMQP connection is open (for the health endpoint)."""
         connection = self._connection

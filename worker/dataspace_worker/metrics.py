@@ -5,7 +5,11 @@ One HTTP server per worker (setting ``metrics_port``; 0 turns it off) serves:
 - ``/metrics``  Prometheus text format;
 - ``/healthz``  200 when the worker is connected to the broker and PostgreSQL
   answers, else 503; the body says which (JSON);
-- ``/readyz``   the same, and also requires every consumer to be consuming.
+- ``/readyz``   the same, and also requires every consumer to be consuming;
+- ``/livez``    200 while the worker's own threads run (its I/O loop and its
+  database threads). For a liveness probe: an outage of the broker or of
+  PostgreSQL is not cured by a restart (the worker reconnects by itself), a
+  dead thread is.
 
 The metrics are module-level, in one registry, so that any module can count
 without being handed an object: ``metrics.REQUESTS.labels(...).inc()``.
@@ -90,10 +94,12 @@ class Health:
         broker: Callable[[], bool],
         database: Callable[[], bool],
         ready: Callable[[], bool],
+        alive: Callable[[], bool] = lambda: True,
     ):
         self._broker = broker
         self._database = database
         self._ready = ready
+        self._alive = alive
 
     def report(self, readiness: bool) -> tuple[bool, dict]:
         broker = bool(self._broker())
@@ -114,11 +120,18 @@ def serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif path == "/livez":
+                alive = bool(health._alive())
+                self._send(
+                    200 if alive else 503, orjson.dumps({"alive": alive}), "application/json"
+                )
             elif path in ("/healthz", "/readyz"):
                 healthy, status = health.report(readiness=path == "/readyz")
                 self._send(200 if healthy else 503, orjson.dumps(status), "application/json")
             else:
-                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+                self._send(
+                    404, b"not found: try /metrics, /healthz, /readyz or /livez\n", "text/plain"
+                )
 
         def _send(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)
