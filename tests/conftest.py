@@ -83,6 +83,15 @@ def remote_config(amqp_url: str, timeout: float = 30, **extra) -> dict:
     }
 
 
+@pytest.fixture
+def own_vhost(amqp_url):
+    """A vhost of its own for one test, with nothing declared in it; removed after."""
+    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
+        if url.endswith("/%2F"):
+            pytest.skip("needs rabbitmqctl to create a vhost")
+        yield url
+
+
 @pytest.fixture(scope="session")
 def worker_pool(pg_dsn, amqp_url):
     """A real worker pool (two consumers and the reaper) serving this run's vhost and database."""

@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from dataspace_client import DataSpace
-from tests import services
 from tests.conftest import remote_config
 from tests.faults.instances import free_port, throwaway_postgres
 from tests.test_worker_cli import WorkerProcess
@@ -30,14 +29,6 @@ def _sample(text: str, name: str, labels: str = "") -> float:
     pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
     match = re.search(pattern, text)
     return float(match.group(1)) if match else 0.0
-
-
-@pytest.fixture
-def own_vhost(amqp_url):
-    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
-        if url.endswith("/%2F"):
-            pytest.skip("needs rabbitmqctl to create a vhost")
-        yield url
 
 
 def test_metrics_and_health_follow_requests_and_the_database(own_vhost):

@@ -21,18 +21,9 @@ from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.dispatch import Dispatcher
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import declare_blocking, topology
-from tests import services
 from tests.conftest import remote_config
 
 FUZZ_MAX_BODY = 64 * 1024
-
-
-@pytest.fixture
-def own_vhost(amqp_url):
-    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
-        if url.endswith("/%2F"):
-            pytest.skip("needs rabbitmqctl to create a vhost")
-        yield url
 
 
 @pytest.fixture

@@ -15,17 +15,13 @@ from dataspace_client import (
     DataSpaceTimeoutError,
 )
 from dataspace_worker.topology import declare_blocking, topology
-from tests import services
 from tests.conftest import remote_config
 
 
 @pytest.fixture
-def empty_vhost(amqp_url):
+def empty_vhost(own_vhost):
     """A vhost of its own with nothing declared in it (no worker serves it)."""
-    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
-        if url.endswith("/%2F"):
-            pytest.skip("needs rabbitmqctl to create a vhost")
-        yield url
+    return own_vhost
 
 
 def test_unreachable_broker_raises_connection_error_with_masked_url():

@@ -15,7 +15,6 @@ import psycopg2
 import pytest
 
 from dataspace_client import DataBlock, DataSpace, DataSpaceError, Header
-from tests import services
 from tests.conftest import remote_config
 
 WORKER = shutil.which("dataspace-worker") or os.path.join(
@@ -66,14 +65,6 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def own_vhost(amqp_url):
-    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
-        if url.endswith("/%2F"):
-            pytest.skip("needs rabbitmqctl to create a vhost")
-        yield url
 
 
 @pytest.fixture

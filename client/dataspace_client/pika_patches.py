@@ -1,4 +1,5 @@
-"""Work-arounds for pika behaviour that lets one message break a whole connection.
+"""pika helpers both sides share, and a work-around for pika behaviour that lets
+one message break a whole connection.
 
 pika 1.4 decodes a header of AMQP type timestamp into a ``datetime``; a value
 beyond year 9999 raises OverflowError/OSError inside the frame parser, which
@@ -27,3 +28,14 @@ def _tolerant_decode_value(encoded, offset):
 
 if getattr(pika.data.decode_value, "__name__", "") != "_tolerant_decode_value":
     pika.data.decode_value = _tolerant_decode_value
+
+
+def close_select_connection(connection) -> None:
+    """Close a SelectConnection from its I/O loop, whatever state it is in; the
+    loop stops in the connection's close callback (or here, if it never opened)."""
+    if connection is None or connection.is_closing:
+        return
+    if connection.is_open or connection.is_opening:
+        connection.close()
+    else:
+        connection.ioloop.stop()

@@ -81,104 +81,59 @@ class RemoteDataSource(DataSource):
         self.close()
         self.connect()
 
-    def _call(self, operation: str, timeout: float | None = None, **args: Any) -> Any:
+    def _call(self, operation: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        """Check ``args`` (a method's ``locals()`` will do), send, decode the reply."""
         op = OPERATIONS[operation]
-        args = validate.check(operation, args)
-        body = encode_request(op, args)
+        body = encode_request(op, validate.check(operation, args))
         client = self._client or self.connect()
         reply = client.call(operation, op.routing_key, body, timeout=timeout)
         return decode_reply(op, reply)
 
     # -- the DataSource API ---------------------------------------------------
     def create_tables(self):
-        return self._call("create_tables")
+        return self._call("create_tables", locals())
 
     def get_schema(self, table=None):
-        return self._call("get_schema", table=table)
+        return self._call("get_schema", locals())
 
     def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
-        return self._call(
-            "store_taskmanager",
-            taskmanager_name=taskmanager_name,
-            taskmanager_id=taskmanager_id,
-            datestamp=datestamp,
-        )
+        return self._call("store_taskmanager", locals())
 
     def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
-        return self._call(
-            "get_taskmanager", taskmanager_name=taskmanager_name, taskmanager_id=taskmanager_id
-        )
+        return self._call("get_taskmanager", locals())
 
     def get_taskmanagers(self, taskmanager_name=None, start_time=None, end_time=None):
-        return self._call(
-            "get_taskmanagers",
-            taskmanager_name=taskmanager_name,
-            start_time=start_time,
-            end_time=end_time,
-        )
+        return self._call("get_taskmanagers", locals())
 
     def get_last_generation_id(self, taskmanager_name, taskmanager_id=None):
-        return self._call(
-            "get_last_generation_id",
-            taskmanager_name=taskmanager_name,
-            taskmanager_id=taskmanager_id,
-        )
+        return self._call("get_last_generation_id", locals())
 
     def insert(self, taskmanager_id, generation_id, key, value, header, metadata):
-        return self._call(
-            "insert",
-            taskmanager_id=taskmanager_id,
-            generation_id=generation_id,
-            key=key,
-            value=value,
-            header=header,
-            metadata=metadata,
-        )
+        return self._call("insert", locals())
 
     def update(self, taskmanager_id, generation_id, key, value, header, metadata):
-        return self._call(
-            "update",
-            taskmanager_id=taskmanager_id,
-            generation_id=generation_id,
-            key=key,
-            value=value,
-            header=header,
-            metadata=metadata,
-        )
+        return self._call("update", locals())
 
     def get_dataproduct(self, taskmanager_id, generation_id, key):
-        return self._call(
-            "get_dataproduct", taskmanager_id=taskmanager_id, generation_id=generation_id, key=key
-        )
+        return self._call("get_dataproduct", locals())
 
     def get_dataproducts(self, taskmanager_id, key=None):
-        return self._call("get_dataproducts", taskmanager_id=taskmanager_id, key=key)
+        return self._call("get_dataproducts", locals())
 
     def get_datablock(self, taskmanager_id, generation_id):
-        return self._call(
-            "get_datablock", taskmanager_id=taskmanager_id, generation_id=generation_id
-        )
+        return self._call("get_datablock", locals())
 
     def get_header(self, taskmanager_id, generation_id, key):
-        return self._call(
-            "get_header", taskmanager_id=taskmanager_id, generation_id=generation_id, key=key
-        )
+        return self._call("get_header", locals())
 
     def get_metadata(self, taskmanager_id, generation_id, key):
-        return self._call(
-            "get_metadata", taskmanager_id=taskmanager_id, generation_id=generation_id, key=key
-        )
+        return self._call("get_metadata", locals())
 
     def duplicate_datablock(self, taskmanager_id, generation_id, new_generation_id):
-        return self._call(
-            "duplicate_datablock",
-            taskmanager_id=taskmanager_id,
-            generation_id=generation_id,
-            new_generation_id=new_generation_id,
-        )
+        return self._call("duplicate_datablock", locals())
 
     def delete_data_older_than(self, days):
-        return self._call("delete_data_older_than", days=days)
+        return self._call("delete_data_older_than", locals())
 
     def reap(self, days, timeout: float | None = None):
         """Send one retention message to the reaper and wait for its result.
@@ -190,21 +145,13 @@ class RemoteDataSource(DataSource):
         managers older than ``days`` days in bounded batches and returns
         ``{"taskmanagers": n, "dataproducts": m, "batches": b, "seconds": s}``.
         """
-        return self._call("reap", timeout=timeout or self.reap_timeout, days=days)
+        return self._call("reap", {"days": days}, timeout or self.reap_timeout)
 
     def delete(self, taskmanager_id, all_generations=False):
-        return self._call("delete", taskmanager_id=taskmanager_id, all_generations=all_generations)
+        return self._call("delete", locals())
 
     def mark_expired(self, taskmanager_id, generation_id, key, expiry_time):
-        return self._call(
-            "mark_expired",
-            taskmanager_id=taskmanager_id,
-            generation_id=generation_id,
-            key=key,
-            expiry_time=expiry_time,
-        )
+        return self._call("mark_expired", locals())
 
     def mark_demented(self, taskmanager_id, keys, generation_id=None):
-        return self._call(
-            "mark_demented", taskmanager_id=taskmanager_id, keys=keys, generation_id=generation_id
-        )
+        return self._call("mark_demented", locals())

@@ -33,6 +33,7 @@ from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
 from .errors import DataSpaceConnectionError, DataSpaceError, DataSpaceTimeoutError
+from .pika_patches import close_select_connection
 from .protocol import CONTENT_TYPE, DIRECT_REPLY_TO, EXCHANGE, PROTOCOL_VERSION, VERSION_HEADER
 from .urls import mask_password
 
@@ -352,13 +353,7 @@ class RpcClient:
             call.done.set()
 
     def _close_connection(self) -> None:
-        connection = self._connection
-        if connection is None or connection.is_closing:
-            return  # its close callback stops the loop
-        if connection.is_open or connection.is_opening:
-            connection.close()
-        else:
-            connection.ioloop.stop()
+        close_select_connection(self._connection)
 
     def __repr__(self) -> str:
         return f"RpcClient({self.masked_url}, open={self._open})"

@@ -37,6 +37,7 @@ from pika.exceptions import (
 )
 
 from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
+from dataspace_client.pika_patches import close_select_connection
 from dataspace_client.protocol import (
     CONTENT_TYPE,
     DEAD_LETTER_EXCHANGE,
@@ -505,13 +506,7 @@ class WorkerPool:
                 consumer.inbox.put(None)
 
     def _close_connection(self) -> None:
-        connection = self._connection
-        if connection is None or connection.is_closing:
-            return  # its close callback stops the loop
-        if connection.is_open or connection.is_opening:
-            connection.close()
-        else:
-            connection.ioloop.stop()
+        close_select_connection(self._connection)
 
 
 def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
