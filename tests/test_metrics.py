@@ -26,8 +26,8 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 def _sample(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
-    match = re.search(pattern, text)
+    pattern = "^" + re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
+    match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -42,7 +42,7 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                 "DATASPACE_CONSUMERS": "2",
                 "DATASPACE_METRICS_PORT": str(port),
                 "DATASPACE_LOG_FORMAT": "json",
-                "DATASPACE_LOG_LEVEL": "debug",
+                "DATASPACE_LOG_LEVEL": "info",
             }
         )
         try:
@@ -72,13 +72,15 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                     == 5
                 )
                 assert _sample(after, "dataspace_database_pool_size") == 4  # consumers + 2
-                assert "dataspace_requests_in_flight" in after
+                assert _sample(after, "dataspace_database_up") == 1
 
                 pg.stop("fast")
                 status, body = _get(base + "/healthz")
                 assert status == 503
                 assert orjson.loads(body) == {"broker": True, "database": False}
                 assert _get(base + "/livez")[0] == 200  # an outage is no reason to restart
+                down = _get(base + "/metrics")[1].decode()
+                assert _sample(down, "dataspace_database_up") == 0
                 pg.start()
                 deadline = time.monotonic() + 20
                 while _get(base + "/healthz")[0] != 200 and time.monotonic() < deadline:

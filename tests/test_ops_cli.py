@@ -257,7 +257,7 @@ def test_status_and_dead_list_show_a_dead_letter(capsys, raw, amqp_url, own_dead
     for name in ("dataspace.requests", "dataspace.dead", "dataspace.reaper.schedule"):
         assert name in out
     assert "active reaper consumer:" in out and "next scheduled reap: none pending" in out
-    assert f"dead letters: {status['dead_letters']}" in out or "dead letters:" in out
+    assert f"dead letters: {status['dead_letters']}" in out
     assert out.rstrip().endswith("healthy")
 
     assert _remove_dead_letters(amqp_url, {message_id}) == {message_id}

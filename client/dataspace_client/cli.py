@@ -403,7 +403,7 @@ def _reap(args) -> int:
         return 2
     source = _source(args, REAP_TIMEOUT)
     try:
-        result = source.reap(args.days)
+        result = source.reap(args.days, timeout=_timeout(args, REAP_TIMEOUT))
     finally:
         source.close()
     print(

@@ -1,9 +1,9 @@
 """``dataspace-worker``: run the consumer pool against RabbitMQ and PostgreSQL.
 
-Exit codes: 0 after a clean stop (SIGTERM, SIGINT), 2 for a configuration error
-or a refusal by the broker (credentials, permissions, queue arguments), 1 when
-the store could not be reached before a stop was requested or a second signal
-cut the drain short.
+Exit codes: 0 after a clean stop (SIGTERM, SIGINT, also while still waiting for
+the database), 2 for a configuration error or a refusal by the broker
+(credentials, permissions, queue arguments), 1 when a second signal cut the
+drain short.
 """
 
 from __future__ import annotations
@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    # Health first: a probe must see a live process while the database or the
+    # broker is still being waited for (the parts are filled in as they come).
+    parts: dict = {}
+    server = _serve_metrics(settings, parts)
     try:
         datasource = PostgresDataSource(
             {
@@ -136,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             stop_event=stop,
         )
     except DataSpaceConnectionError as exc:
+        if server is not None:
+            server.shutdown()
+        if stop.is_set():  # asked to stop while waiting: a clean stop
+            log.info("stopped before the database was reached")
+            return 0
         log.error("stopped before the database was reached: %s", exc)
         return 1
+    parts["datasource"] = datasource
     topo = topology(settings.delivery_limit)
     schedule = None
     if settings.retention_days:
@@ -164,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         mask_password(settings.amqp_url),
         mask_dsn(settings.pg_dsn),
     )
+    parts["pool"] = pool
     pool.start()
-    server = _serve_metrics(settings, pool, datasource)
     sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
     every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
     if schedule is not None:
@@ -199,18 +209,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _serve_metrics(settings, pool: WorkerPool, datasource: PostgresDataSource):
-    """The /metrics, /healthz, /readyz server, unless metrics_port is 0."""
+def _serve_metrics(settings, parts: dict):
+    """The /metrics, /healthz, /readyz, /livez server, unless metrics_port is 0.
+
+    ``parts`` gets "datasource" and "pool" once they exist; until then the
+    worker is alive but neither healthy nor ready.
+    """
     if not settings.metrics_port:
         return None
-    metrics.POOL_SIZE.set(datasource.pool_size)
-    metrics.POOL_IN_USE.set_function(lambda: datasource.pool_in_use)
-    health = metrics.Health(
-        broker=pool.connected,
-        database=datasource.ping,
-        ready=pool.consuming.is_set,
-        alive=pool.alive,
-    )
+
+    def database() -> bool:
+        source = parts.get("datasource")
+        return source is not None and source.ping()
+
+    def broker() -> bool:
+        pool = parts.get("pool")
+        return pool is not None and pool.connected()
+
+    def ready() -> bool:
+        pool = parts.get("pool")
+        return pool is not None and pool.consuming.is_set()
+
+    def alive() -> bool:
+        pool = parts.get("pool")
+        return pool is None or pool.alive()
+
+    def in_use() -> int:
+        source = parts.get("datasource")
+        return source.pool_in_use if source is not None else 0
+
+    metrics.POOL_SIZE.set(settings.consumers + 2)
+    metrics.POOL_IN_USE.set_function(in_use)
+    health = metrics.Health(broker=broker, database=database, ready=ready, alive=alive)
     try:
         return metrics.serve(settings.metrics_host, settings.metrics_port, health)
     except OSError as exc:

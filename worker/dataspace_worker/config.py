@@ -66,7 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
         "127.0.0.1",
         "address of the metrics and health server (0.0.0.0 in containers)",
     ),
-    Setting("metrics_port", int, 9464, "port of /metrics, /healthz, /readyz (0: off)", 0),
+    Setting("metrics_port", int, 9464, "port of /metrics, /healthz, /readyz, /livez (0: off)", 0),
 )
 
 

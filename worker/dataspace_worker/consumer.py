@@ -112,7 +112,7 @@ class Consumer:
                 )
             elapsed = time.monotonic() - started
             _count(outcome, elapsed, props.reply_to)
-            log.debug(
+            log.info(
                 "%s %s%s in %.1f ms (correlation %s)",
                 outcome.operation,
                 outcome.code,

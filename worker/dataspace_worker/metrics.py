@@ -146,5 +146,5 @@ def serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="dataspace-metrics", daemon=True).start()
-    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", host, port)
+    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz, /livez", host, port)
     return server
