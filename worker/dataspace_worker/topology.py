@@ -53,17 +53,16 @@ def topology(delivery_limit: int = 10) -> Topology:
     that dead-letters a request whose handling keeps failing; dead-lettering is
     at-least-once, which needs ``reject-publish`` overflow.
     """
-    requests = Queue(
-        REQUEST_QUEUE,
-        {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": delivery_limit,
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        },
-        ((EXCHANGE, REQUEST_BINDING),),
-    )
+    # Requests and retention messages alike: bounded redeliveries, then
+    # at-least-once dead-lettering (which needs reject-publish overflow).
+    work = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    requests = Queue(REQUEST_QUEUE, dict(work), ((EXCHANGE, REQUEST_BINDING),))
     dead = Queue(
         DEAD_LETTER_QUEUE,
         {"x-queue-type": "quorum"},
@@ -72,14 +71,7 @@ def topology(delivery_limit: int = 10) -> Topology:
     # One reap at a time across every worker: a single active consumer.
     reaper = Queue(
         REAPER_QUEUE,
-        {
-            "x-queue-type": "quorum",
-            "x-single-active-consumer": True,
-            "x-delivery-limit": delivery_limit,
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        },
+        {**work, "x-single-active-consumer": True},
         ((EXCHANGE, REAP_ROUTING_KEY),),
     )
     # The pending scheduled reap (see reaper.py). Classic: on RabbitMQ 3.10 a
