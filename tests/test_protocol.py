@@ -191,3 +191,31 @@ def test_a_write_sent_twice_is_applied_once_and_replays_its_reply(raw, pg_dsn):
         assert cur.fetchone()[0] == 2
         cur.execute("SELECT operation FROM dataspace_request WHERE message_id = %s", (message_id,))
         assert cur.fetchone()[0] == "store_taskmanager"
+
+
+def test_a_message_id_reused_for_another_operation_is_refused(raw):
+    message_id = uuid.uuid4().hex
+    first = orjson.loads(
+        raw.request(_store(uuid.uuid4().hex), "data.store_taskmanager", message_id=message_id)[1]
+    )
+    assert first["ok"] is True
+    body = orjson.dumps({"v": 1, "op": "create_tables", "args": {}})
+    reply = orjson.loads(raw.request(body, "data.create_tables", message_id=message_id)[1])
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    assert "already used by a store_taskmanager request" in reply["error"]["message"]
+    _remove_dead_letter(raw.channel, message_id)
+
+
+def _remove_dead_letter(channel, message_id: str, timeout: float = 10.0) -> None:
+    """Take this test's dead letter out of the shared vhost's dataspace.dead."""
+    deadline = time.monotonic() + timeout
+    for method, props, _body in channel.consume("dataspace.dead", inactivity_timeout=0.5):
+        if method is None:
+            if time.monotonic() > deadline:
+                break
+            continue
+        if props.message_id == message_id:
+            channel.basic_ack(method.delivery_tag)
+            break
+        channel.basic_nack(method.delivery_tag, requeue=True)
+    channel.cancel()

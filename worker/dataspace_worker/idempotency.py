@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import psycopg2
 
+from dataspace_client.protocol import ProtocolError
+
 CLAIM = """
 INSERT INTO dataspace_request (message_id, operation) VALUES (%s, %s)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING 1
 """
-STORED_REPLY = "SELECT reply FROM dataspace_request WHERE message_id = %s"
+STORED_REPLY = "SELECT operation, reply FROM dataspace_request WHERE message_id = %s"
 RECORD = "UPDATE dataspace_request SET reply = %s WHERE message_id = %s"
 # Bounded batches: one sweep never holds a long lock or a long transaction.
 SWEEP = """
@@ -33,13 +35,26 @@ DELETE FROM dataspace_request WHERE message_id IN (
 MAX_ID_LENGTH = 255
 
 
+class ReusedMessageId(ProtocolError):
+    """A message_id already used by a request of another operation."""
+
+
 def claim(cur, message_id: str, operation: str) -> bytes | None:
-    """Claim ``message_id``; None if it is ours, else the reply stored by the first claim."""
+    """Claim ``message_id``; None if it is ours, else the reply stored by the first claim.
+
+    A message_id seen with another operation is a client bug (ids must be unique
+    per request): refused, rather than answered with a reply of the wrong shape.
+    """
     cur.execute(CLAIM, (message_id, operation))
     if cur.fetchone() is not None:
         return None
     cur.execute(STORED_REPLY, (message_id,))
-    return bytes(cur.fetchone()[0])
+    first_operation, reply = cur.fetchone()
+    if first_operation != operation:
+        raise ReusedMessageId(
+            f"message_id {message_id!r:.80} was already used by a {first_operation} request"
+        )
+    return bytes(reply)
 
 
 def record(cur, message_id: str, reply: bytes) -> None:
