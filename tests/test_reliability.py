@@ -452,3 +452,25 @@ def test_an_undecodable_header_does_not_break_the_worker_connection(
     client_connection.close()
     assert orjson.loads(replies["far"])["ok"] is True
     assert pool.connections_opened == 1
+
+
+def test_a_deleted_request_queue_is_declared_again_and_served(own_vhost, pool_factory):
+    """RabbitMQ 3.10 sends no cancel when a quorum queue is deleted; the periodic
+    topology check notices, and the pool reconnects and declares it again."""
+    pool = pool_factory(own_vhost, consumers=1)
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    connection.channel().queue_delete("dataspace.requests")
+    connection.close()
+    assert pool.check_topology() is False
+    deadline = time.monotonic() + 30
+    while pool.connections_opened < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.connections_opened >= 2
+    assert pool.consuming.wait(30)
+    space = DataSpace(remote_config(own_vhost, timeout=20))
+    try:
+        seq = space.store_taskmanager("after-queue-deleted", "AQD")
+        assert space.get_taskmanager("after-queue-deleted")["sequence_id"] == seq
+    finally:
+        space.close()
+    assert pool.check_topology() is True

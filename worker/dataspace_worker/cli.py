@@ -32,6 +32,7 @@ from .topology import topology
 log = logging.getLogger("dataspace_worker")
 
 SWEEP_INTERVAL = 60.0
+TOPOLOGY_CHECK_INTERVAL = 60.0
 ARM_INTERVAL = 60.0
 
 EXAMPLES = """\
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parts["pool"] = pool
     pool.start()
+    every(TOPOLOGY_CHECK_INTERVAL, pool.check_topology, stop, "dataspace-topology-check")
     sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
     every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
     if schedule is not None:

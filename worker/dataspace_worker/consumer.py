@@ -330,6 +330,31 @@ class WorkerPool:
         log.error("%s; stopping", reason)
         self.stopping.set()
 
+    def check_topology(self) -> bool:
+        """Whether every queue the pool consumes still exists; if one is gone, start over.
+
+        RabbitMQ 3.10 sends no consumer cancel when a quorum queue is deleted, so
+        a worker would keep consuming from nothing. Run periodically (the command
+        does, every minute): a missing queue makes the pool reconnect, which
+        declares the topology again.
+        """
+        if self.stopping.is_set():
+            return True
+        connection = pika.BlockingConnection(self._params)
+        try:
+            for name in sorted({c.queue_name for c in self.consumers}):
+                try:
+                    connection.channel().queue_declare(name, passive=True)
+                except ChannelClosedByBroker as exc:
+                    if exc.reply_code != 404:
+                        raise
+                    self.call_soon(lambda n=name: self._reconnect(f"queue '{n}' is gone"))
+                    return False
+            return True
+        finally:
+            if connection.is_open:
+                connection.close()
+
     def _declare_topology(self) -> None:
         """Declare exchanges, queues and bindings (idempotent) on a short-lived connection."""
         connection = pika.BlockingConnection(self._params)

@@ -13,6 +13,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from pika.exceptions import AMQPError
+
 from dataspace_client.errors import DataSpaceError
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,8 @@ def every(interval: float, task: Callable[[], object], stop: threading.Event, na
         while not stop.wait(interval):
             try:
                 task()
-            except DataSpaceError as exc:
-                log.warning("%s failed: %s", name, exc)
+            except (DataSpaceError, AMQPError, OSError) as exc:
+                log.warning("%s failed: %s", name, str(exc) or type(exc).__name__)
             except Exception:
                 log.exception("%s failed", name)
 
