@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 
 import pytest
 
@@ -95,28 +94,8 @@ def own_vhost(amqp_url):
 @pytest.fixture(scope="session")
 def worker_pool(pg_dsn, amqp_url):
     """A real worker pool (two consumers and the reaper) serving this run's vhost and database."""
-    from dataspace_worker.consumer import WorkerPool
-    from dataspace_worker.dispatch import Dispatcher
-    from dataspace_worker.postgres import PostgresDataSource
-    from dataspace_worker.reaper import ReaperDispatcher
-    from dataspace_worker.topology import topology
-
-    stop = threading.Event()
-    datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 3, "retry_timeout": 30}, stop)
-    pool = WorkerPool(
-        amqp_url,
-        Dispatcher(datasource),
-        topology(),
-        consumers=2,
-        prefetch=4,
-        stop_event=stop,
-        reaper=ReaperDispatcher(datasource, None, 1024 * 1024),
-    )
-    pool.start()
-    assert pool.consuming.wait(30), "the worker pool did not start consuming"
-    yield pool
-    pool.stop(10)
-    datasource.close()
+    with services.running_pool(amqp_url, pg_dsn, consumers=2, pool_size=3) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="session")

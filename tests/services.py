@@ -98,3 +98,48 @@ def scratch_vhost(base_url: str):
         yield with_vhost(base_url, vhost)
     finally:
         subprocess.run([ctl, "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@contextmanager
+def running_pool(
+    amqp_url: str,
+    pg_dsn: str,
+    *,
+    consumers: int = 2,
+    prefetch: int = 4,
+    max_body: int = 64 * 1024 * 1024,
+    pool_size: int | None = None,
+    **pool_kwargs,
+):
+    """A real worker pool in this process (its consumers and the reaper consumer),
+    serving ``amqp_url`` and ``pg_dsn``; consuming when yielded, stopped after."""
+    import threading
+
+    from dataspace_worker.consumer import WorkerPool
+    from dataspace_worker.dispatch import Dispatcher
+    from dataspace_worker.postgres import PostgresDataSource
+    from dataspace_worker.reaper import ReaperDispatcher
+    from dataspace_worker.topology import topology
+
+    stop = threading.Event()
+    datasource = PostgresDataSource(
+        {"dsn": pg_dsn, "pool_size": pool_size or consumers + 2, "retry_timeout": 30}, stop
+    )
+    pool = WorkerPool(
+        amqp_url,
+        Dispatcher(datasource, max_body),
+        topology(),
+        consumers=consumers,
+        prefetch=prefetch,
+        stop_event=stop,
+        reaper=ReaperDispatcher(datasource, None, max_body),
+        **pool_kwargs,
+    )
+    pool.start()
+    try:
+        if not pool.consuming.wait(30):
+            raise AssertionError(f"the worker pool did not start consuming: {pool.fatal}")
+        yield pool
+    finally:
+        pool.stop(10)
+        datasource.close()

@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -506,29 +505,8 @@ def test_definitions_load_over_a_worker_declared_topology(broker):
 @pytest.fixture(scope="module")
 def restricted_pool(broker, pg_dsn):
     """A worker pool (and its reaper consumer) as the restricted worker user."""
-    from dataspace_worker.consumer import WorkerPool
-    from dataspace_worker.dispatch import Dispatcher
-    from dataspace_worker.postgres import PostgresDataSource
-    from dataspace_worker.reaper import ReaperDispatcher
-
-    stop = threading.Event()
-    datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2, "retry_timeout": 30}, stop)
-    pool = WorkerPool(
-        broker.worker_url,
-        Dispatcher(datasource),
-        topology(),
-        consumers=1,
-        prefetch=4,
-        stop_event=stop,
-        reaper=ReaperDispatcher(datasource, None, 1024 * 1024),
-    )
-    pool.start()
-    try:
-        assert pool.consuming.wait(30), f"the pool did not start consuming: {pool.fatal}"
+    with services.running_pool(broker.worker_url, pg_dsn, consumers=1, pool_size=2) as pool:
         yield pool
-    finally:
-        pool.stop(10)
-        datasource.close()
 
 
 def test_round_trip_as_the_restricted_users(broker, restricted_pool):

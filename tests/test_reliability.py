@@ -5,6 +5,7 @@ Process-killing fault tests live in tests/faults/.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -18,9 +19,8 @@ import pytest
 from dataspace_client import DataSpace, DataSpaceExistsError, validate
 from dataspace_client.protocol import OPERATIONS
 from dataspace_worker.consumer import WorkerPool
-from dataspace_worker.dispatch import Dispatcher
-from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import declare_blocking, topology
+from tests import services
 from tests.conftest import remote_config
 
 FUZZ_MAX_BODY = 64 * 1024
@@ -29,23 +29,14 @@ FUZZ_MAX_BODY = 64 * 1024
 @pytest.fixture
 def pool_factory(pg_dsn):
     """Start worker pools on given URLs; all stopped at teardown."""
-    started = []
+    with contextlib.ExitStack() as stack:
 
-    def start(url: str, max_body: int = FUZZ_MAX_BODY, **kwargs) -> WorkerPool:
-        stop = threading.Event()
-        datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2}, stop)
-        pool = WorkerPool(
-            url, Dispatcher(datasource, max_body), topology(), stop_event=stop, **kwargs
-        )
-        pool.start()
-        assert pool.consuming.wait(30)
-        started.append((pool, datasource))
-        return pool
+        def start(url: str, max_body: int = FUZZ_MAX_BODY, **kwargs) -> WorkerPool:
+            return stack.enter_context(
+                services.running_pool(url, pg_dsn, max_body=max_body, pool_size=2, **kwargs)
+            )
 
-    yield start
-    for pool, datasource in started:
-        pool.stop(10)
-        datasource.close()
+        yield start
 
 
 # -- the fuzz run ------------------------------------------------------------------
