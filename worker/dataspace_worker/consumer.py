@@ -10,8 +10,12 @@ waits on the database, so the roles are split:
   the ack back to the I/O thread with ``add_callback_threadsafe``.
 
 A request is acked only after its transaction committed and its reply was
-published.  A delivery from a channel that has since closed is skipped: the
-broker has already requeued it.  When the connection drops, the I/O thread
+published (the ack follows the reply on the same channel, so the broker sees
+them in that order; a batch is acked with one ``multiple`` ack). A request
+that is dead-lettered is acked only once the broker confirmed its copy in
+``dataspace.dead`` (those go over a separate channel in confirm mode). A
+delivery from a channel that has since closed is skipped: the broker has
+already requeued it.  When the connection drops, the I/O thread
 re-declares the topology and reconnects with bounded backoff; database threads
 carry on.
 
@@ -47,7 +51,7 @@ from dataspace_client.protocol import (
 from dataspace_client.urls import mask_password
 
 from . import __version__, metrics
-from .dispatch import Dispatcher, Outcome
+from .dispatch import Dispatcher, Outcome, Request
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
@@ -70,10 +74,10 @@ class Delivery:
 
 @dataclass
 class _Settlement:
-    """A delivery waiting for the confirms of what was published for it."""
+    """A delivery whose ack waits for the broker to confirm its dead letter."""
 
+    consumer: Consumer
     delivery: Delivery
-    remaining: int
     refused: bool = False
 
 
@@ -90,28 +94,65 @@ class Consumer:
         self.channel = None
         self.consumer_tag: str | None = None
         self.handled = 0
-        # publisher confirms of this consumer's channel (I/O thread only)
-        self.published = 0
-        self.unconfirmed: dict[int, _Settlement] = {}
+        #: deliveries of this channel whose ack waits for a dead letter's confirm
+        self.held = 0
         self.thread = threading.Thread(
             target=self._work, name=f"dataspace-consumer-{index}", daemon=True
         )
 
     def _work(self) -> None:
         while True:
-            delivery = self.inbox.get()
-            if delivery is None:
+            batch = self._take()
+            if batch is None:
                 return
-            if not delivery.channel.is_open:
-                continue  # its channel closed: the broker requeued it already
             started = time.monotonic()
-            props = delivery.properties
             with metrics.IN_FLIGHT.track_inprogress():
-                outcome = self.dispatcher.handle(
-                    delivery.body, props.message_id, props.content_type, props.headers
-                )
+                outcomes = self._handle(batch)
             elapsed = time.monotonic() - started
-            _count(outcome, elapsed, props.reply_to)
+            for delivery, outcome in zip(batch, outcomes, strict=True):
+                self._report(delivery, outcome, elapsed)
+            self.handled += len(batch)
+            self.pool.schedule_finish(self, list(zip(batch, outcomes, strict=True)))
+
+    def _take(self) -> list[Delivery] | None:
+        """The next deliveries to run: one, waited for, then whatever else the
+        prefetch window already holds (without waiting); None to stop."""
+        batch = []
+        delivery = self.inbox.get()
+        while delivery is not None:
+            if delivery.channel.is_open:  # else the broker has requeued it already
+                batch.append(delivery)
+            if len(batch) >= self.prefetch:
+                break
+            try:
+                delivery = self.inbox.get_nowait()
+            except queue.Empty:
+                if batch:
+                    break
+                delivery = self.inbox.get()
+        else:
+            if not batch:
+                return None
+            self.inbox.put(None)  # stop after this batch
+        return batch
+
+    def _handle(self, batch: list[Delivery]) -> list[Outcome]:
+        requests = [
+            Request(d.body, p.message_id, p.content_type, p.headers)
+            for d, p in ((d, d.properties) for d in batch)
+        ]
+        handle_batch = getattr(self.dispatcher, "handle_batch", None)
+        if handle_batch is not None:
+            return handle_batch(requests)
+        return [
+            self.dispatcher.handle(r.body, r.message_id, r.content_type, r.headers)
+            for r in requests
+        ]
+
+    def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
+        props = delivery.properties
+        _count(outcome, elapsed, props.reply_to)
+        if log.isEnabledFor(logging.INFO):
             log.info(
                 "%s %s%s in %.1f ms (correlation %s)",
                 outcome.operation,
@@ -127,15 +168,13 @@ class Consumer:
                     "duration_ms": round(elapsed * 1000, 3),
                 },
             )
-            if outcome.dead_letter(props.reply_to):
-                log.warning(
-                    "dead-lettering %s request %s: %s",
-                    outcome.operation,
-                    props.message_id or "-",
-                    outcome.reason,
-                )
-            self.handled += 1
-            self.pool.schedule_finish(self, delivery, outcome)
+        if outcome.dead_letter(props.reply_to):
+            log.warning(
+                "dead-lettering %s request %s: %s",
+                outcome.operation,
+                props.message_id or "-",
+                outcome.reason,
+            )
 
 
 def _count(outcome: Outcome, elapsed: float, reply_to: str | None) -> None:
@@ -186,6 +225,10 @@ class WorkerPool:
         #: why the pool gave up for good (the broker refused it), or None
         self.fatal: str | None = None
         self._finishing = 0  # replies scheduled on the I/O thread, not yet published
+        # the channel dead letters go out on, in confirm mode (I/O thread only)
+        self._dead_channel = None
+        self._dead_published = 0
+        self._dead_unconfirmed: dict[int, _Settlement] = {}
         self._params = pika.URLParameters(amqp_url)
         self._params.connection_attempts = 1
         self._params.socket_timeout = connect_timeout
@@ -225,14 +268,14 @@ class WorkerPool:
             connection.ioloop.add_callback_threadsafe(callback)
             return True
 
-    def schedule_finish(self, consumer: Consumer, delivery: Delivery, outcome: Outcome) -> None:
-        """Hand a handled request to the I/O thread for its reply and ack."""
+    def schedule_finish(self, consumer: Consumer, handled: list[tuple[Delivery, Outcome]]) -> None:
+        """Hand handled requests to the I/O thread for their replies and acks."""
         with self._lock:
             self._finishing += 1
 
         def run():
             try:
-                self.finish(consumer, delivery, outcome)
+                self.finish(consumer, handled)
             finally:
                 with self._lock:
                     self._finishing -= 1
@@ -242,11 +285,11 @@ class WorkerPool:
                 self._finishing -= 1
 
     def _settled(self) -> bool:
-        """Every reply published and confirmed, every ack sent."""
+        """Every reply published, every dead letter confirmed, every ack sent."""
         with self._lock:
             if self._finishing:
                 return False
-        return not any(c.unconfirmed for c in self.consumers)
+        return not self._dead_unconfirmed
 
     def stop(self, drain_timeout: float = 30.0) -> bool:
         """Stop consuming, finish and ack the requests in hand, close.
@@ -368,8 +411,27 @@ class WorkerPool:
             connection.close()
             return
         self.connections_opened += 1
+        connection.channel(on_open_callback=self._on_dead_channel_open)
+
+    def _on_dead_channel_open(self, channel) -> None:
+        """The dead-letter channel first, then the consumers' channels."""
+        self._dead_channel = channel
+        self._dead_published = 0
+        self._dead_unconfirmed.clear()
+        channel.add_on_close_callback(self._on_dead_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm)
         for consumer in self.consumers:
-            connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+            channel.connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+
+    def _on_dead_channel_closed(self, channel, reason) -> None:
+        """Unconfirmed dead letters are in doubt: start over (the broker requeues
+        their requests when their channels close)."""
+        if self._dead_channel is channel:
+            self._dead_channel = None
+            self._dead_unconfirmed.clear()
+        if not self.stopping.is_set() and isinstance(reason, ChannelClosedByBroker):
+            self._reconnect(f"dead-letter channel closed by the broker: {reason}")
 
     def _on_open_error(self, connection, error) -> None:
         log.warning("cannot connect to %s: %s", self.masked_url, str(error) or type(error).__name__)
@@ -382,12 +444,9 @@ class WorkerPool:
 
     def _on_channel_open(self, consumer: Consumer, channel) -> None:
         consumer.channel = channel
-        consumer.published = 0
-        consumer.unconfirmed.clear()
+        consumer.held = 0
         channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
         channel.add_on_cancel_callback(partial(self._on_cancelled, consumer))
-        channel.add_on_return_callback(partial(self._on_return, consumer))
-        channel.confirm_delivery(ack_nack_callback=partial(self._on_confirm, consumer))
         channel.basic_qos(
             prefetch_count=consumer.prefetch,
             callback=lambda _frame: self._consume(consumer, channel),
@@ -423,7 +482,7 @@ class WorkerPool:
         if consumer.channel is channel:
             consumer.channel = None
             consumer.consumer_tag = None
-            consumer.unconfirmed.clear()
+            consumer.held = 0
         if self.stopping.is_set():
             consumer.inbox.put(None)
             return
@@ -451,76 +510,85 @@ class WorkerPool:
             )
         )
 
-    def finish(self, consumer: Consumer, delivery: Delivery, outcome: Outcome) -> None:
-        """Publish the reply (and, for a poison message, its dead letter), then settle.
+    def finish(self, consumer: Consumer, handled: list[tuple[Delivery, Outcome]]) -> None:
+        """Publish the replies (and dead letters) of handled requests, then settle them.
 
-        Runs on the I/O thread. The request is acked only once the broker has
-        confirmed everything published for it; if the broker refuses one, the
-        request is requeued (a write replays its stored reply next time).
+        Runs on the I/O thread. A reply needs no confirm: it is transient, and
+        the ack that follows it on the same channel reaches the broker after it.
+        When every request of the batch is answered and no earlier one of the
+        channel waits, one ``multiple`` ack settles them all. A dead-lettered
+        request is acked once the broker confirmed its dead letter, and
+        requeued if the broker refused it (it is then handled again).
         """
-        channel = delivery.channel
-        if not channel.is_open or channel is not consumer.channel:
-            return  # the broker requeued it when its channel closed
-        if outcome.retry:
-            channel.basic_nack(delivery.tag, requeue=True)
+        channel = consumer.channel
+        if channel is None or not channel.is_open:
+            return  # the broker requeued them when their channel closed
+        ackable = []
+        for delivery, outcome in handled:
+            if delivery.channel is not channel:
+                continue  # from a channel since closed: requeued already
+            if outcome.retry:
+                channel.basic_nack(delivery.tag, requeue=True)
+                continue
+            reply_to = delivery.properties.reply_to
+            if reply_to:  # direct reply-to replies must not be mandatory on RabbitMQ 3.x
+                channel.basic_publish("", reply_to, outcome.body, _reply(delivery, outcome))
+            if outcome.dead_letter(reply_to):
+                self._publish_dead_letter(consumer, delivery, outcome)
+            else:
+                ackable.append(delivery.tag)
+        if not ackable:
             return
-        publications = []
-        reply_to = delivery.properties.reply_to
-        if reply_to:
-            publications.append(("", reply_to, outcome.body, _reply(delivery, outcome)))
-        if outcome.dead_letter(reply_to):
-            publications.append(
-                (
-                    DEAD_LETTER_EXCHANGE,
-                    delivery.routing_key,
-                    delivery.body,
-                    _dead_letter(delivery, outcome),
-                )
-            )
-        if not publications:
-            channel.basic_ack(delivery.tag)
-            return
-        settlement = _Settlement(delivery, len(publications))
-        for exchange, routing_key, body, properties in publications:
-            consumer.published += 1
-            if exchange == DEAD_LETTER_EXCHANGE:
-                # mandatory: a dead letter with no queue to go to must not be acked away
-                properties.headers[PUBLISH_SEQ_HEADER] = consumer.published
-                channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-            else:  # direct reply-to replies must not be mandatory on RabbitMQ 3.x
-                channel.basic_publish(exchange, routing_key, body, properties)
-            consumer.unconfirmed[consumer.published] = settlement
+        if consumer.held == 0 and len(ackable) == len(handled):
+            channel.basic_ack(max(ackable), multiple=True)
+        else:
+            for tag in ackable:
+                channel.basic_ack(tag)
 
-    def _on_return(self, consumer: Consumer, _channel, method, properties, _body) -> None:
+    def _publish_dead_letter(self, consumer: Consumer, delivery: Delivery, outcome: Outcome):
+        """Publish to ``dataspace.dead``, confirmed; the request's ack waits for it."""
+        channel = self._dead_channel
+        if channel is None or not channel.is_open:
+            delivery.channel.basic_nack(delivery.tag, requeue=True)  # try again later
+            return
+        self._dead_published += 1
+        properties = _dead_letter(delivery, outcome)
+        # mandatory: a dead letter with no queue to go to must not be acked away
+        properties.headers[PUBLISH_SEQ_HEADER] = self._dead_published
+        channel.basic_publish(
+            DEAD_LETTER_EXCHANGE, delivery.routing_key, delivery.body, properties, mandatory=True
+        )
+        self._dead_unconfirmed[self._dead_published] = _Settlement(consumer, delivery)
+        consumer.held += 1
+
+    def _on_return(self, _channel, method, properties, _body) -> None:
         """A dead letter came back unroutable: requeue its request instead of acking it."""
         seq = (properties.headers or {}).get(PUBLISH_SEQ_HEADER)
-        settlement = consumer.unconfirmed.get(seq)
+        settlement = self._dead_unconfirmed.get(seq)
         log.error("dead letter unroutable (%s): is queue dataspace.dead bound?", method.reply_text)
         if settlement is not None:
             settlement.refused = True
 
-    def _on_confirm(self, consumer: Consumer, frame) -> None:
+    def _on_confirm(self, frame) -> None:
         method = frame.method
         refused = isinstance(method, pika.spec.Basic.Nack)
         if method.multiple:
-            tags = [t for t in consumer.unconfirmed if t <= method.delivery_tag]
+            tags = [t for t in self._dead_unconfirmed if t <= method.delivery_tag]
         else:
             tags = [method.delivery_tag]
         for tag in tags:
-            settlement = consumer.unconfirmed.pop(tag, None)
+            settlement = self._dead_unconfirmed.pop(tag, None)
             if settlement is None:
                 continue
-            settlement.remaining -= 1
-            settlement.refused |= refused
-            if settlement.remaining == 0:
-                channel, delivery_tag = settlement.delivery.channel, settlement.delivery.tag
-                if not channel.is_open:
-                    continue
-                if settlement.refused:
-                    log.warning("broker refused a reply or dead letter; requeueing the request")
-                    channel.basic_nack(delivery_tag, requeue=True)
-                else:
-                    channel.basic_ack(delivery_tag)
+            consumer, delivery = settlement.consumer, settlement.delivery
+            if delivery.channel is not consumer.channel or not delivery.channel.is_open:
+                continue  # requeued when its channel closed
+            consumer.held -= 1
+            if settlement.refused or refused:
+                log.warning("broker refused a dead letter; requeueing its request")
+                delivery.channel.basic_nack(delivery.tag, requeue=True)
+            else:
+                delivery.channel.basic_ack(delivery.tag)
 
     def _cancel_consumers(self) -> None:
         for consumer in self.consumers:

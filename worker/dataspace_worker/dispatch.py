@@ -28,6 +28,16 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Request:
+    """One request as delivered: what ``Dispatcher.handle_batch`` takes."""
+
+    body: bytes
+    message_id: str | None = None
+    content_type: str | None = None
+    headers: dict | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What to do with a request once handled."""
 
@@ -84,39 +94,114 @@ class Dispatcher:
         bound.apply_defaults()
         return op, bound.arguments
 
+    def _prepare(self, body: bytes, message_id: str | None, content_type):
+        """Parse and check one request: ``(operation, arguments, idempotency key)``."""
+        op, args = self._parse(body, content_type)
+        request_id = None
+        if op.write:
+            if not message_id or len(message_id) > MAX_ID_LENGTH:
+                raise ProtocolError(
+                    f"{op.name}: a write request needs a message_id of 1 to "
+                    f"{MAX_ID_LENGTH} characters (its idempotency key)"
+                )
+            request_id = message_id
+        return op, args, request_id
+
     def handle(
         self, body: bytes, message_id: str | None = None, content_type=None, headers=None
     ) -> Outcome:
-        operation = "?"
-        try:
-            op, args = self._parse(body, content_type)
-            operation = op.name
-            request_id = None
-            if op.write:
-                if not message_id or len(message_id) > MAX_ID_LENGTH:
-                    raise ProtocolError(
-                        f"{op.name}: a write request needs a message_id of 1 to "
-                        f"{MAX_ID_LENGTH} characters (its idempotency key)"
+        return self.handle_batch([Request(body, message_id, content_type, headers)])[0]
+
+    def handle_batch(self, requests: list[Request]) -> list[Outcome]:
+        """Run requests in order and return their outcomes, in the same order.
+
+        The transactional ones among them run in one database transaction (one
+        commit for all: what makes a full prefetch window cheap). If any of them
+        fails, that transaction rolls back and each runs again in a transaction
+        of its own, so one bad request never fails or delays another's effect.
+        """
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        pending = []  # (index, op, args, request_id) of the transactional requests
+        for index, request in enumerate(requests):
+            operation = "?"
+            try:
+                op, args, request_id = self._prepare(
+                    request.body, request.message_id, request.content_type
+                )
+                operation = op.name
+                if op.transactional:
+                    pending.append((index, op, args, request_id))
+                else:  # commits batch by batch itself; naturally idempotent
+                    outcomes[index] = self._guarded(
+                        operation, lambda op=op, a=args: self._direct(op, a)
                     )
-                request_id = message_id
-            if not op.transactional:  # commits batch by batch itself; naturally idempotent
-                result = getattr(self.datasource, op.name)(**args)
-                return Outcome(protocol.encode_result(op, result), "ok", operation)
-            reply, replayed = self.datasource.execute(
-                op.name, args, lambda result: protocol.encode_result(op, result), request_id
+            except ProtocolError as exc:
+                outcomes[index] = _refused(operation, exc)
+            except Exception as exc:  # a bug, not the sender's fault: answer, don't die
+                log.exception("%s: unexpected error", operation)
+                outcomes[index] = _failed(operation, exc)
+        ids = [p[3] for p in pending if p[3] is not None]
+        if len(pending) > 1 and len(ids) == len(set(ids)):
+            try:
+                self._together(pending, outcomes)
+            except DataSpaceConnectionError as exc:  # every one of them waits
+                log.warning("store unavailable, %d requests will be retried: %s", len(ids), exc)
+                for index, op, _args, _id in pending:
+                    outcomes[index] = Outcome(None, "unavailable", op.name)
+        for index, op, args, request_id in pending:
+            if outcomes[index] is None:
+                outcomes[index] = self._guarded(
+                    op.name, lambda op=op, a=args, r=request_id: self._alone(op, a, r)
+                )
+        return outcomes
+
+    def _together(self, pending, outcomes) -> None:
+        """One transaction for every pending request; on failure, outcomes stay unset
+        (each request then runs alone and the failing one reports its own error)."""
+        try:
+            results = self.datasource.execute_many(
+                [(op.name, args, _encoder(op), rid) for _i, op, args, rid in pending]
             )
-            return Outcome(reply, "ok", operation, replayed=replayed)
+        except DataSpaceConnectionError:
+            raise
+        except Exception as exc:
+            log.debug("a batch of %d failed (%s); running each alone", len(pending), exc)
+            return
+        for (index, op, _args, _id), (reply, replayed) in zip(pending, results, strict=True):
+            outcomes[index] = Outcome(reply, "ok", op.name, replayed=replayed)
+
+    def _direct(self, op, args) -> Outcome:
+        result = getattr(self.datasource, op.name)(**args)
+        return Outcome(protocol.encode_result(op, result), "ok", op.name)
+
+    def _alone(self, op, args, request_id) -> Outcome:
+        reply, replayed = self.datasource.execute(op.name, args, _encoder(op), request_id)
+        return Outcome(reply, "ok", op.name, replayed=replayed)
+
+    @staticmethod
+    def _guarded(operation: str, action) -> Outcome:
+        """``action()``'s outcome, or the outcome of the error it raised."""
+        try:
+            return action()
         except DataSpaceConnectionError as exc:
             log.warning("%s: store unavailable, request will be retried: %s", operation, exc)
             return Outcome(None, "unavailable", operation)
         except ProtocolError as exc:
-            message = protocol.error_message(exc)
-            return Outcome(protocol.encode_error(exc), exc.code, operation, reason=message)
+            return _refused(operation, exc)
         except (KeyError, ValueError, TypeError, NotImplementedError, DataSpaceError) as exc:
             return _failed(operation, exc)
         except Exception as exc:
             log.exception("%s: unexpected error", operation)
             return _failed(operation, exc)
+
+
+def _encoder(op):
+    return lambda result: protocol.encode_result(op, result)
+
+
+def _refused(operation: str, exc: ProtocolError) -> Outcome:
+    message = protocol.error_message(exc)
+    return Outcome(protocol.encode_error(exc), exc.code, operation, reason=message)
 
 
 def _failed(operation: str, exc: BaseException) -> Outcome:

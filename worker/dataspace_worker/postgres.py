@@ -97,6 +97,18 @@ def _count(cur, query: str, params: dict) -> int:
     return cur.fetchone()[0] if cur.description else cur.rowcount
 
 
+def _apply(cur, operation, body, checked, encode, request_id) -> tuple[bytes, bool]:
+    """One request inside the caller's transaction: ``(reply, replayed)``."""
+    if request_id is not None:
+        stored = idempotency.claim(cur, request_id, operation)
+        if stored is not None:
+            return stored, True
+    reply = encode(body(cur, checked))
+    if request_id is not None:
+        idempotency.record(cur, request_id, reply)
+    return reply, False
+
+
 class PostgresDataSource(DataSource):
     """The DataSource on PostgreSQL; thread-safe, one pool of connections."""
 
@@ -212,18 +224,25 @@ class PostgresDataSource(DataSource):
         the same transaction as its effect, and a later request with the same id
         gets that stored reply back (``replayed`` True) without writing again.
         """
-        checked = validate.check(operation, args)
-        body = operations.OPERATIONS[operation]
+        return self.execute_many([(operation, args, encode, request_id)])[0]
+
+    def execute_many(
+        self, requests: list[tuple[str, dict, Callable[[Any], bytes], str | None]]
+    ) -> list[tuple[bytes, bool]]:
+        """Run ``(operation, args, encode, request_id)`` requests in one transaction.
+
+        Each is handled as by ``execute``; all commit together, or, if any
+        raises, none does and the error propagates. One commit for many requests
+        is what makes the worker's batches cheap (the commit's WAL flush is the
+        largest cost of a small write). Request ids must be distinct.
+        """
+        prepared = [
+            (operation, operations.OPERATIONS[operation], validate.check(operation, args), e, rid)
+            for operation, args, e, rid in requests
+        ]
 
         def work(cur):
-            if request_id is not None:
-                stored = idempotency.claim(cur, request_id, operation)
-                if stored is not None:
-                    return stored, True
-            reply = encode(body(cur, checked))
-            if request_id is not None:
-                idempotency.record(cur, request_id, reply)
-            return reply, False
+            return [_apply(cur, *request) for request in prepared]
 
         return self._transaction(work)
 
