@@ -14,10 +14,12 @@ from .errors import (
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpaceExistsError,
+    DataSpacePublishError,
     DataSpaceRequestError,
     DataSpaceTimeoutError,
     InvalidMetadataError,
 )
+from .producer import Producer
 from .reaper import Reaper
 from .values import PickleRefusedError, compress, decompress, zdumps, zloads
 
@@ -31,12 +33,14 @@ __all__ = [
     "DataSpaceConnectionError",
     "DataSpaceError",
     "DataSpaceExistsError",
+    "DataSpacePublishError",
     "DataSpaceRequestError",
     "DataSpaceTimeoutError",
     "Header",
     "InvalidMetadataError",
     "Metadata",
     "PickleRefusedError",
+    "Producer",
     "ProductRetriever",
     "Reaper",
     "compress",

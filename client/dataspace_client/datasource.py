@@ -39,6 +39,27 @@ class DataSource(abc.ABC):
     def reset_connections(self):
         """Drop any cached connections and reconnect."""
 
+    # -- fire-and-forget (see producer.py) -------------------------------------
+    def publish(self, operation: str, args: dict) -> str | None:
+        """Hand over one write of ``producer.WRITES`` without waiting for its result.
+
+        This default applies it at once (an in-process store has nothing to
+        wait for) and returns None; ``RemoteDataSource`` publishes it and
+        returns its message_id.
+        """
+        args = {k: v for k, v in args.items() if k != "self"}
+        getattr(self, operation)(**args)
+        return None
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every write given to ``publish`` is safe (here: already applied)."""
+        return None
+
+    @property
+    def pending(self) -> int:
+        """Writes given to ``publish`` and not yet safe."""
+        return 0
+
     @abc.abstractmethod
     def create_tables(self):
         """Create (or migrate) the database tables; idempotent."""

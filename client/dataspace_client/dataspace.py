@@ -17,6 +17,7 @@ from .errors import (
     DataSpaceError,
     DataSpaceExistsError,
 )
+from .producer import Producer
 
 __all__ = [
     "DataSpace",
@@ -77,6 +78,15 @@ class DataSpace:
 
     def close(self):
         self.datasource.close()
+
+    def producer(self) -> Producer:
+        """Fire-and-forget writes for decoupled producers (see ``producer.Producer``)::
+
+        with space.producer() as producer:   # flushes on leaving the block
+            for key, value in products:
+                producer.insert(tm, generation, key, value, header, metadata)
+        """
+        return Producer(self.datasource)
 
     def store_taskmanager(self, name, taskmanager_id, datestamp=None):
         return self.datasource.store_taskmanager(name, taskmanager_id, datestamp)

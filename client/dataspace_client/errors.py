@@ -43,6 +43,18 @@ class DataSpaceTimeoutError(DataSpaceError):
         super().__init__(f"{operation}: no reply within {timeout:g} s")
 
 
+class DataSpacePublishError(DataSpaceError):
+    """Fire-and-forget requests the broker refused for good (none of them was stored).
+
+    ``failures`` lists one line per request: its operation, message_id and why.
+    """
+
+    def __init__(self, failures: list[str]):
+        self.failures = list(failures)
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(f"{len(failures)} published requests refused: {failures[0]}{more}")
+
+
 class DataSpaceRequestError(DataSpaceError):
     """The service refused a request as malformed (an error reply with a code).
 

@@ -72,9 +72,19 @@ class RemoteDataSource(DataSource):
             return self._client
 
     def close(self):
+        """Wait (up to ``timeout``) for published writes to be confirmed, then close.
+
+        Raises DataSpaceTimeoutError or DataSpacePublishError, after closing, if
+        some published writes were not confirmed: they may be lost.
+        """
         with self._connect_lock:
             client, self._client = self._client, None
-        if client is not None:
+        if client is None:
+            return
+        try:
+            if client.pending:
+                client.flush(self.timeout)
+        finally:
             client.close()
 
     def reset_connections(self):
@@ -88,6 +98,24 @@ class RemoteDataSource(DataSource):
         client = self._client or self.connect()
         reply = client.call(operation, op.routing_key, body, timeout=timeout)
         return decode_reply(op, reply)
+
+    # -- fire-and-forget ------------------------------------------------------
+    def publish(self, operation: str, args: dict) -> str:
+        """Check ``args``, publish the write, return its message_id without waiting
+        for it (see producer.py)."""
+        op = OPERATIONS[operation]
+        body = encode_request(op, validate.check(operation, args))
+        return (self._client or self.connect()).publish(operation, op.routing_key, body)
+
+    def flush(self, timeout: float | None = None) -> None:
+        client = self._client
+        if client is not None:
+            client.flush(timeout)
+
+    @property
+    def pending(self) -> int:
+        client = self._client
+        return client.pending if client is not None else 0
 
     # -- the DataSource API ---------------------------------------------------
     def create_tables(self):

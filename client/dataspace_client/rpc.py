@@ -15,6 +15,15 @@ When the connection drops, the I/O thread reconnects with bounded backoff, and
 each call in flight is sent again, with the same message_id (so the worker
 applies a write once), until the call's timeout; calls made while disconnected
 wait for the reconnection up to their own timeout.
+
+``publish`` is the fire-and-forget path for decoupled producers: the request
+goes out without ``reply_to`` and the caller goes on at once. The client keeps
+each such request until the broker confirms it (on a quorum queue: stored on a
+quorum of nodes), sends the unconfirmed ones again, in order and with the same
+message_id, after a reconnection, and sends a nacked one again after a pause.
+A window (``max_pending`` requests, ``max_pending_bytes``) bounds what it
+holds: ``publish`` waits while the window is full. ``flush`` waits until
+everything published was confirmed.
 """
 
 from __future__ import annotations
@@ -26,13 +35,19 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
-from .errors import DataSpaceConnectionError, DataSpaceError, DataSpaceTimeoutError
+from .errors import (
+    DataSpaceConnectionError,
+    DataSpaceError,
+    DataSpacePublishError,
+    DataSpaceTimeoutError,
+)
 from .pika_patches import close_select_connection
 from .protocol import CONTENT_TYPE, DIRECT_REPLY_TO, EXCHANGE, PROTOCOL_VERSION, VERSION_HEADER
 from .urls import mask_password
@@ -42,6 +57,9 @@ log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_MIN = 0.1
 RECONNECT_BACKOFF_MAX = 5.0
 CHANNEL_REOPEN_DELAY = 1.0
+NACK_RETRY_DELAY = 1.0
+DEFAULT_MAX_PENDING = 10_000
+DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
 
 
 class _ConnectionLost(DataSpaceConnectionError):
@@ -62,6 +80,16 @@ class _Call:
             self.done.set()
 
 
+@dataclass(eq=False)
+class _Publication:
+    """A fire-and-forget request, kept until the broker confirms it."""
+
+    operation: str
+    routing_key: str
+    body: bytes
+    message_id: str
+
+
 class RpcClient:
     """Publishes requests and waits for their replies; safe to share between threads."""
 
@@ -73,12 +101,16 @@ class RpcClient:
         timeout: float = 30.0,
         connect_timeout: float = 10.0,
         exchange: str = EXCHANGE,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ):
         self.url = url
         self.masked_url = mask_password(url)
         self.timeout = timeout
         self.exchange = exchange
         self.app_id = app_id
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         try:
             self._params = pika.URLParameters(url)
         except Exception as exc:  # pika raises assorted errors for a bad URL
@@ -94,7 +126,14 @@ class RpcClient:
         # Everything below is guarded by _state (a Condition on one lock).
         self._state = threading.Condition()
         self._calls: dict[str, _Call] = {}
-        self._unconfirmed: dict[int, str] = {}
+        # delivery tag -> correlation_id of a call, or the _Publication itself
+        self._unconfirmed: dict[int, str | _Publication] = {}
+        # fire-and-forget requests not yet confirmed, by message_id, in publish order
+        self._pending: dict[str, _Publication] = {}
+        self._pending_bytes = 0
+        self._outbox: deque[_Publication] = deque()  # to publish on the I/O thread
+        self._drain_scheduled = False
+        self._failures: list[str] = []  # publications refused for good, until flush
         self._published = 0
         self._open = False
         self._closing = False
@@ -171,6 +210,74 @@ class RpcClient:
             raise call.error
         return call.body
 
+    def publish(
+        self,
+        operation: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Send a request that expects no reply; return its message_id at once.
+
+        Waits only while the window of unconfirmed requests is full (up to
+        ``timeout``, then DataSpaceTimeoutError). The request is kept and sent
+        again until the broker confirms it; ``flush`` waits for that.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        publication = _Publication(operation, routing_key, body, message_id or uuid.uuid4().hex)
+        with self._state:
+            room = self._state.wait_for(lambda: self._closing or self._has_room(len(body)), timeout)
+            if self._closing:
+                raise DataSpaceConnectionError(f"{operation}: the client is closed")
+            if not room:
+                raise DataSpaceTimeoutError(operation, timeout)
+            self._pending[publication.message_id] = publication
+            self._pending_bytes += len(body)
+            self._outbox.append(publication)
+            self._schedule_drain()
+        return publication.message_id
+
+    def _has_room(self, size: int) -> bool:
+        """Whether the window takes one more request of ``size`` bytes (under _state);
+        an empty window takes any one, however large."""
+        if not self._pending:
+            return True
+        return len(self._pending) < self.max_pending and (
+            self._pending_bytes + size <= self.max_pending_bytes
+        )
+
+    @property
+    def pending(self) -> int:
+        """Fire-and-forget requests published and not yet confirmed by the broker."""
+        return len(self._pending)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker confirmed every request given to ``publish``.
+
+        Raises DataSpacePublishError for requests the broker refused for good
+        (no queue bound for them: they are dropped, and reported once), and
+        DataSpaceTimeoutError if some are still unconfirmed after ``timeout``
+        (they stay pending and are still being sent).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        with self._state:
+            done = self._state.wait_for(lambda: not self._pending or self._closing, timeout)
+            failures, self._failures = self._failures, []
+            left = len(self._pending)
+        if failures:
+            raise DataSpacePublishError(failures)
+        if not done:
+            raise DataSpaceTimeoutError(
+                f"flush ({left} requests not yet confirmed by the broker)", timeout
+            )
+
+    def _schedule_drain(self) -> None:
+        """Have the I/O thread publish the outbox (under _state; once per batch)."""
+        if self._open and self._outbox and not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._connection.ioloop.add_callback_threadsafe(self._drain_outbox)
+
     def close(self) -> None:
         """Close the connection; calls in flight fail with DataSpaceConnectionError."""
         with self._state:
@@ -245,6 +352,10 @@ class RpcClient:
             self._unconfirmed.clear()
             self._open = True
             self._last_open_attempt = self._attempts
+            # everything unconfirmed goes again, in the order it was first published
+            self._outbox = deque(self._pending.values())
+            self._drain_scheduled = False
+            self._schedule_drain()
             self._state.notify_all()
         log.debug("connected to %s", self.masked_url)
 
@@ -314,16 +425,75 @@ class RpcClient:
             self._published += 1
             self._unconfirmed[self._published] = correlation_id
 
+    def _drain_outbox(self) -> None:
+        """Publish what ``publish`` queued (I/O thread)."""
+        with self._state:
+            self._drain_scheduled = False
+            batch, self._outbox = self._outbox, deque()
+            channel = self._channel
+            open_ = self._open
+        if not open_:
+            return  # sent again from _pending once consuming
+        timestamp = int(time.time())
+        for publication in batch:
+            properties = pika.BasicProperties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=publication.message_id,
+                type=publication.operation,
+                app_id=self.app_id,
+                timestamp=timestamp,
+                headers={VERSION_HEADER: PROTOCOL_VERSION},
+            )
+            try:
+                channel.basic_publish(
+                    self.exchange,
+                    publication.routing_key,
+                    publication.body,
+                    properties=properties,
+                    mandatory=True,
+                )
+            except (AMQPError, AttributeError, OSError) as exc:
+                log.info("publish failed (%s); sent again after reconnecting", exc)
+                return
+            with self._state:
+                self._published += 1
+                self._unconfirmed[self._published] = publication
+
+    def _confirmed_tags(self, tag: int, multiple: bool) -> list:
+        """Pop what ``tag`` (and, with ``multiple``, every earlier tag) confirms (under _state)."""
+        if not multiple:
+            item = self._unconfirmed.pop(tag, None)
+            return [] if item is None else [item]
+        done = []
+        for t in self._unconfirmed:  # in tag order: stop at the first later one
+            if t > tag:
+                break
+            done.append(t)
+        return [self._unconfirmed.pop(t) for t in done]
+
     def _on_confirm(self, frame) -> None:
         method = frame.method
+        nacked = isinstance(method, pika.spec.Basic.Nack)
         with self._state:
-            if method.multiple:
-                tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
-            else:
-                tags = [method.delivery_tag]
-            ids = [self._unconfirmed.pop(t, None) for t in tags]
-            calls = [self._calls.get(i) for i in ids if i]
-        if isinstance(method, pika.spec.Basic.Nack):
+            items = self._confirmed_tags(method.delivery_tag, method.multiple)
+            calls = [self._calls.get(i) for i in items if isinstance(i, str)]
+            publications = [p for p in items if isinstance(p, _Publication)]
+            refused = []
+            for publication in publications:
+                if self._pending.get(publication.message_id) is not publication:
+                    continue  # dropped as unroutable meanwhile
+                if nacked:
+                    refused.append(publication)
+                else:
+                    del self._pending[publication.message_id]
+                    self._pending_bytes -= len(publication.body)
+            if publications:
+                self._state.notify_all()
+        if refused:  # the queue is full or the broker overloaded: send them again later
+            log.warning("broker refused %d published requests; sending again", len(refused))
+            self._connection.ioloop.call_later(NACK_RETRY_DELAY, lambda: self._republish(refused))
+        if nacked:
             for call in calls:
                 if call is not None:
                     call.fail(
@@ -333,17 +503,26 @@ class RpcClient:
                         )
                     )
 
+    def _republish(self, publications: list[_Publication]) -> None:
+        with self._state:
+            self._outbox.extend(p for p in publications if self._pending.get(p.message_id) is p)
+            self._schedule_drain()
+
     def _on_return(self, _channel, method, properties, _body) -> None:
+        reason = (
+            f"request unroutable ({method.reply_text}): no queue is "
+            f"bound for '{method.routing_key}' on exchange '{method.exchange}'; "
+            "is a dataspace worker running against this vhost?"
+        )
         with self._state:
             call = self._calls.get(properties.correlation_id)
+            publication = None if call else self._pending.pop(properties.message_id or "", None)
+            if publication is not None:
+                self._pending_bytes -= len(publication.body)
+                self._failures.append(f"{publication.operation} {publication.message_id}: {reason}")
+                self._state.notify_all()
         if call is not None:
-            call.fail(
-                DataSpaceConnectionError(
-                    f"{call.operation}: request unroutable ({method.reply_text}): no queue is "
-                    f"bound for '{method.routing_key}' on exchange '{method.exchange}'; "
-                    "is a dataspace worker running against this vhost?"
-                )
-            )
+            call.fail(DataSpaceConnectionError(f"{call.operation}: {reason}"))
 
     def _on_reply(self, _channel, _method, properties, body) -> None:
         with self._state:

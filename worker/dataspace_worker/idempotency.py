@@ -1,7 +1,9 @@
 """Exactly-once effect for write requests: the request log, keyed by message_id.
 
 A write request is applied in one transaction that first claims its message_id
-(``claim``), then writes, then stores its reply (``record``). A second delivery
+(``claim``), then writes, then stores its reply (``record``). A write whose
+reply is known before it runs (one that returns nothing: its reply is "ok")
+stores that reply with its claim, and needs no ``record``. A second delivery
 of the same request (redelivery after a crash, a client re-sending after a
 timeout) finds the claim and gets the stored reply: nothing is written twice.
 Two deliveries running at once serialize on the claim's unique index: the second
@@ -16,7 +18,7 @@ import psycopg2
 from dataspace_client.protocol import ProtocolError
 
 CLAIM = """
-INSERT INTO dataspace_request (message_id, operation) VALUES (%s, %s)
+INSERT INTO dataspace_request (message_id, operation, reply) VALUES (%s, %s, %s)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING 1
 """
@@ -39,13 +41,15 @@ class ReusedMessageId(ProtocolError):
     """A message_id already used by a request of another operation."""
 
 
-def claim(cur, message_id: str, operation: str) -> bytes | None:
+def claim(cur, message_id: str, operation: str, reply: bytes | None = None) -> bytes | None:
     """Claim ``message_id``; None if it is ours, else the reply stored by the first claim.
+
+    ``reply``, when the request's reply is known already, is stored with the claim.
 
     A message_id seen with another operation is a client bug (ids must be unique
     per request): refused, rather than answered with a reply of the wrong shape.
     """
-    cur.execute(CLAIM, (message_id, operation))
+    cur.execute(CLAIM, (message_id, operation, _binary(reply)))
     if cur.fetchone() is not None:
         return None
     cur.execute(STORED_REPLY, (message_id,))
@@ -55,6 +59,60 @@ def claim(cur, message_id: str, operation: str) -> bytes | None:
             f"message_id {message_id!r:.80} was already used by a {first_operation} request"
         )
     return bytes(reply)
+
+
+CLAIM_MANY = """
+INSERT INTO dataspace_request (message_id, operation, reply)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[])
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id
+"""
+STORED_REPLIES = (
+    "SELECT message_id, operation, reply FROM dataspace_request WHERE message_id = ANY(%s)"
+)
+RECORD_MANY = """
+UPDATE dataspace_request r SET reply = v.reply
+FROM unnest(%s::text[], %s::bytea[]) AS v (message_id, reply)
+WHERE r.message_id = v.message_id
+"""
+
+
+def claim_many(cur, claims: list[tuple[str, str, bytes | None]]) -> dict[str, bytes]:
+    """``claim`` for many ``(message_id, operation, reply)`` in one statement (ids distinct).
+
+    Returns the stored replies of the ids claimed before; the rest are ours now.
+    """
+    if not claims:
+        return {}
+    cur.execute(
+        CLAIM_MANY,
+        ([c[0] for c in claims], [c[1] for c in claims], [_binary(c[2]) for c in claims]),
+    )
+    ours = {row[0] for row in cur.fetchall()}
+    seen = {message_id: operation for message_id, operation, _ in claims if message_id not in ours}
+    if not seen:
+        return {}
+    cur.execute(STORED_REPLIES, (list(seen),))
+    stored = {}
+    for message_id, first_operation, reply in cur.fetchall():
+        if first_operation != seen[message_id]:
+            raise ReusedMessageId(
+                f"message_id {message_id!r:.80} was already used by a {first_operation} request"
+            )
+        stored[message_id] = bytes(reply)
+    return stored
+
+
+def record_many(cur, replies: list[tuple[str, bytes]]) -> None:
+    """``record`` for many ``(message_id, reply)`` pairs in one statement."""
+    if replies:
+        cur.execute(
+            RECORD_MANY, ([r[0] for r in replies], [psycopg2.Binary(r[1]) for r in replies])
+        )
+
+
+def _binary(reply: bytes | None):
+    return None if reply is None else psycopg2.Binary(reply)
 
 
 def record(cur, message_id: str, reply: bytes) -> None:

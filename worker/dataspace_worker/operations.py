@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg2
+from psycopg2.extras import execute_values
 
 from dataspace_client import validate
 
@@ -85,6 +86,12 @@ def get_last_generation_id(cur, args: Args) -> int:
 # -- products -----------------------------------------------------------------------
 def insert(cur, args: Args) -> None:
     cur.execute(sql.INSERT, _write_params(args))
+
+
+def insert_many(cur, many: list[Args]) -> None:
+    """Several inserts in one statement: all go in, or none (then each runs alone)."""
+    rows = [_write_params(args) for args in many]
+    execute_values(cur, sql.INSERT_MANY, rows, template=sql.INSERT_MANY_ROW, page_size=len(rows))
 
 
 def update(cur, args: Args) -> None:
@@ -186,6 +193,9 @@ def get_schema(cur, args: Args):
 def create_tables(cur, args: Args) -> list[int]:
     return schema.migrate(cur)
 
+
+#: operations whose result is None: their reply is known before they run
+RETURN_NOTHING = frozenset({"insert", "update", "duplicate_datablock", "mark_expired"})
 
 #: every operation that runs in one transaction (a reap runs in many: PostgresDataSource.reap)
 OPERATIONS: dict[str, Callable[[Any, Args], Any]] = {

@@ -97,16 +97,61 @@ def _count(cur, query: str, params: dict) -> int:
     return cur.fetchone()[0] if cur.description else cur.rowcount
 
 
+def _known_reply(operation: str, encode) -> bytes | None:
+    """The reply of an operation that returns nothing, known before it runs."""
+    return encode(None) if operation in operations.RETURN_NOTHING else None
+
+
 def _apply(cur, operation, body, checked, encode, request_id) -> tuple[bytes, bool]:
     """One request inside the caller's transaction: ``(reply, replayed)``."""
+    known = _known_reply(operation, encode)
     if request_id is not None:
-        stored = idempotency.claim(cur, request_id, operation)
+        stored = idempotency.claim(cur, request_id, operation, known)
         if stored is not None:
             return stored, True
-    reply = encode(body(cur, checked))
+    result = body(cur, checked)
+    if known is not None:
+        return known, False
+    reply = encode(result)
     if request_id is not None:
         idempotency.record(cur, request_id, reply)
     return reply, False
+
+
+def _apply_all(cur, prepared: list) -> list[tuple[bytes, bool]]:
+    """Many requests inside the caller's transaction, in as few statements as it
+    takes: one claim for all, consecutive inserts as one statement, one record
+    for the replies not known in advance."""
+    known = [_known_reply(r[0], r[3]) for r in prepared]
+    stored = idempotency.claim_many(
+        cur, [(r[4], r[0], k) for r, k in zip(prepared, known, strict=True) if r[4] is not None]
+    )
+    results: list[tuple[bytes, bool] | None] = [None] * len(prepared)
+    inserts: list[int] = []  # a run of consecutive inserts, applied together
+
+    def apply_inserts():
+        if inserts:
+            operations.insert_many(cur, [prepared[i][2] for i in inserts])
+            for i in inserts:
+                results[i] = (known[i], False)
+            inserts.clear()
+
+    recorded = []
+    for index, (operation, body, checked, encode, request_id) in enumerate(prepared):
+        if request_id in stored:
+            results[index] = (stored[request_id], True)
+        elif operation == "insert":
+            inserts.append(index)
+        else:
+            apply_inserts()
+            result = body(cur, checked)
+            reply = known[index] if known[index] is not None else encode(result)
+            results[index] = (reply, False)
+            if request_id is not None and known[index] is None:
+                recorded.append((request_id, reply))
+    apply_inserts()
+    idempotency.record_many(cur, recorded)
+    return results
 
 
 class PostgresDataSource(DataSource):
@@ -241,10 +286,9 @@ class PostgresDataSource(DataSource):
             for operation, args, e, rid in requests
         ]
 
-        def work(cur):
-            return [_apply(cur, *request) for request in prepared]
-
-        return self._transaction(work)
+        if len(prepared) == 1:
+            return self._transaction(lambda cur: [_apply(cur, *prepared[0])])
+        return self._transaction(lambda cur: _apply_all(cur, prepared))
 
     def reap(self, days):
         """Delete task managers older than ``days`` days, and their products, in batches.

@@ -49,6 +49,32 @@ VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(state)s, %(generation_
         %(missed_update_count)s)
 """
 
+# Many inserts in one statement (psycopg2.extras.execute_values fills VALUES %s with
+# rows shaped by INSERT_MANY_ROW); rows keep their order, so ids stay in insertion order.
+INSERT_MANY = """
+WITH v (taskmanager_id, generation_id, key, value, create_time, expiration_time,
+        scheduled_create_time, creator, schema_id, state, generation_time,
+        missed_update_count) AS (VALUES %s),
+p AS (
+    INSERT INTO dataproduct (taskmanager_id, generation_id, key, value)
+    SELECT taskmanager_id, generation_id, key, value FROM v
+), h AS (
+    INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
+                        scheduled_create_time, creator, schema_id)
+    SELECT taskmanager_id, generation_id, key, create_time, expiration_time,
+           scheduled_create_time, creator, schema_id FROM v
+)
+INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time,
+                      missed_update_count)
+SELECT taskmanager_id, generation_id, key, state, generation_time, missed_update_count FROM v
+"""
+INSERT_MANY_ROW = (
+    "(%(taskmanager_id)s::bigint, %(generation_id)s::bigint, %(key)s::text, %(value)s::bytea,"
+    " %(create_time)s::bigint, %(expiration_time)s::bigint, %(scheduled_create_time)s::bigint,"
+    " %(creator)s::text, %(schema_id)s::bigint, %(state)s::text, %(generation_time)s::bigint,"
+    " %(missed_update_count)s::integer)"
+)
+
 _WHERE_PRODUCT = (
     "taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s AND key = %(key)s"
 )
