@@ -39,6 +39,112 @@ def test_request_roundtrip_keeps_bytes_exact():
     assert decoded["value"] == value
 
 
+def _insert_args(value: bytes) -> dict:
+    return {
+        "taskmanager_id": 1,
+        "generation_id": 2,
+        "key": "k",
+        "value": value,
+        "header": {},
+        "metadata": {},
+    }
+
+
+def test_bytes_travel_raw_in_a_frame_after_the_json():
+    value = b"\x00\xff" * 1000
+    body = encode_request(OPERATIONS["insert"], _insert_args(value))
+    assert body.startswith(protocol.FRAME_MAGIC)
+    assert protocol.content_type(body) == protocol.FRAME_CONTENT_TYPE
+    assert body.endswith(value)  # not base64: the value as it is
+    assert len(body) < len(value) + 300
+    length = int.from_bytes(body[5:9], "big")
+    document = orjson.loads(body[9 : 9 + length])
+    assert document["args"]["value"] == {"$blob": [0, len(value)]}
+
+
+def test_a_body_without_bytes_stays_plain_json():
+    body = encode_request(OPERATIONS["get_schema"], {"table": None})
+    assert orjson.loads(body)["op"] == "get_schema"
+    assert protocol.content_type(body) == protocol.CONTENT_TYPE
+
+
+def test_base64_values_from_earlier_clients_are_still_accepted():
+    body = orjson.dumps({"v": 1, "op": "insert", "args": {**_insert_args(b""), "value": "AAE="}})
+    assert decode_request(body)[1]["value"] == b"\x00\x01"
+    reply = orjson.dumps({"v": 1, "ok": True, "result": "AAE="})
+    assert protocol.decode_reply(OPERATIONS["get_dataproduct"], reply) == b"\x00\x01"
+
+
+@pytest.mark.parametrize(
+    "result",
+    [b"", b"\x00" * 70_000, {"a": b"1", "b": b"", "c": b"\x00dsf1"}],
+    ids=["empty", "large", "block"],
+)
+def test_replies_with_bytes_roundtrip(result):
+    name = "get_datablock" if isinstance(result, dict) else "get_dataproduct"
+    body = protocol.encode_result(OPERATIONS[name], result)
+    assert protocol.decode_reply(OPERATIONS[name], body) == result
+
+
+def test_get_dataproducts_values_roundtrip_in_order():
+    products = [
+        {"taskmanager_id": 1, "generation_id": g, "key": f"k{g}", "value": bytes([g]) * g}
+        for g in range(5)
+    ]
+    op = OPERATIONS["get_dataproducts"]
+    assert protocol.decode_reply(op, protocol.encode_result(op, products)) == products
+
+
+def _frame(document: bytes, tail: bytes = b"", length: int | None = None) -> bytes:
+    size = len(document) if length is None else length
+    return protocol.FRAME_MAGIC + size.to_bytes(4, "big") + document + tail
+
+
+_ARGS = b'"taskmanager_id": 1, "generation_id": 2, "key": "k", "header": {}, "metadata": {}'
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (_frame(b'{"v": 1}', length=500), "frame shorter than its JSON length"),
+        (protocol.FRAME_MAGIC + b"\x00\x00", "not valid JSON"),
+        (
+            _frame(
+                b'{"v": 1, "op": "insert", "args": {"value": {"$blob": [0, 9]}, ' + _ARGS + b"}}",
+                b"abc",
+            ),
+            "value reference",
+        ),
+        (
+            _frame(b'{"v": 1, "op": "insert", "args": {"value": {"$blob": [-1, 1]}}}', b"a"),
+            "value reference",
+        ),
+        (
+            _frame(b'{"v": 1, "op": "insert", "args": {"value": {"$blob": [0]}}}', b"a"),
+            "value reference",
+        ),
+        (
+            _frame(b'{"v": 1, "op": "insert", "args": {"value": {"$blob": [0, 1.5]}}}', b"a"),
+            "value reference",
+        ),
+        (_frame(b'{"v": 1, "op": "insert", "args": {"value": 7}}', b"a"), "value reference"),
+    ],
+    ids=["short", "truncated-head", "past-the-end", "negative", "one-number", "float", "number"],
+)
+def test_malformed_frames_are_protocol_errors(body, fragment):
+    with pytest.raises(ProtocolError) as info:
+        decode_request(body)
+    assert fragment in str(info.value)
+
+
+def test_a_malformed_framed_reply_is_a_dataspace_error_not_a_crash():
+    from dataspace_client.errors import DataSpaceError
+
+    body = _frame(b'{"v": 1, "ok": true, "result": {"$blob": [0, 10]}}', b"abc")
+    with pytest.raises(DataSpaceError, match="malformed reply"):
+        protocol.decode_reply(OPERATIONS["get_dataproduct"], body)
+
+
 @pytest.mark.parametrize(
     "body, fragment",
     [

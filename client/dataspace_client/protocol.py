@@ -5,7 +5,15 @@ A request is an AMQP message published to exchange ``dataspace`` with routing ke
 ``data.<operation>``; its JSON body is ``{"v": 1, "op": ..., "args": {...}}``.  A reply
 goes to the request's ``reply_to`` with the same ``correlation_id``; its body is
 ``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false, "error": {...}}``.
-Bytes travel base64-encoded; datetimes as ISO 8601 strings.
+Datetimes travel as ISO 8601 strings.
+
+Bytes (product values) travel raw, after the JSON, in a *frame*: ``FRAME_MAGIC``,
+the JSON document's length (4 bytes, big-endian), the JSON document, then the
+values one after the other; in the JSON each value is ``{"$blob": [offset,
+length]}`` (offset from the first byte after the JSON). A body with no bytes in
+it is plain JSON. Base64 text is still accepted where bytes are expected (what
+the first clients sent): decoding takes either, encoding always frames, which
+spares the value a third more size and two conversions on the hot path.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from .validate import SIGNATURES
 
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/json"
+FRAME_CONTENT_TYPE = "application/vnd.dataspace.frame"
+#: what a framed body starts with (no JSON text can start with a NUL byte)
+FRAME_MAGIC = b"\x00dsf1"
+_FRAME_HEAD = len(FRAME_MAGIC) + 4
 EXCHANGE = "dataspace"
 REQUEST_QUEUE = "dataspace.requests"
 REQUEST_BINDING = "data.#"
@@ -50,8 +62,28 @@ class ProtocolError(DataSpaceRequestError):
 
 
 # -- value codecs -----------------------------------------------------------------
-def _b64(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
+Pack = Callable[[bytes], Any]  # bytes -> what stands for them in the JSON
+Unpack = Callable[[Any], bytes]  # the reverse
+
+
+class _Packer:
+    """Collects the values of one message, to follow its JSON in a frame."""
+
+    def __init__(self):
+        self.blobs: list[bytes] = []
+        self.size = 0
+
+    def __call__(self, value: bytes) -> dict:
+        ref = {"$blob": [self.size, len(value)]}
+        self.blobs.append(value)
+        self.size += len(value)
+        return ref
+
+    def frame(self, message: dict) -> bytes:
+        text = orjson.dumps(message)
+        if not self.blobs:
+            return text
+        return b"".join([FRAME_MAGIC, len(text).to_bytes(4, "big"), text, *self.blobs])
 
 
 def _unb64(value: Any) -> bytes:
@@ -63,35 +95,67 @@ def _unb64(value: Any) -> bytes:
         raise ProtocolError(f"invalid base64: {exc}") from None
 
 
-def _same(value: Any) -> Any:
+def _unpacker(tail: memoryview) -> Unpack:
+    def unpack(value: Any) -> bytes:
+        if isinstance(value, str):
+            return _unb64(value)
+        ref = value.get("$blob") if isinstance(value, dict) and len(value) == 1 else None
+        if (
+            not isinstance(ref, list)
+            or len(ref) != 2
+            or not all(type(n) is int and n >= 0 for n in ref)
+            or ref[0] + ref[1] > len(tail)
+        ):
+            raise ProtocolError(
+                f"expected a value reference {{'$blob': [offset, length]}}: {value!r:.80}"
+            )
+        return bytes(tail[ref[0] : ref[0] + ref[1]])
+
+    return unpack
+
+
+def _unframe(body: bytes) -> tuple[Any, Unpack]:
+    """The JSON document of a body, and how to get its bytes values."""
+    if body[: len(FRAME_MAGIC)] != FRAME_MAGIC:
+        return orjson.loads(body), _unb64
+    view = memoryview(body)
+    length = int.from_bytes(view[len(FRAME_MAGIC) : _FRAME_HEAD], "big")
+    if len(body) < _FRAME_HEAD + length:
+        raise orjson.JSONDecodeError("frame shorter than its JSON length", "", 0)
+    message = orjson.loads(view[_FRAME_HEAD : _FRAME_HEAD + length])
+    return message, _unpacker(view[_FRAME_HEAD + length :])
+
+
+def content_type(body: bytes) -> str:
+    """The content_type of a body this module encoded."""
+    return FRAME_CONTENT_TYPE if body[: len(FRAME_MAGIC)] == FRAME_MAGIC else CONTENT_TYPE
+
+
+def _same(value: Any, _codec=None) -> Any:
     return value
 
 
-def _encode_products(products: list[dict]) -> list[dict]:
-    return [{**p, "value": _b64(p["value"])} for p in products]
+def _value(value: Any, codec) -> Any:
+    return codec(value)
 
 
-def _decode_products(products: list[dict]) -> list[dict]:
-    return [{**p, "value": _unb64(p["value"])} for p in products]
+def _products(products: list[dict], codec) -> list[dict]:
+    return [{**p, "value": codec(p["value"])} for p in products]
 
 
-def _encode_block(block: dict) -> dict:
-    return {k: _b64(v) for k, v in block.items()}
+def _block(block: dict, codec) -> dict:
+    return {k: codec(v) for k, v in block.items()}
 
 
-def _decode_block(block: dict) -> dict:
-    return {k: _unb64(v) for k, v in block.items()}
-
-
-def _decode_taskmanager(row: dict) -> dict:
+def _decode_taskmanager(row: dict, _unpack=None) -> dict:
     return {**row, "datestamp": _dt.datetime.fromisoformat(row["datestamp"])}
 
 
-def _decode_taskmanagers(rows: list[dict]) -> list[dict]:
+def _decode_taskmanagers(rows: list[dict], _unpack=None) -> list[dict]:
     return [_decode_taskmanager(r) for r in rows]
 
 
-def _to_tuple(value: list) -> tuple:
+def _to_tuple(value: list, _unpack=None) -> tuple:
     return tuple(value)
 
 
@@ -101,12 +165,12 @@ class Operation:
 
     name: str
     write: bool
-    #: parameters whose value is bytes (base64 on the wire)
+    #: parameters whose value is bytes (framed after the JSON on the wire)
     binary: tuple[str, ...] = ()
-    #: worker side: result -> JSON-able
-    encode_result: Callable[[Any], Any] = _same
-    #: client side: JSON -> result
-    decode_result: Callable[[Any], Any] = _same
+    #: worker side: (result, pack) -> JSON-able
+    encode_result: Callable[[Any, Pack], Any] = _same
+    #: client side: (JSON, unpack) -> result
+    decode_result: Callable[[Any, Unpack], Any] = _same
 
     #: False for work that commits in many short transactions of its own (a reap):
     #: run as a plain call, outside the idempotency record
@@ -140,19 +204,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("get_last_generation_id", False),
         Operation("insert", True, binary=("value",)),
         Operation("update", True, binary=("value",)),
-        Operation("get_dataproduct", False, encode_result=_b64, decode_result=_unb64),
-        Operation(
-            "get_dataproducts",
-            False,
-            encode_result=_encode_products,
-            decode_result=_decode_products,
-        ),
-        Operation(
-            "get_datablock",
-            False,
-            encode_result=_encode_block,
-            decode_result=_decode_block,
-        ),
+        Operation("get_dataproduct", False, encode_result=_value, decode_result=_value),
+        Operation("get_dataproducts", False, encode_result=_products, decode_result=_products),
+        Operation("get_datablock", False, encode_result=_block, decode_result=_block),
         Operation("get_header", False, decode_result=_to_tuple),
         Operation("get_metadata", False, decode_result=_to_tuple),
         Operation("duplicate_datablock", True),
@@ -210,16 +264,18 @@ def exception_from(error: dict) -> BaseException:
 
 # -- bodies -------------------------------------------------------------------------
 def encode_request(op: Operation, args: dict[str, Any]) -> bytes:
+    """A request body: plain JSON, or a frame when it carries bytes (see ``content_type``)."""
     wire = dict(args)
+    pack = _Packer()
     for name in op.binary:
-        wire[name] = _b64(wire[name])
-    return orjson.dumps({"v": PROTOCOL_VERSION, "op": op.name, "args": wire})
+        wire[name] = pack(wire[name])
+    return pack.frame({"v": PROTOCOL_VERSION, "op": op.name, "args": wire})
 
 
 def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
     """Parse and check a request body; ProtocolError names what is wrong."""
     try:
-        message = orjson.loads(body)
+        message, unpack = _unframe(body)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"body is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
@@ -240,12 +296,13 @@ def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
         raise ProtocolError(f"{op.name}: unknown argument(s) {', '.join(sorted(unknown))[:200]}")
     for name in op.binary:
         if name in args:
-            args[name] = _unb64(args[name])
+            args[name] = unpack(args[name])
     return op, args
 
 
 def encode_result(op: Operation, result: Any) -> bytes:
-    return orjson.dumps({"v": PROTOCOL_VERSION, "ok": True, "result": op.encode_result(result)})
+    pack = _Packer()
+    return pack.frame({"v": PROTOCOL_VERSION, "ok": True, "result": op.encode_result(result, pack)})
 
 
 def encode_error(exc: BaseException) -> bytes:
@@ -260,11 +317,14 @@ def encode_error(exc: BaseException) -> bytes:
 def decode_reply(op: Operation, body: bytes) -> Any:
     """Return the result a reply carries, or raise the exception it describes."""
     try:
-        reply = orjson.loads(body)
+        reply, unpack = _unframe(body)
     except orjson.JSONDecodeError as exc:
         raise DataSpaceError(f"{op.name}: reply is not valid JSON: {exc}") from None
     if not isinstance(reply, dict) or "ok" not in reply:
         raise DataSpaceError(f"{op.name}: malformed reply")
     if reply["ok"]:
-        return op.decode_result(reply.get("result"))
+        try:
+            return op.decode_result(reply.get("result"), unpack)
+        except ProtocolError as exc:
+            raise DataSpaceError(f"{op.name}: malformed reply: {exc}") from None
     raise exception_from(reply.get("error") or {})

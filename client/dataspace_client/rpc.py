@@ -49,7 +49,13 @@ from .errors import (
     DataSpaceTimeoutError,
 )
 from .pika_patches import close_select_connection
-from .protocol import CONTENT_TYPE, DIRECT_REPLY_TO, EXCHANGE, PROTOCOL_VERSION, VERSION_HEADER
+from .protocol import (
+    DIRECT_REPLY_TO,
+    EXCHANGE,
+    PROTOCOL_VERSION,
+    VERSION_HEADER,
+    content_type,
+)
 from .urls import mask_password
 
 log = logging.getLogger(__name__)
@@ -403,7 +409,7 @@ class RpcClient:
         # what is left of the caller's wait, as the request's time to live
         remaining_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
         properties = pika.BasicProperties(
-            content_type=CONTENT_TYPE,
+            content_type=content_type(body),
             delivery_mode=pika.DeliveryMode.Persistent,
             correlation_id=correlation_id,
             message_id=message_id,
@@ -437,7 +443,7 @@ class RpcClient:
         timestamp = int(time.time())
         for publication in batch:
             properties = pika.BasicProperties(
-                content_type=CONTENT_TYPE,
+                content_type=content_type(publication.body),
                 delivery_mode=pika.DeliveryMode.Persistent,
                 message_id=publication.message_id,
                 type=publication.operation,

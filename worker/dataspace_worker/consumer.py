@@ -43,10 +43,10 @@ from pika.exceptions import (
 from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
 from dataspace_client.pika_patches import close_select_connection
 from dataspace_client.protocol import (
-    CONTENT_TYPE,
     DEAD_LETTER_EXCHANGE,
     PROTOCOL_VERSION,
     VERSION_HEADER,
+    content_type,
 )
 from dataspace_client.urls import mask_password
 
@@ -604,7 +604,7 @@ class WorkerPool:
 
 def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
     return pika.BasicProperties(
-        content_type=CONTENT_TYPE,
+        content_type=content_type(outcome.body),
         correlation_id=delivery.properties.correlation_id,
         type=f"{outcome.operation}.reply",
         app_id=APP_ID,

@@ -80,9 +80,10 @@ class Dispatcher:
     def _parse(self, body: bytes, content_type: str | None):
         if len(body) > self.max_body:
             raise ProtocolError(f"body of {len(body)} bytes is over the limit of {self.max_body}")
-        if content_type not in (None, "", protocol.CONTENT_TYPE):
+        if content_type not in (None, "", protocol.CONTENT_TYPE, protocol.FRAME_CONTENT_TYPE):
             raise ProtocolError(
-                f"content_type {content_type!r:.60} is not {protocol.CONTENT_TYPE!r}"
+                f"content_type {content_type!r:.60} is not {protocol.CONTENT_TYPE!r} "
+                f"or {protocol.FRAME_CONTENT_TYPE!r}"
             )
         op, args = protocol.decode_request(body)
         if op.name not in self._signatures:
