@@ -129,26 +129,30 @@ def _apply_all(cur, prepared: list) -> list[tuple[bytes, bool]]:
     results: list[tuple[bytes, bool] | None] = [None] * len(prepared)
     inserts: list[int] = []  # a run of consecutive inserts, applied together
 
+    recorded = []
+
+    def done(index: int, result) -> None:
+        request_id, encode = prepared[index][4], prepared[index][3]
+        reply = known[index] if known[index] is not None else encode(result)
+        results[index] = (reply, False)
+        if request_id is not None and known[index] is None:
+            recorded.append((request_id, reply))
+
     def apply_inserts():
         if inserts:
             operations.insert_many(cur, [prepared[i][2] for i in inserts])
             for i in inserts:
-                results[i] = (known[i], False)
+                done(i, None)
             inserts.clear()
 
-    recorded = []
-    for index, (operation, body, checked, encode, request_id) in enumerate(prepared):
+    for index, (operation, body, checked, _encode, request_id) in enumerate(prepared):
         if request_id in stored:
             results[index] = (stored[request_id], True)
         elif operation == "insert":
             inserts.append(index)
         else:
             apply_inserts()
-            result = body(cur, checked)
-            reply = known[index] if known[index] is not None else encode(result)
-            results[index] = (reply, False)
-            if request_id is not None and known[index] is None:
-                recorded.append((request_id, reply))
+            done(index, body(cur, checked))
     apply_inserts()
     idempotency.record_many(cur, recorded)
     return results
