@@ -75,14 +75,14 @@ class RemoteDataSource(DataSource):
         """Wait (up to ``timeout``) for published writes to be confirmed, then close.
 
         Raises DataSpaceTimeoutError or DataSpacePublishError, after closing, if
-        some published writes were not confirmed: they may be lost.
+        some published writes were not confirmed or were refused: they may be lost.
         """
         with self._connect_lock:
             client, self._client = self._client, None
         if client is None:
             return
         try:
-            if client.pending:
+            if client.unsettled:
                 client.flush(self.timeout)
         finally:
             client.close()

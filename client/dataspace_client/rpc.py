@@ -258,6 +258,11 @@ class RpcClient:
         """Fire-and-forget requests published and not yet confirmed by the broker."""
         return len(self._pending)
 
+    @property
+    def unsettled(self) -> bool:
+        """Whether ``flush`` has anything to wait for or to report."""
+        return bool(self._pending or self._failures)
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker confirmed every request given to ``publish``.
 
@@ -268,12 +273,18 @@ class RpcClient:
         """
         timeout = self.timeout if timeout is None else timeout
         with self._state:
-            done = self._state.wait_for(lambda: not self._pending or self._closing, timeout)
+            self._state.wait_for(lambda: not self._pending or self._closing, timeout)
             failures, self._failures = self._failures, []
             left = len(self._pending)
+            closed = self._closing
         if failures:
             raise DataSpacePublishError(failures)
-        if not done:
+        if left and closed:
+            raise DataSpaceConnectionError(
+                f"flush: the client is closed with {left} published requests not confirmed "
+                "by the broker: they may be lost"
+            )
+        if left:
             raise DataSpaceTimeoutError(
                 f"flush ({left} requests not yet confirmed by the broker)", timeout
             )

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_MIN = 0.2
 RECONNECT_BACKOFF_MAX = 5.0
 PUBLISH_SEQ_HEADER = "x-dataspace-publish-seq"
+#: bodies one batch may hold: small requests batch by the prefetch window, large
+#: ones run alone (a batch's transaction holds several copies of each value)
+BATCH_BYTES = 8 * 1024 * 1024
 APP_ID = f"dataspace-worker/{__version__}"
 
 
@@ -96,6 +99,7 @@ class Consumer:
         self.handled = 0
         #: deliveries of this channel whose ack waits for a dead letter's confirm
         self.held = 0
+        self._carry: Delivery | None = None  # taken from the inbox, for the next batch
         self.thread = threading.Thread(
             target=self._work, name=f"dataspace-consumer-{index}", daemon=True
         )
@@ -116,12 +120,19 @@ class Consumer:
 
     def _take(self) -> list[Delivery] | None:
         """The next deliveries to run: one, waited for, then whatever else the
-        prefetch window already holds (without waiting); None to stop."""
-        batch = []
-        delivery = self.inbox.get()
+        prefetch window already holds (without waiting), up to ``BATCH_BYTES`` of
+        bodies (large values go one at a time); None to stop."""
+        batch: list[Delivery] = []
+        size = 0
+        delivery = self._carry or self.inbox.get()
+        self._carry = None
         while delivery is not None:
             if delivery.channel.is_open:  # else the broker has requeued it already
+                if batch and size + len(delivery.body) > BATCH_BYTES:
+                    self._carry = delivery  # starts the next batch
+                    return batch
                 batch.append(delivery)
+                size += len(delivery.body)
             if len(batch) >= self.prefetch:
                 break
             try:

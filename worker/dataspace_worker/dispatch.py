@@ -95,18 +95,17 @@ class Dispatcher:
         bound.apply_defaults()
         return op, bound.arguments
 
-    def _prepare(self, body: bytes, message_id: str | None, content_type):
-        """Parse and check one request: ``(operation, arguments, idempotency key)``."""
-        op, args = self._parse(body, content_type)
-        request_id = None
-        if op.write:
-            if not message_id or len(message_id) > MAX_ID_LENGTH:
-                raise ProtocolError(
-                    f"{op.name}: a write request needs a message_id of 1 to "
-                    f"{MAX_ID_LENGTH} characters (its idempotency key)"
-                )
-            request_id = message_id
-        return op, args, request_id
+    @staticmethod
+    def _request_id(op, message_id: str | None) -> str | None:
+        """A write's idempotency key (its message_id, required); None for a read."""
+        if not op.write:
+            return None
+        if not message_id or len(message_id) > MAX_ID_LENGTH:
+            raise ProtocolError(
+                f"{op.name}: a write request needs a message_id of 1 to "
+                f"{MAX_ID_LENGTH} characters (its idempotency key)"
+            )
+        return message_id
 
     def handle(
         self, body: bytes, message_id: str | None = None, content_type=None, headers=None
@@ -126,10 +125,9 @@ class Dispatcher:
         for index, request in enumerate(requests):
             operation = "?"
             try:
-                op, args, request_id = self._prepare(
-                    request.body, request.message_id, request.content_type
-                )
+                op, args = self._parse(request.body, request.content_type)
                 operation = op.name
+                request_id = self._request_id(op, request.message_id)
                 if op.transactional:
                     pending.append((index, op, args, request_id))
                 else:  # commits batch by batch itself; naturally idempotent
