@@ -470,6 +470,7 @@ def main() -> None:
     parser.add_argument(
         "--consumers", type=int, default=None, help="worker consumers (default: the worker's)"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for CI logs)")
     args = parser.parse_args()
     count = args.count or (300 if args.quick else 3000)
     publishes = args.publishes or (10_000 if args.quick else 100_000)
@@ -483,11 +484,13 @@ def main() -> None:
     }
     if args.consumers:
         env["DATASPACE_CONSUMERS"] = str(args.consumers)
-    total = 4 * count + 2 * publishes + 2 * per_store
+    total = 6 * count + 2 * publishes + 2 * per_store
     with (
         services.scratch_database(services.DEFAULT_PG_DSN) as dsn,
         services.scratch_vhost(services.DEFAULT_AMQP_URL) as url,
-        tqdm(total=total, desc="bench", unit="call", file=sys.stderr) as bar,
+        tqdm(
+            total=total, desc="bench", unit="call", file=sys.stderr, disable=args.no_progress
+        ) as bar,
     ):
         worker = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "dataspace-worker")],

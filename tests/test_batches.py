@@ -11,6 +11,7 @@ real worker pool and checks that batching happens there.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 
 from dataspace_client import DataSpace, DataSpaceExistsError, validate
 from dataspace_client.protocol import OPERATIONS, decode_reply, encode_request
+from dataspace_worker import operations
 from dataspace_worker.dispatch import Dispatcher, Outcome, Request
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import declare_blocking, topology
@@ -461,3 +463,16 @@ def test_a_worker_runs_its_prefetch_window_in_few_transactions(
         assert len(_request_log(pg_dsn, ids)) == total
     finally:
         space.close()
+
+
+def test_large_and_small_inserts_in_one_batch_keep_their_order(dispatcher, source):
+    """One batch, small ones in one statement, large ones by COPY between them."""
+    seq = _new_taskmanager(source)
+    values = [os.urandom(operations.COPY_FROM_BYTES if i % 3 == 0 else 10) for i in range(9)]
+    outcomes = dispatcher.handle_batch(
+        [_insert(seq, 1, f"k{i}", v, _mid()) for i, v in enumerate(values)]
+    )
+    assert [o.code for o in outcomes] == ["ok"] * 9
+    products = source.get_dataproducts(seq)
+    assert [p["key"] for p in products] == [f"k{i}" for i in range(9)]
+    assert [p["value"] for p in products] == values

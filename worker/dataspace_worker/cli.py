@@ -21,7 +21,7 @@ import pika
 from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceConnectionError
 from dataspace_client.urls import mask_password
 
-from . import __version__, config, logs, metrics
+from . import __version__, config, logs, memory, metrics
 from .consumer import WorkerPool
 from .dispatch import Dispatcher
 from .maintenance import RequestLogSweeper, every
@@ -97,6 +97,7 @@ def run_demo(amqp_url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    memory.tune()  # first, before any thread starts: see memory.py
     args = _parser().parse_args(argv)
     if args.print_settings:
         print(config.settings_table())

@@ -42,8 +42,10 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("amqp_url", str, DEFAULT_AMQP_URL, "RabbitMQ URL (amqp://user:pass@host:port/vhost)"),
     Setting("pg_dsn", str, DEFAULT_PG_DSN, "PostgreSQL DSN (libpq string or postgresql:// URL)"),
-    Setting("consumers", int, 4, "consumers (channels, each with its own database thread)", 1),
-    Setting("prefetch", int, 4, "unacknowledged requests each consumer may hold", 1),
+    Setting("consumers", int, 2, "consumers (channels, each with its own database thread)", 1),
+    Setting(
+        "prefetch", int, 16, "unacknowledged requests each consumer holds and runs as one batch", 1
+    ),
     Setting("delivery_limit", int, 10, "deliveries of one request before it is dead-lettered", 1),
     Setting("drain_timeout", float, 30.0, "seconds to finish requests in hand on SIGTERM", 0),
     Setting(

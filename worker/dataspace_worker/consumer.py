@@ -117,6 +117,8 @@ class Consumer:
                 self._report(delivery, outcome, elapsed)
             self.handled += len(batch)
             self.pool.schedule_finish(self, list(zip(batch, outcomes, strict=True)))
+            # hold no body while waiting for the next batch (up to prefetch x size)
+            batch = outcomes = delivery = outcome = None
 
     def _take(self) -> list[Delivery] | None:
         """The next deliveries to run: one, waited for, then whatever else the

@@ -19,6 +19,7 @@ from psycopg2.extras import execute_values
 from dataspace_client import validate
 
 from . import schema, sql
+from .copy_rows import CHUNK, ProductRowStream, ValueSink
 
 Args = dict[str, Any]
 
@@ -84,14 +85,41 @@ def get_last_generation_id(cur, args: Args) -> int:
 
 
 # -- products -----------------------------------------------------------------------
+#: values from this size on go in through binary COPY (see copy_rows.py)
+COPY_FROM_BYTES = 256 * 1024
+
+
 def insert(cur, args: Args) -> None:
+    if len(args["value"]) >= COPY_FROM_BYTES:
+        stream = ProductRowStream(
+            args["taskmanager_id"], args["generation_id"], args["key"], args["value"]
+        )
+        cur.copy_expert(sql.COPY_PRODUCT, stream, size=CHUNK)
+        cur.execute(sql.INSERT_HEADER_METADATA, {**args, **args["header"], **args["metadata"]})
+        return
     cur.execute(sql.INSERT, _write_params(args))
 
 
 def insert_many(cur, many: list[Args]) -> None:
-    """Several inserts in one statement: all go in, or none (then each runs alone)."""
-    rows = [_write_params(args) for args in many]
-    execute_values(cur, sql.INSERT_MANY, rows, template=sql.INSERT_MANY_ROW, page_size=len(rows))
+    """Several inserts in as few statements as it takes, in order: all go in, or none
+    (then each runs alone). Small ones together in one statement; large ones by COPY."""
+    small: list[Args] = []
+    for args in many:
+        if len(args["value"]) < COPY_FROM_BYTES:
+            small.append(args)
+            continue
+        _insert_small(cur, small)
+        insert(cur, args)
+    _insert_small(cur, small)
+
+
+def _insert_small(cur, many: list[Args]) -> None:
+    if many:
+        rows = [_write_params(args) for args in many]
+        many.clear()
+        execute_values(
+            cur, sql.INSERT_MANY, rows, template=sql.INSERT_MANY_ROW, page_size=len(rows)
+        )
 
 
 def update(cur, args: Args) -> None:
@@ -100,10 +128,17 @@ def update(cur, args: Args) -> None:
 
 
 def get_dataproduct(cur, args: Args) -> bytes:
-    row = _one(cur, sql.GET_DATAPRODUCT, args)
+    row = _one(cur, sql.GET_SMALL_DATAPRODUCT, {**args, "copy_from": COPY_FROM_BYTES})
     if row is None:
         raise KeyError(_product_missing(args))
-    return bytes(row[0])
+    if row[0] is not None:
+        return bytes(row[0])
+    sink = ValueSink()  # a large value: binary COPY, not hex text
+    cur.copy_expert(cur.mogrify(sql.COPY_VALUE_OUT, args).decode(), sink, size=CHUNK)
+    value = sink.value()
+    if value is None:  # deleted between the two statements (no lock is held)
+        raise KeyError(_product_missing(args))
+    return value
 
 
 def get_dataproducts(cur, args: Args) -> list[dict]:

@@ -75,6 +75,23 @@ INSERT_MANY_ROW = (
     " %(missed_update_count)s::integer)"
 )
 
+# A large value goes in through COPY (copy_rows.py); its header and metadata after it.
+COPY_PRODUCT = (
+    "COPY dataproduct (taskmanager_id, generation_id, key, value) FROM STDIN (FORMAT binary)"
+)
+INSERT_HEADER_METADATA = """
+WITH h AS (
+    INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
+                        scheduled_create_time, creator, schema_id)
+    VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(create_time)s,
+            %(expiration_time)s, %(scheduled_create_time)s, %(creator)s, %(schema_id)s)
+)
+INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time,
+                      missed_update_count)
+VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(state)s, %(generation_time)s,
+        %(missed_update_count)s)
+"""
+
 _WHERE_PRODUCT = (
     "taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s AND key = %(key)s"
 )
@@ -95,7 +112,15 @@ WITH p AS (
 SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM h), (SELECT count(*) FROM m)
 """
 
-GET_DATAPRODUCT = f"SELECT value FROM dataproduct WHERE {_WHERE_PRODUCT}"
+# The value when it is small, else only its size (known from its TOAST pointer,
+# without reading it): a large one is then read by COPY_VALUE_OUT (copy_rows.py).
+GET_SMALL_DATAPRODUCT = f"""
+SELECT CASE WHEN octet_length(value) < %(copy_from)s THEN value END, octet_length(value)
+FROM dataproduct WHERE {_WHERE_PRODUCT}
+"""
+COPY_VALUE_OUT = (
+    f"COPY (SELECT value FROM dataproduct WHERE {_WHERE_PRODUCT}) TO STDOUT (FORMAT binary)"
+)
 
 GET_DATAPRODUCTS = """
 SELECT taskmanager_id, generation_id, key, value FROM dataproduct
