@@ -91,6 +91,19 @@ def own_vhost(amqp_url):
         yield url
 
 
+@pytest.fixture
+def pool_factory(pg_dsn):
+    """Start in-process worker pools on given URLs (``services.running_pool`` keyword
+    arguments); all stopped at teardown."""
+    with contextlib.ExitStack() as stack:
+
+        def start(url: str, **kwargs):
+            kwargs.setdefault("pool_size", 2)
+            return stack.enter_context(services.running_pool(url, pg_dsn, **kwargs))
+
+        yield start
+
+
 @pytest.fixture(scope="session")
 def worker_pool(pg_dsn, amqp_url):
     """A real worker pool (two consumers and the reaper) serving this run's vhost and database."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from contextlib import contextmanager
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -143,3 +144,26 @@ def running_pool(
     finally:
         pool.stop(10)
         datasource.close()
+
+
+def drain_queue(url: str, queue: str, idle: float = 5.0, deadline: float = 120.0) -> list[tuple]:
+    """Read and ack everything in ``queue`` until it stays empty for ``idle`` seconds
+    (``deadline`` seconds at most); return ``(properties, body)`` pairs."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    got = []
+    idle_since = time.monotonic()
+    give_up = time.monotonic() + deadline
+    for method, props, body in channel.consume(queue, inactivity_timeout=0.2):
+        if method is None:
+            if time.monotonic() - idle_since > idle or time.monotonic() > give_up:
+                break
+            continue
+        idle_since = time.monotonic()
+        got.append((props, body))
+        channel.basic_ack(method.delivery_tag)
+    channel.cancel()
+    connection.close()
+    return got

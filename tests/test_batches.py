@@ -10,7 +10,6 @@ real worker pool and checks that batching happens there.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import threading
@@ -26,7 +25,6 @@ from dataspace_worker import operations
 from dataspace_worker.dispatch import Dispatcher, Outcome, Request
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import declare_blocking, topology
-from tests import services
 from tests.conftest import remote_config
 from tests.contract_helpers import fresh, header, metadata, new_uuid, sql_rows
 
@@ -405,17 +403,6 @@ def test_inserts_keep_the_batch_order(dispatcher, source, batches, with_failure)
 
 
 # -- through a real worker pool ------------------------------------------------------------
-@pytest.fixture
-def pool_factory(pg_dsn):
-    """Start worker pools on given URLs; all stopped at teardown (as in test_reliability)."""
-    with contextlib.ExitStack() as stack:
-
-        def start(url: str, **kwargs):
-            return stack.enter_context(services.running_pool(url, pg_dsn, pool_size=2, **kwargs))
-
-        yield start
-
-
 def test_a_worker_runs_its_prefetch_window_in_few_transactions(
     own_vhost, pool_factory, source, pg_dsn, monkeypatch
 ):

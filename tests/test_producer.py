@@ -10,7 +10,6 @@ unconfirmed writes bounds what the client holds.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import threading
 import time
@@ -32,17 +31,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers ------------------------------------------------------------------------
-@pytest.fixture
-def pool_factory(pg_dsn):
-    """Start worker pools on given URLs; all stopped at teardown (as in test_reliability)."""
-    with contextlib.ExitStack() as stack:
-
-        def start(url: str, **kwargs):
-            return stack.enter_context(services.running_pool(url, pg_dsn, pool_size=2, **kwargs))
-
-        yield start
-
-
 def _close_broker_connections(name_fragment: str) -> int:
     """Close, as an operator would, every broker connection whose client properties
     mention ``name_fragment``; return how many (copied from test_reliability)."""
@@ -62,26 +50,6 @@ def _close_broker_connections(name_fragment: str) -> int:
             )
             closed += 1
     return closed
-
-
-def _drain(url: str, queue: str, idle: float = 2.0) -> list[tuple]:
-    """Read and ack everything in ``queue`` until it stays empty for ``idle`` seconds."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    channel = connection.channel()
-    got = []
-    idle_since = time.monotonic()
-    deadline = time.monotonic() + 30
-    for method, props, body in channel.consume(queue, inactivity_timeout=0.2):
-        if method is None:
-            if time.monotonic() - idle_since > idle or time.monotonic() > deadline:
-                break
-            continue
-        idle_since = time.monotonic()
-        got.append((props, body))
-        channel.basic_ack(method.delivery_tag)
-    channel.cancel()
-    connection.close()
-    return got
 
 
 def _value(i: int) -> bytes:
@@ -249,7 +217,7 @@ def test_failing_fire_and_forget_write_is_dead_lettered_and_later_writes_apply(
         assert producer.pending == 0
         block = _wait_for_block(space, seq, 1, 21)
         assert block == {"before": b"before", **{f"after-{i}": b"a" for i in range(20)}}
-        dead = _drain(own_vhost, DEAD_LETTER_QUEUE)
+        dead = services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=2.0, deadline=30)
         assert [props.message_id for props, _ in dead] == [bad]
         props, body = dead[0]
         reason = props.headers["x-dataspace-reason"]
@@ -358,7 +326,7 @@ def test_publications_are_sent_again_after_the_connection_is_closed(
             pg_dsn, "SELECT count(*) FROM dataspace_request WHERE message_id = ANY(%s)", (ids,)
         )
         assert logged == total
-        dead = _drain(own_vhost, DEAD_LETTER_QUEUE, idle=1.0)
+        dead = services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=1.0, deadline=30)
         assert not {p.message_id for p, _ in dead} & set(ids)
     finally:
         space.close()
@@ -427,7 +395,7 @@ def test_publish_waits_while_the_window_is_full_and_nothing_is_confirmed(amqp_ur
         channel.queue_delete(f"{name}-full")
         client.flush(10)
         assert client.pending == 0
-        received = _drain(amqp_url, f"{name}-open", idle=1.0)
+        received = services.drain_queue(amqp_url, f"{name}-open", idle=1.0, deadline=30)
         assert [p.message_id for p, _ in received] == ids
         assert [orjson.loads(b)["n"] for _, b in received] == [0, 1, 2]
     finally:

@@ -5,7 +5,6 @@ Process-killing fault tests live in tests/faults/.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 import time
@@ -27,16 +26,13 @@ FUZZ_MAX_BODY = 64 * 1024
 
 
 @pytest.fixture
-def pool_factory(pg_dsn):
-    """Start worker pools on given URLs; all stopped at teardown."""
-    with contextlib.ExitStack() as stack:
+def pool_factory(pool_factory):
+    """conftest's pools, with a small ``max_body`` unless told otherwise."""
 
-        def start(url: str, max_body: int = FUZZ_MAX_BODY, **kwargs) -> WorkerPool:
-            return stack.enter_context(
-                services.running_pool(url, pg_dsn, max_body=max_body, pool_size=2, **kwargs)
-            )
+    def start(url: str, max_body: int = FUZZ_MAX_BODY, **kwargs) -> WorkerPool:
+        return pool_factory(url, max_body=max_body, **kwargs)
 
-        yield start
+    yield start
 
 
 # -- the fuzz run ------------------------------------------------------------------
@@ -102,25 +98,6 @@ def _fuzz_bodies(rng: random.Random, count: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _drain(url: str, queue: str, timeout: float = 5.0) -> list[tuple]:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    channel = connection.channel()
-    got = []
-    idle_since = time.monotonic()
-    deadline = time.monotonic() + 120
-    for method, props, body in channel.consume(queue, inactivity_timeout=0.2):
-        if method is None:
-            if time.monotonic() - idle_since > timeout or time.monotonic() > deadline:
-                break
-            continue
-        idle_since = time.monotonic()
-        got.append((props, body))
-        channel.basic_ack(method.delivery_tag)
-    channel.cancel()
-    connection.close()
-    return got
-
-
 def test_fuzz_pool_survives_answers_or_dead_letters_everything(own_vhost, pool_factory, pg_dsn):
     pool = pool_factory(own_vhost, consumers=2)
     rng = random.Random(20261128)
@@ -163,7 +140,7 @@ def test_fuzz_pool_survives_answers_or_dead_letters_everything(own_vhost, pool_f
         if not reply["ok"]:
             assert reply["error"]["code"] and reply["error"]["message"]
 
-    dead = _drain(own_vhost, "dataspace.dead")
+    dead = services.drain_queue(own_vhost, "dataspace.dead")
     dead_ids = {p.message_id for p, _ in dead}
     for props, _ in dead:
         assert props.headers["x-dataspace-reason"]
@@ -254,7 +231,7 @@ def test_delivery_limit_dead_letters_a_request_that_keeps_failing(own_vhost):
     channel.cancel()
     connection.close()
     assert deliveries == 4  # the first delivery and three redeliveries
-    dead = _drain(own_vhost, "dataspace.dead", timeout=2)
+    dead = services.drain_queue(own_vhost, "dataspace.dead", idle=2)
     assert len(dead) == 1
     death = dead[0][0].headers["x-death"][0]
     assert death["reason"] == "delivery_limit" and death["queue"] == "dataspace.requests"

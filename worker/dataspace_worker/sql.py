@@ -32,12 +32,8 @@ WHERE tm.name = %(taskmanager_name)s
   AND (%(taskmanager_id)s::text IS NULL OR tm.taskmanager_id = %(taskmanager_id)s)
 """
 
-# One statement, one round trip: the three rows go in together or not at all.
-INSERT = """
-WITH p AS (
-    INSERT INTO dataproduct (taskmanager_id, generation_id, key, value)
-    VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(value)s)
-), h AS (
+# The header and metadata rows of one product, from the product's parameters.
+_HEADER_AND_METADATA = """h AS (
     INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
                         scheduled_create_time, creator, schema_id)
     VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(create_time)s,
@@ -48,6 +44,13 @@ INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time
 VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(state)s, %(generation_time)s,
         %(missed_update_count)s)
 """
+
+# One statement, one round trip: the three rows go in together or not at all.
+INSERT = f"""
+WITH p AS (
+    INSERT INTO dataproduct (taskmanager_id, generation_id, key, value)
+    VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(value)s)
+), {_HEADER_AND_METADATA}"""
 
 # Many inserts in one statement (psycopg2.extras.execute_values fills VALUES %s with
 # rows shaped by INSERT_MANY_ROW); rows keep their order, so ids stay in insertion order.
@@ -79,18 +82,7 @@ INSERT_MANY_ROW = (
 COPY_PRODUCT = (
     "COPY dataproduct (taskmanager_id, generation_id, key, value) FROM STDIN (FORMAT binary)"
 )
-INSERT_HEADER_METADATA = """
-WITH h AS (
-    INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
-                        scheduled_create_time, creator, schema_id)
-    VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(create_time)s,
-            %(expiration_time)s, %(scheduled_create_time)s, %(creator)s, %(schema_id)s)
-)
-INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time,
-                      missed_update_count)
-VALUES (%(taskmanager_id)s, %(generation_id)s, %(key)s, %(state)s, %(generation_time)s,
-        %(missed_update_count)s)
-"""
+INSERT_HEADER_METADATA = f"WITH {_HEADER_AND_METADATA}"
 
 _WHERE_PRODUCT = (
     "taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s AND key = %(key)s"
