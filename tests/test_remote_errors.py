@@ -95,7 +95,7 @@ def test_no_reply_within_timeout_names_operation_and_timeout(empty_vhost):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"url": 5}, "'url' must be a string"),
+        ({"url": 5}, "'url' must be a URL, or a list of URLs"),
         ({"timeout": 0}, "'timeout' must be a positive number"),
         ({"timeout": "soon"}, "'timeout' must be a positive number"),
     ],

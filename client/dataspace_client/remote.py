@@ -6,7 +6,8 @@ Configure it as the DataSpace's datasource::
         "module": "dataspace_client.remote", "name": "RemoteDataSource",
         "config": {"url": "amqp://guest:guest@127.0.0.1:5672/%2F"}}}}
 
-Settings in ``config``: ``url`` (default the local broker), ``timeout`` (seconds a
+Settings in ``config``: ``url`` (default the local broker; a list of URLs, or
+URLs separated by commas, for a cluster's nodes: see ``urls.py``), ``timeout`` (seconds a
 call waits for its reply, default 30), ``connect_timeout`` (default 10),
 ``app_id`` (shown in the management UI, default ``dataspace-client``),
 ``reap_timeout`` (seconds ``reap`` waits, default 3600).
@@ -26,6 +27,7 @@ from .datasource import DataSource
 from .errors import DataSpaceConfigurationError
 from .protocol import OPERATIONS, decode_reply, encode_request
 from .rpc import RpcClient
+from .urls import split_urls
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_TIMEOUT = 30.0
@@ -49,8 +51,14 @@ class RemoteDataSource(DataSource):
             raise DataSpaceConfigurationError("RemoteDataSource config must be a dict")
         super().__init__(config)
         self.url = config.get("url", DEFAULT_URL)
-        if not isinstance(self.url, str):
-            raise DataSpaceConfigurationError("RemoteDataSource setting 'url' must be a string")
+        if not isinstance(self.url, (str, list, tuple)):
+            raise DataSpaceConfigurationError(
+                "RemoteDataSource setting 'url' must be a URL, or a list of URLs (a cluster)"
+            )
+        try:
+            split_urls(self.url)
+        except ValueError as exc:
+            raise DataSpaceConfigurationError(f"RemoteDataSource setting 'url': {exc}") from None
         self.timeout = _positive(config, "timeout", DEFAULT_TIMEOUT)
         self.connect_timeout = _positive(config, "connect_timeout", 10.0)
         self.reap_timeout = _positive(config, "reap_timeout", DEFAULT_REAP_TIMEOUT)

@@ -56,7 +56,7 @@ from .protocol import (
     VERSION_HEADER,
     content_type,
 )
-from .urls import mask_password
+from .urls import BrokerAddresses, mask_password
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class RpcClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         app_id: str,
         timeout: float = 30.0,
@@ -117,18 +117,22 @@ class RpcClient:
         self.app_id = app_id
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
+
+        def configure(params) -> None:
+            params.connection_attempts = 1
+            params.socket_timeout = connect_timeout
+            # A broker under a resource alarm blocks publishers; give up rather than
+            # buffer requests without bound (their calls are re-sent after reconnecting).
+            params.blocked_connection_timeout = max(timeout, connect_timeout)
+            params.client_properties = {
+                "connection_name": f"{app_id} {socket.gethostname()}:{os.getpid()}"
+            }
+
         try:
-            self._params = pika.URLParameters(url)
-        except Exception as exc:  # pika raises assorted errors for a bad URL
-            raise DataSpaceConnectionError(f"invalid broker URL {self.masked_url}: {exc}") from None
-        self._params.connection_attempts = 1
-        self._params.socket_timeout = connect_timeout
-        # A broker under a resource alarm blocks publishers; give up rather than
-        # buffer requests without bound (their calls are re-sent after reconnecting).
-        self._params.blocked_connection_timeout = max(timeout, connect_timeout)
-        self._params.client_properties = {
-            "connection_name": f"{app_id} {socket.gethostname()}:{os.getpid()}"
-        }
+            # several URLs: a cluster's nodes, tried in turn (urls.BrokerAddresses)
+            self._addresses = BrokerAddresses(url, configure)
+        except ValueError as exc:
+            raise DataSpaceConnectionError(str(exc)) from None
         # Everything below is guarded by _state (a Condition on one lock).
         self._state = threading.Condition()
         self._calls: dict[str, _Call] = {}
@@ -150,8 +154,11 @@ class RpcClient:
         self._channel = None
         self._thread = threading.Thread(target=self._run, name="dataspace-rpc-io", daemon=True)
         self._thread.start()
+        rounds = len(self._addresses)  # one attempt at each address before giving up
         with self._state:
-            self._state.wait_for(lambda: self._open or self._attempts > 0, connect_timeout + 5)
+            self._state.wait_for(
+                lambda: self._open or self._attempts >= rounds, rounds * (connect_timeout + 5)
+            )
             connected = self._open
         if not connected:
             self.close()
@@ -318,7 +325,7 @@ class RpcClient:
                 if self._closing:
                     break
                 connection = pika.SelectConnection(
-                    self._params,
+                    self._addresses.current,
                     on_open_callback=self._on_connection_open,
                     on_open_error_callback=self._on_connection_open_error,
                     on_close_callback=self._on_connection_closed,
@@ -337,7 +344,12 @@ class RpcClient:
                 if self._closing:
                     break
                 reached = self._last_open_attempt > was_open_before
-            backoff = RECONNECT_BACKOFF_MIN if reached else min(backoff * 2, RECONNECT_BACKOFF_MAX)
+            # the next node at once, unless a whole round of them failed
+            new_round = self._addresses.advance()
+            if reached or not new_round:
+                backoff = RECONNECT_BACKOFF_MIN
+            else:
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
             time.sleep(backoff)
 
     def _on_connection_open(self, connection) -> None:

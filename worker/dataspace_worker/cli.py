@@ -19,7 +19,7 @@ import threading
 import pika
 
 from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceConnectionError
-from dataspace_client.urls import mask_password
+from dataspace_client.urls import mask_password, split_urls
 
 from . import __version__, config, logs, memory, metrics
 from .consumer import WorkerPool
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = None
     if settings.retention_days:
         schedule = Schedule(
-            pika.URLParameters(settings.amqp_url),
+            [pika.URLParameters(url) for url in split_urls(settings.amqp_url)],
             settings.retention_days,
             settings.reap_interval,
             queue_arguments=topo.schedule_queue.arguments,

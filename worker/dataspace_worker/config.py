@@ -40,7 +40,12 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("amqp_url", str, DEFAULT_AMQP_URL, "RabbitMQ URL (amqp://user:pass@host:port/vhost)"),
+    Setting(
+        "amqp_url",
+        str,
+        DEFAULT_AMQP_URL,
+        "RabbitMQ URL (amqp://user:pass@host:port/vhost); a cluster's nodes: comma-separated",
+    ),
     Setting("pg_dsn", str, DEFAULT_PG_DSN, "PostgreSQL DSN (libpq string or postgresql:// URL)"),
     Setting("consumers", int, 2, "consumers (channels, each with its own database thread)", 1),
     Setting(
@@ -203,16 +208,12 @@ def _check_retention(values: dict) -> None:
 
 
 def _check_amqp_url(url: str) -> None:
-    import pika
-
-    from dataspace_client.urls import mask_password
+    from dataspace_client.urls import BrokerAddresses
 
     try:
-        pika.URLParameters(url)
-    except Exception as exc:  # pika raises assorted errors for a bad URL
-        raise DataSpaceConfigurationError(
-            f"setting 'amqp_url' is not a valid AMQP URL ({mask_password(url)}): {exc}"
-        ) from None
+        BrokerAddresses(url, lambda _params: None)
+    except ValueError as exc:
+        raise DataSpaceConfigurationError(f"setting 'amqp_url': {exc}") from None
 
 
 def settings_table() -> str:

@@ -48,7 +48,7 @@ from dataspace_client.protocol import (
     VERSION_HEADER,
     content_type,
 )
-from dataspace_client.urls import mask_password
+from dataspace_client.urls import BrokerAddresses, mask_password
 
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
@@ -242,10 +242,14 @@ class WorkerPool:
         self._dead_channel = None
         self._dead_published = 0
         self._dead_unconfirmed: dict[int, _Settlement] = {}
-        self._params = pika.URLParameters(amqp_url)
-        self._params.connection_attempts = 1
-        self._params.socket_timeout = connect_timeout
-        self._params.client_properties = {"connection_name": f"{APP_ID} consumers"}
+
+        def configure(params) -> None:
+            params.connection_attempts = 1
+            params.socket_timeout = connect_timeout
+            params.client_properties = {"connection_name": f"{APP_ID} consumers"}
+
+        # several URLs: a cluster's nodes, tried in turn (dataspace_client.urls)
+        self._addresses = BrokerAddresses(amqp_url, configure)
         self._connection: pika.SelectConnection | None = None
         self._lock = threading.Lock()
         self._io_thread = threading.Thread(target=self._run, name="dataspace-amqp-io", daemon=True)
@@ -340,17 +344,17 @@ class WorkerPool:
                     self._give_up(f"the broker refused the topology: {exc.reply_text}")
                     break
                 self._pause(exc, backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+                backoff = self._next_address(backoff, reached=False)
                 continue
             except (AMQPError, OSError) as exc:
                 self._pause(exc, backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+                backoff = self._next_address(backoff, reached=False)
                 continue
             with self._lock:
                 if self.stopping.is_set():
                     break
                 connection = pika.SelectConnection(
-                    self._params,
+                    self._addresses.current,
                     on_open_callback=self._on_open,
                     on_open_error_callback=self._on_open_error,
                     on_close_callback=self._on_closed,
@@ -365,16 +369,24 @@ class WorkerPool:
             connection.ioloop.close()
             reached = self.consuming.is_set()
             self.consuming.clear()
-            backoff = RECONNECT_BACKOFF_MIN if reached else min(backoff * 2, RECONNECT_BACKOFF_MAX)
+            backoff = self._next_address(backoff, reached)
             if not self.stopping.is_set():
                 self.stopping.wait(backoff)
         for consumer in self.consumers:
             consumer.inbox.put(None)
 
+    def _next_address(self, backoff: float, reached: bool) -> float:
+        """Go on to the next broker address; the pause before trying it: short unless
+        a whole round of addresses failed without reaching a consuming state."""
+        new_round = self._addresses.advance()
+        if reached or not new_round:
+            return RECONNECT_BACKOFF_MIN
+        return min(backoff * 2, RECONNECT_BACKOFF_MAX)
+
     def _pause(self, exc: BaseException, backoff: float) -> None:
         log.warning(
             "broker %s unavailable (%s); retrying in %.1fs",
-            self.masked_url,
+            self._addresses.current_url,
             str(exc) or type(exc).__name__,
             backoff,
         )
@@ -396,7 +408,7 @@ class WorkerPool:
         """
         if self.stopping.is_set():
             return True
-        connection = pika.BlockingConnection(self._params)
+        connection = pika.BlockingConnection(self._addresses.current)
         try:
             for name in sorted({c.queue_name for c in self.consumers}):
                 try:
@@ -413,7 +425,7 @@ class WorkerPool:
 
     def _declare_topology(self) -> None:
         """Declare exchanges, queues and bindings (idempotent) on a short-lived connection."""
-        connection = pika.BlockingConnection(self._params)
+        connection = pika.BlockingConnection(self._addresses.current)
         try:
             declare_blocking(connection.channel(), self.topology)
         finally:

@@ -58,15 +58,17 @@ class Schedule:
 
     def __init__(
         self,
-        params: pika.URLParameters,
+        params: pika.URLParameters | list[pika.URLParameters],
         retention_days: float,
         interval: float,
         queue_arguments: dict | None = None,
     ):
-        self.params = params
-        # a broker under a resource alarm must not hold the reaper here
-        self.params.blocked_connection_timeout = 30
-        self.params.socket_timeout = 10
+        """``params``: one broker's, or a cluster's nodes' (tried in order)."""
+        self.params = params if isinstance(params, list) else [params]
+        for each in self.params:
+            # a broker under a resource alarm must not hold the reaper here
+            each.blocked_connection_timeout = 30
+            each.socket_timeout = 10
         self.retention_days = retention_days
         self.interval = interval
         self.queue_arguments = queue_arguments
