@@ -578,3 +578,36 @@ def test_client_user_can_do_nothing_else(broker):
             assert refused.value.reply_code == 403
     finally:
         connection.close()
+
+
+def test_the_cluster_variant_gives_workers_every_node_and_joins_three_nodes(compose):
+    """compose.cluster.yaml, laid over compose.yaml: three nodes on one cookie, found
+    through classic_config, quorum queues grown onto the two later nodes, and the
+    workers given the three addresses (docs/scaling.md)."""
+    (cluster,) = _load_all(DEPLOY / "compose.cluster.yaml")
+    services_ = cluster["services"]
+    nodes = ["rabbitmq", "rabbitmq2", "rabbitmq3"]
+    conf = (DEPLOY / "rabbitmq" / "cluster.conf").read_text()
+    assert re.findall(r"classic_config\.nodes\.\d+ = rabbit@(\S+)", conf) == nodes
+    for node in nodes:
+        assert "RABBITMQ_ERLANG_COOKIE" in services_[node]["environment"], node
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services_[node]["volumes"]}
+        assert mounts["/etc/rabbitmq/conf.d/30-cluster.conf"] == "./rabbitmq/cluster.conf"
+        for volume in services_[node]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{node}: {source} does not exist"
+            else:
+                declared = set(compose["volumes"]) | set(cluster["volumes"])
+                assert source in declared, f"{node}: volume {source} undeclared"
+    for later in nodes[1:]:
+        assert services_[later]["hostname"] == later
+        assert f"grow rabbit@{later} all" in services_["cluster-grow"]["command"][0]
+    for name in ("worker", "reaper"):
+        url = re.sub(r"\$\{[^}]*\}", "x", services_[name]["environment"]["DATASPACE_AMQP_URL"])
+        hosts = [urlsplit(u.strip()).hostname for u in url.split(",")]
+        assert hosts == nodes, name
+        assert services_[name]["depends_on"]["cluster-grow"]["condition"] == (
+            "service_completed_successfully"
+        )
+    assert "RABBITMQ_ERLANG_COOKIE=" in (DEPLOY / ".env.example").read_text()
