@@ -110,10 +110,12 @@ def running_pool(
     prefetch: int = 4,
     max_body: int = 64 * 1024 * 1024,
     pool_size: int | None = None,
+    lanes: int = 0,
     **pool_kwargs,
 ):
-    """A real worker pool in this process (its consumers and the reaper consumer),
-    serving ``amqp_url`` and ``pg_dsn``; consuming when yielded, stopped after."""
+    """A real worker pool in this process (its consumers, the reaper consumer and
+    ``lanes`` ordering lanes), serving ``amqp_url`` and ``pg_dsn``; consuming when
+    yielded, stopped after."""
     import threading
 
     from dataspace_worker.consumer import WorkerPool
@@ -124,12 +126,13 @@ def running_pool(
 
     stop = threading.Event()
     datasource = PostgresDataSource(
-        {"dsn": pg_dsn, "pool_size": pool_size or consumers + 2, "retry_timeout": 30}, stop
+        {"dsn": pg_dsn, "pool_size": pool_size or consumers + lanes + 2, "retry_timeout": 30},
+        stop,
     )
     pool = WorkerPool(
         amqp_url,
         Dispatcher(datasource, max_body),
-        topology(),
+        topology(lanes=lanes),
         consumers=consumers,
         prefetch=prefetch,
         stop_event=stop,

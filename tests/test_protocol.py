@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 
@@ -325,3 +326,42 @@ def _remove_dead_letter(channel, message_id: str, timeout: float = 10.0) -> None
             break
         channel.basic_nack(method.delivery_tag, requeue=True)
     channel.cancel()
+
+
+def test_a_sender_that_does_not_read_frames_gets_base64_json_from_a_worker(raw, remote_space):
+    """A client from before frames (no x-dataspace-frames header) can still read values:
+    the worker answers it in plain JSON with base64, and a framed client gets a frame."""
+    tm = remote_space.store_taskmanager(f"old-client-{uuid.uuid4().hex[:8]}", "OLD")
+    value = b"\x00\xff" * 200
+    remote_space.insert(
+        tm,
+        1,
+        "k",
+        value,
+        {
+            "create_time": 1,
+            "expiration_time": 2,
+            "scheduled_create_time": 1,
+            "creator": "c",
+            "schema_id": None,
+        },
+        {"state": "NEW", "generation_time": 1, "missed_update_count": 0},
+    )
+    body = orjson.dumps(
+        {
+            "v": 1,
+            "op": "get_dataproduct",
+            "args": {"taskmanager_id": tm, "generation_id": 1, "key": "k"},
+        }
+    )
+    props, reply = raw.request(body, "data.get_dataproduct")
+    assert props.content_type == protocol.CONTENT_TYPE
+    assert base64.b64decode(orjson.loads(reply)["result"]) == value
+    assert remote_space.get_dataproduct(tm, 1, "k") == value  # framed, through the client
+
+
+def test_encode_result_without_frames_is_plain_json():
+    op = OPERATIONS["get_datablock"]
+    body = protocol.encode_result(op, {"a": b"\x01"}, frames=False)
+    assert orjson.loads(body)["result"] == {"a": "AQ=="}
+    assert protocol.decode_reply(op, body) == {"a": b"\x01"}

@@ -51,7 +51,14 @@ REAP_ROUTING_KEY = "admin.reap"
 REAPER_QUEUE = "dataspace.reaper"
 SCHEDULE_QUEUE = "dataspace.reaper.schedule"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: ordering lanes (docs/scaling.md): a consistent-hash exchange keyed by task manager
+LANES_EXCHANGE = "dataspace.lanes"
+LANE_QUEUE_PREFIX = "dataspace.lane."
+#: no messages: every worker with lanes consumes it, so its consumer count is theirs
+LANE_WORKERS_QUEUE = "dataspace.lanes.workers"
 VERSION_HEADER = "x-dataspace-protocol"
+#: on a request: its sender reads framed replies (clients before frames do not)
+FRAMES_HEADER = "x-dataspace-frames"
 
 
 class ProtocolError(DataSpaceRequestError):
@@ -84,6 +91,10 @@ class _Packer:
         if not self.blobs:
             return text
         return b"".join([FRAME_MAGIC, len(text).to_bytes(4, "big"), text, *self.blobs])
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
 
 
 def _unb64(value: Any) -> bytes:
@@ -177,6 +188,12 @@ class Operation:
     transactional: bool = True
 
     @property
+    def lane_argument(self) -> str | None:
+        """The argument that names the task manager (its ``sequence_id``), by which
+        ordering lanes route this request; None for requests that name none."""
+        return None if self.name in _NOT_BY_SEQUENCE_ID else "taskmanager_id"
+
+    @property
     def routing_key(self) -> str:
         """Data operations go to the request queue, a reap to the reaper's queue."""
         return REAP_ROUTING_KEY if self.name == "reap" else ROUTING_PREFIX + self.name
@@ -186,6 +203,21 @@ class Operation:
         """Parameter names in call order (validate.SIGNATURES is the one source)."""
         return tuple(SIGNATURES[self.name])
 
+
+#: operations whose ``taskmanager_id``, if any, is a task manager's UUID, not its
+#: sequence_id, or that touch many task managers: never routed by lane
+_NOT_BY_SEQUENCE_ID = frozenset(
+    {
+        "store_taskmanager",
+        "get_taskmanager",
+        "get_taskmanagers",
+        "get_last_generation_id",
+        "delete_data_older_than",
+        "get_schema",
+        "create_tables",
+        "reap",
+    }
+)
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -300,9 +332,19 @@ def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
     return op, args
 
 
-def encode_result(op: Operation, result: Any) -> bytes:
+def accepts_frames(headers: dict | None) -> bool:
+    """Whether a request's sender reads framed replies (its FRAMES_HEADER)."""
+    return bool(headers) and bool(headers.get(FRAMES_HEADER))
+
+
+def encode_result(op: Operation, result: Any, frames: bool = True) -> bytes:
+    """A reply body: framed when it carries bytes, or, for a sender that does not
+    read frames (``frames`` False), plain JSON with the bytes in base64."""
+    message = {"v": PROTOCOL_VERSION, "ok": True}
+    if not frames:
+        return orjson.dumps({**message, "result": op.encode_result(result, _b64)})
     pack = _Packer()
-    return pack.frame({"v": PROTOCOL_VERSION, "ok": True, "result": op.encode_result(result, pack)})
+    return pack.frame({**message, "result": op.encode_result(result, pack)})
 
 
 def encode_error(exc: BaseException) -> bytes:

@@ -10,7 +10,10 @@ Settings in ``config``: ``url`` (default the local broker; a list of URLs, or
 URLs separated by commas, for a cluster's nodes: see ``urls.py``), ``timeout`` (seconds a
 call waits for its reply, default 30), ``connect_timeout`` (default 10),
 ``app_id`` (shown in the management UI, default ``dataspace-client``),
-``reap_timeout`` (seconds ``reap`` waits, default 3600).
+``reap_timeout`` (seconds ``reap`` waits, default 3600), ``lanes`` (default false:
+true sends every request that names a task manager through the workers'
+ordering lanes, which the workers must have: their ``lanes`` setting; see
+docs/scaling.md).
 
 Arguments are checked here with the same checks the worker applies, so a bad call
 raises TypeError/ValueError without a round trip; the worker's errors come back
@@ -25,7 +28,7 @@ from typing import Any
 from . import validate
 from .datasource import DataSource
 from .errors import DataSpaceConfigurationError
-from .protocol import OPERATIONS, decode_reply, encode_request
+from .protocol import LANES_EXCHANGE, OPERATIONS, decode_reply, encode_request
 from .rpc import RpcClient
 from .urls import split_urls
 
@@ -63,6 +66,11 @@ class RemoteDataSource(DataSource):
         self.connect_timeout = _positive(config, "connect_timeout", 10.0)
         self.reap_timeout = _positive(config, "reap_timeout", DEFAULT_REAP_TIMEOUT)
         self.app_id = str(config.get("app_id", "dataspace-client"))
+        self.lanes = config.get("lanes", False)
+        if not isinstance(self.lanes, bool):
+            raise DataSpaceConfigurationError(
+                "RemoteDataSource setting 'lanes' must be true or false"
+            )
         self._client: RpcClient | None = None
         self._connect_lock = threading.Lock()
         self.connect()
@@ -102,18 +110,31 @@ class RemoteDataSource(DataSource):
     def _call(self, operation: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         """Check ``args`` (a method's ``locals()`` will do), send, decode the reply."""
         op = OPERATIONS[operation]
-        body = encode_request(op, validate.check(operation, args))
+        checked = validate.check(operation, args)
+        body = encode_request(op, checked)
         client = self._client or self.connect()
-        reply = client.call(operation, op.routing_key, body, timeout=timeout)
+        exchange, routing_key = self._route(op, checked)
+        reply = client.call(operation, routing_key, body, timeout=timeout, exchange=exchange)
         return decode_reply(op, reply)
+
+    def _route(self, op, checked: dict) -> tuple[str | None, str]:
+        """Exchange and routing key: by task manager through the ordering lanes when
+        ``lanes`` is on and the request names one, else the operation's own."""
+        key = op.lane_argument
+        if self.lanes and key and checked.get(key) is not None:
+            return LANES_EXCHANGE, str(checked[key])
+        return None, op.routing_key
 
     # -- fire-and-forget ------------------------------------------------------
     def publish(self, operation: str, args: dict) -> str:
         """Check ``args``, publish the write, return its message_id without waiting
         for it (see producer.py)."""
         op = OPERATIONS[operation]
-        body = encode_request(op, validate.check(operation, args))
-        return (self._client or self.connect()).publish(operation, op.routing_key, body)
+        checked = validate.check(operation, args)
+        body = encode_request(op, checked)
+        exchange, routing_key = self._route(op, checked)
+        client = self._client or self.connect()
+        return client.publish(operation, routing_key, body, exchange=exchange)
 
     def flush(self, timeout: float | None = None) -> None:
         client = self._client

@@ -52,6 +52,7 @@ from .pika_patches import close_select_connection
 from .protocol import (
     DIRECT_REPLY_TO,
     EXCHANGE,
+    FRAMES_HEADER,
     PROTOCOL_VERSION,
     VERSION_HEADER,
     content_type,
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_MIN = 0.1
 RECONNECT_BACKOFF_MAX = 5.0
 CHANNEL_REOPEN_DELAY = 1.0
-NACK_RETRY_DELAY = 1.0
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
 
@@ -94,6 +94,25 @@ class _Publication:
     routing_key: str
     body: bytes
     message_id: str
+    exchange: str
+
+
+#: RabbitMQ 3.10's default max_message_size: a larger message closes the channel
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+#: AMQP short strings (message_id) hold at most this many bytes
+MAX_SHORT_STRING = 255
+
+
+def _check_sendable(operation: str, body: bytes, message_id: str) -> None:
+    """Refuse at once what the broker would refuse by closing the channel (and so,
+    re-sent after every reopening, never get through)."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"{operation}: a request of {len(body)} bytes is over the broker's "
+            f"max_message_size ({MAX_MESSAGE_BYTES} bytes)"
+        )
+    if len(message_id.encode("utf-8")) > MAX_SHORT_STRING:
+        raise ValueError(f"{operation}: message_id is over {MAX_SHORT_STRING} bytes")
 
 
 class RpcClient:
@@ -144,11 +163,12 @@ class RpcClient:
         self._outbox: deque[_Publication] = deque()  # to publish on the I/O thread
         self._drain_scheduled = False
         self._failures: list[str] = []  # publications refused for good, until flush
+        self._recycling = False  # the channel is being closed to be opened again (I/O thread)
         self._published = 0
         self._open = False
         self._closing = False
         self._attempts = 0  # connection attempts finished
-        self._last_open_attempt = -1  # the attempt that last reached consuming
+        self._reached = False  # the current connection reached consuming (I/O thread)
         self._last_error = "not connected yet"
         self._connection: pika.SelectConnection | None = None
         self._channel = None
@@ -174,8 +194,11 @@ class RpcClient:
         body: bytes,
         timeout: float | None = None,
         message_id: str | None = None,
+        exchange: str | None = None,
     ) -> bytes:
         """Send one request and return the reply body; raises DataSpace*Error on failure.
+
+        ``exchange``: where to publish it (default the client's: ``dataspace``).
 
         If the connection drops while the call waits, the request is sent again
         on the new connection, with the same ``message_id`` (a fresh one when
@@ -185,15 +208,23 @@ class RpcClient:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         message_id = message_id or uuid.uuid4().hex
+        _check_sendable(operation, body, message_id)
         while True:
             try:
-                return self._attempt(operation, routing_key, body, message_id, deadline, timeout)
+                return self._attempt(
+                    operation,
+                    (exchange or self.exchange, routing_key),
+                    body,
+                    message_id,
+                    deadline,
+                    timeout,
+                )
             except _ConnectionLost as lost:
                 if self._closing or time.monotonic() >= deadline:
                     raise DataSpaceConnectionError(str(lost)) from None
                 log.info("%s: %s; sending it again (message_id %s)", operation, lost, message_id)
 
-    def _attempt(self, operation, routing_key, body, message_id, deadline, timeout) -> bytes:
+    def _attempt(self, operation, route, body, message_id, deadline, timeout) -> bytes:
         correlation_id = uuid.uuid4().hex
         call = _Call(operation, deadline)
         with self._state:
@@ -211,7 +242,7 @@ class RpcClient:
             # Under the lock: a connection loss either sees this call (and fails
             # it) or happened before (and we saw _open false).
             self._connection.ioloop.add_callback_threadsafe(
-                lambda: self._publish(correlation_id, message_id, operation, routing_key, body)
+                lambda: self._publish(correlation_id, message_id, operation, route, body)
             )
         try:
             if not call.done.wait(max(0.0, deadline - time.monotonic())):
@@ -230,6 +261,7 @@ class RpcClient:
         body: bytes,
         message_id: str | None = None,
         timeout: float | None = None,
+        exchange: str | None = None,
     ) -> str:
         """Send a request that expects no reply; return its message_id at once.
 
@@ -238,13 +270,19 @@ class RpcClient:
         again until the broker confirms it; ``flush`` waits for that.
         """
         timeout = self.timeout if timeout is None else timeout
-        publication = _Publication(operation, routing_key, body, message_id or uuid.uuid4().hex)
+        _check_sendable(operation, body, message_id or "")
+        publication = _Publication(
+            operation, routing_key, body, message_id or uuid.uuid4().hex, exchange or self.exchange
+        )
         with self._state:
             room = self._state.wait_for(lambda: self._closing or self._has_room(len(body)), timeout)
             if self._closing:
                 raise DataSpaceConnectionError(f"{operation}: the client is closed")
             if not room:
                 raise DataSpaceTimeoutError(operation, timeout)
+            replaced = self._pending.get(publication.message_id)
+            if replaced is not None:  # sent again by the caller: the newer copy counts
+                self._pending_bytes -= len(replaced.body)
             self._pending[publication.message_id] = publication
             self._pending_bytes += len(body)
             self._outbox.append(publication)
@@ -331,7 +369,7 @@ class RpcClient:
                     on_close_callback=self._on_connection_closed,
                 )
                 self._connection = connection
-                was_open_before = self._attempts
+                self._reached = False
             try:
                 connection.ioloop.start()
             except Exception as exc:  # never let the I/O thread die silently
@@ -343,7 +381,7 @@ class RpcClient:
                 self._state.notify_all()
                 if self._closing:
                     break
-                reached = self._last_open_attempt > was_open_before
+                reached = self._reached
             # the next node at once, unless a whole round of them failed
             new_round = self._addresses.advance()
             if reached or not new_round:
@@ -380,7 +418,7 @@ class RpcClient:
             self._published = 0
             self._unconfirmed.clear()
             self._open = True
-            self._last_open_attempt = self._attempts
+            self._reached = True
             # everything unconfirmed goes again, in the order it was first published
             self._outbox = deque(self._pending.values())
             self._drain_scheduled = False
@@ -391,7 +429,16 @@ class RpcClient:
     def _on_channel_closed(self, channel, reason) -> None:
         """A channel error from the broker fails the calls in flight and reopens the
         channel after a pause; a channel closed by its connection's end is left to
-        ``_on_connection_closed`` (those calls are re-sent after reconnecting)."""
+        ``_on_connection_closed`` (those calls are re-sent after reconnecting); one
+        recycled after a refusal (``_recycle_channel``) comes back after a pause,
+        and what was in flight on it is sent again."""
+        if self._recycling and not self._closing:
+            self._recycling = False
+            self._lost(f"channel reopened after a refusal: {reason}")
+            connection = self._connection
+            if connection is not None and connection.is_open:
+                connection.ioloop.call_later(CHANNEL_REOPEN_DELAY, self._reopen_channel)
+            return
         if self._closing or not isinstance(reason, ChannelClosedByBroker):
             self._lost(f"channel closed: {reason}")
             return
@@ -423,7 +470,8 @@ class RpcClient:
         for call in calls:
             call.fail(error_cls(f"{call.operation}: {reason} (broker {self.masked_url})"))
 
-    def _publish(self, correlation_id, message_id, operation, routing_key, body) -> None:
+    def _publish(self, correlation_id, message_id, operation, route, body) -> None:
+        exchange, routing_key = route
         with self._state:
             call = self._calls.get(correlation_id)
             channel = self._channel
@@ -441,11 +489,11 @@ class RpcClient:
             app_id=self.app_id,
             timestamp=int(time.time()),
             expiration=str(remaining_ms),
-            headers={VERSION_HEADER: PROTOCOL_VERSION},
+            headers={VERSION_HEADER: PROTOCOL_VERSION, FRAMES_HEADER: 1},
         )
         try:
             channel.basic_publish(
-                self.exchange, routing_key, body, properties=properties, mandatory=True
+                exchange, routing_key, body, properties=properties, mandatory=True
             )
         except (AMQPError, AttributeError, OSError) as exc:
             call.fail(_ConnectionLost(f"{operation}: publish failed: {exc}"))
@@ -472,11 +520,11 @@ class RpcClient:
                 type=publication.operation,
                 app_id=self.app_id,
                 timestamp=timestamp,
-                headers={VERSION_HEADER: PROTOCOL_VERSION},
+                headers={VERSION_HEADER: PROTOCOL_VERSION, FRAMES_HEADER: 1},
             )
             try:
                 channel.basic_publish(
-                    self.exchange,
+                    publication.exchange,
                     publication.routing_key,
                     publication.body,
                     properties=properties,
@@ -506,36 +554,31 @@ class RpcClient:
         nacked = isinstance(method, pika.spec.Basic.Nack)
         with self._state:
             items = self._confirmed_tags(method.delivery_tag, method.multiple)
-            calls = [self._calls.get(i) for i in items if isinstance(i, str)]
-            publications = [p for p in items if isinstance(p, _Publication)]
-            refused = []
-            for publication in publications:
-                if self._pending.get(publication.message_id) is not publication:
-                    continue  # dropped as unroutable meanwhile
-                if nacked:
-                    refused.append(publication)
-                else:
-                    del self._pending[publication.message_id]
-                    self._pending_bytes -= len(publication.body)
-            if publications:
-                self._state.notify_all()
-        if refused:  # the queue is full or the broker overloaded: send them again later
-            log.warning("broker refused %d published requests; sending again", len(refused))
-            self._connection.ioloop.call_later(NACK_RETRY_DELAY, lambda: self._republish(refused))
+            for item in items:
+                if isinstance(item, _Publication) and not nacked:
+                    if self._pending.get(item.message_id) is item:
+                        del self._pending[item.message_id]
+                        self._pending_bytes -= len(item.body)
+            self._state.notify_all()
         if nacked:
-            for call in calls:
-                if call is not None:
-                    call.fail(
-                        DataSpaceConnectionError(
-                            f"{call.operation}: the broker refused the request (nack): "
-                            "the queue is full or the broker is overloaded; retry later"
-                        )
-                    )
+            # The queue is full, or, measured on RabbitMQ 3.10 in a cluster, the
+            # channel was opened while its quorum queue had no leader: the broker
+            # then refuses every publish on that channel for good. Either way: a
+            # new channel after a pause, and everything in flight sent again in
+            # order (calls with their message_id, publications from _pending).
+            self._recycle_channel(
+                f"the broker refused {len(items)} request(s) (nack): the queue is full, "
+                "or its leader moved"
+            )
 
-    def _republish(self, publications: list[_Publication]) -> None:
-        with self._state:
-            self._outbox.extend(p for p in publications if self._pending.get(p.message_id) is p)
-            self._schedule_drain()
+    def _recycle_channel(self, reason: str) -> None:
+        """Close the channel, to open a new one after a pause (I/O thread)."""
+        channel = self._channel
+        if self._recycling or channel is None or not channel.is_open:
+            return
+        log.warning("%s; opening a new channel in %.1f s", reason, CHANNEL_REOPEN_DELAY)
+        self._recycling = True
+        channel.close()
 
     def _on_return(self, _channel, method, properties, _body) -> None:
         reason = (

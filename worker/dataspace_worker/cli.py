@@ -33,6 +33,8 @@ log = logging.getLogger("dataspace_worker")
 
 SWEEP_INTERVAL = 60.0
 TOPOLOGY_CHECK_INTERVAL = 60.0
+#: seconds between two looks at how the ordering lanes are spread (WorkerPool.rebalance)
+LANE_REBALANCE_INTERVAL = 5.0
 ARM_INTERVAL = 60.0
 
 EXAMPLES = """\
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "dsn": settings.pg_dsn,
                 # the consumers, the reaper and the sweeper each need one at times
-                "pool_size": settings.consumers + 2,
+                "pool_size": settings.consumers + settings.lanes + 2,
                 "retry_timeout": None,
                 "connect_timeout": max(1, int(settings.connect_timeout)),
                 "reap_batch": settings.reap_batch,
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stopped before the database was reached: %s", exc)
         return 1
     parts["datasource"] = datasource
-    topo = topology(settings.delivery_limit)
+    topo = topology(settings.delivery_limit, settings.lanes)
     schedule = None
     if settings.retention_days:
         schedule = Schedule(
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parts["pool"] = pool
     pool.start()
     every(TOPOLOGY_CHECK_INTERVAL, pool.check_topology, stop, "dataspace-topology-check")
+    if settings.lanes:
+        every(LANE_REBALANCE_INTERVAL, pool.rebalance, stop, "dataspace-lane-rebalance")
     sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
     every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
     if schedule is not None:

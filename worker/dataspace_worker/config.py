@@ -52,6 +52,13 @@ SETTINGS: tuple[Setting, ...] = (
         "prefetch", int, 16, "unacknowledged requests each consumer holds and runs as one batch", 1
     ),
     Setting("delivery_limit", int, 10, "deliveries of one request before it is dead-lettered", 1),
+    Setting(
+        "lanes",
+        int,
+        0,
+        "ordering lanes for requests by task manager (0: none; same on every worker)",
+        0,
+    ),
     Setting("drain_timeout", float, 30.0, "seconds to finish requests in hand on SIGTERM", 0),
     Setting(
         "retention_days",
@@ -86,6 +93,7 @@ class WorkerSettings:
     consumers: int
     prefetch: int
     delivery_limit: int
+    lanes: int
     drain_timeout: float
     retention_days: float
     reap_interval: float

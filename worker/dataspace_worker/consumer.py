@@ -62,6 +62,9 @@ PUBLISH_SEQ_HEADER = "x-dataspace-publish-seq"
 #: bodies one batch may hold: small requests batch by the prefetch window, large
 #: ones run alone (a batch's transaction holds several copies of each value)
 BATCH_BYTES = 8 * 1024 * 1024
+#: seconds before a channel closed on purpose is opened again (a lane handed to
+#: another worker, a dead-letter channel that refused a publish)
+CHANNEL_REOPEN_PAUSE = 1.0
 APP_ID = f"dataspace-worker/{__version__}"
 
 
@@ -87,8 +90,23 @@ class _Settlement:
 class Consumer:
     """One channel on a queue and the thread that runs its deliveries in order."""
 
-    def __init__(self, index: int, pool: WorkerPool, queue_name: str, dispatcher, prefetch: int):
+    def __init__(
+        self,
+        index: int,
+        pool: WorkerPool,
+        queue_name: str,
+        dispatcher,
+        prefetch: int,
+        lane: int | None = None,
+    ):
         self.index = index
+        #: the ordering lane this consumer serves, or None (docs/scaling.md)
+        self.lane = lane
+        #: when its channel last delivered (I/O thread): a lane that delivers is one
+        #: this worker is the single active consumer of
+        self.last_delivery = 0.0
+        #: its channel is being closed on purpose, to hand the lane to another worker
+        self.yielding = False
         self.pool = pool
         self.queue_name = queue_name
         self.dispatcher = dispatcher
@@ -233,6 +251,13 @@ class WorkerPool:
             self.consumers.append(
                 Consumer(consumers, self, topology.reaper_queue.name, reaper, prefetch=1)
             )
+        # One consumer (channel and database thread) per ordering lane: the broker
+        # keeps one active per lane across all workers; rebalance() spreads them.
+        self.lanes = [
+            Consumer(len(self.consumers) + i, self, lane.name, dispatcher, prefetch, lane=i)
+            for i, lane in enumerate(topology.lane_queues)
+        ]
+        self.consumers.extend(self.lanes)
         self.consuming = threading.Event()
         self.connections_opened = 0
         #: why the pool gave up for good (the broker refused it), or None
@@ -366,6 +391,9 @@ class WorkerPool:
                 log.exception("AMQP I/O loop failed; reconnecting")
             with self._lock:
                 self._connection = None
+                # callbacks scheduled on that loop will never run; the broker has
+                # requeued their deliveries with the connection
+                self._finishing = 0
             connection.ioloop.close()
             reached = self.consuming.is_set()
             self.consuming.clear()
@@ -438,25 +466,52 @@ class WorkerPool:
         self.connections_opened += 1
         connection.channel(on_open_callback=self._on_dead_channel_open)
 
-    def _on_dead_channel_open(self, channel) -> None:
-        """The dead-letter channel first, then the consumers' channels."""
+    def _on_dead_channel_open(self, channel, with_consumers: bool = True) -> None:
+        """The dead-letter channel first, then (on a new connection) the consumers'."""
         self._dead_channel = channel
         self._dead_published = 0
         self._dead_unconfirmed.clear()
         channel.add_on_close_callback(self._on_dead_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(ack_nack_callback=self._on_confirm)
+        workers_queue = self.topology.lane_workers_queue
+        if workers_queue is not None:  # counted among the workers serving lanes
+            channel.basic_consume(
+                workers_queue.name, lambda ch, method, _p, _b: ch.basic_ack(method.delivery_tag)
+            )
+        if not with_consumers:
+            return
         for consumer in self.consumers:
             channel.connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
 
     def _on_dead_channel_closed(self, channel, reason) -> None:
-        """Unconfirmed dead letters are in doubt: start over (the broker requeues
-        their requests when their channels close)."""
+        """Unconfirmed dead letters are in doubt: their requests go back to the queue.
+        Closed by the broker: start over; closed here after a refusal: a new channel
+        after a pause."""
         if self._dead_channel is channel:
             self._dead_channel = None
+            for settlement in self._dead_unconfirmed.values():
+                delivery, consumer = settlement.delivery, settlement.consumer
+                if delivery.channel is consumer.channel and delivery.channel.is_open:
+                    consumer.held -= 1
+                    delivery.channel.basic_nack(delivery.tag, requeue=True)
             self._dead_unconfirmed.clear()
-        if not self.stopping.is_set() and isinstance(reason, ChannelClosedByBroker):
+        if self.stopping.is_set():
+            return
+        if isinstance(reason, ChannelClosedByBroker):
             self._reconnect(f"dead-letter channel closed by the broker: {reason}")
+            return
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.ioloop.call_later(
+                CHANNEL_REOPEN_PAUSE,
+                lambda: (
+                    connection.is_open
+                    and connection.channel(
+                        on_open_callback=partial(self._on_dead_channel_open, with_consumers=False)
+                    )
+                ),
+            )
 
     def _on_open_error(self, connection, error) -> None:
         log.warning("cannot connect to %s: %s", self.masked_url, str(error) or type(error).__name__)
@@ -511,8 +566,70 @@ class WorkerPool:
         if self.stopping.is_set():
             consumer.inbox.put(None)
             return
+        if consumer.yielding:  # closed on purpose: back in the lane's line after a pause
+            consumer.yielding = False
+            connection = self._connection
+            if connection is not None and connection.is_open:
+                connection.ioloop.call_later(
+                    CHANNEL_REOPEN_PAUSE,
+                    lambda: self._reopen(consumer, connection),
+                )
+            return
         if isinstance(reason, ChannelClosedByBroker):
             self._reconnect(f"consumer {consumer.index} channel closed by the broker: {reason}")
+
+    def _reopen(self, consumer: Consumer, connection) -> None:
+        if connection is self._connection and connection.is_open and not self.stopping.is_set():
+            connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+
+    # -- ordering lanes ------------------------------------------------------------
+    def rebalance(self, window: float = 10.0) -> list[int]:
+        """Hand lanes to other workers when this one is active on more than its share.
+
+        Single active consumer makes the first subscriber of a lane its consumer,
+        so the first worker would keep every lane. Every worker subscribes to
+        every lane and counts the workers (the consumer count of
+        ``dataspace.lanes.workers``, which each of them consumes). If this worker
+        received deliveries from more than ``ceil(lanes / workers)`` lanes within
+        ``window`` seconds, it closes the extra lanes' channels and subscribes
+        again after a pause, at the back of their lines: the broker makes the next
+        worker active and returns what this one had not acked (a request it was
+        still applying is fenced by its idempotency claim). Returns the lanes given
+        away. Run periodically (the command does).
+        """
+        if not self.lanes or self.stopping.is_set():
+            return []
+        connection = pika.BlockingConnection(self._addresses.current)
+        try:
+            frame = connection.channel().queue_declare(
+                self.topology.lane_workers_queue.name, passive=True
+            )
+            workers = max(1, frame.method.consumer_count)
+        finally:
+            if connection.is_open:
+                connection.close()
+        share = -(-len(self.lanes) // workers)
+        now = time.monotonic()
+        active = [c for c in self.lanes if c.channel is not None and now - c.last_delivery < window]
+        extra = active[share:]
+        if extra:
+            log.info(
+                "active on %d of %d lanes with %d workers: handing lanes %s to the others",
+                len(active),
+                len(self.lanes),
+                workers,
+                [c.lane for c in extra],
+            )
+            self.call_soon(lambda: self._yield(extra))
+        return [c.lane for c in extra]
+
+    def _yield(self, consumers: list[Consumer]) -> None:
+        for consumer in consumers:
+            channel = consumer.channel
+            if channel is not None and channel.is_open:
+                consumer.yielding = True
+                consumer.last_delivery = 0.0
+                channel.close()
 
     def _on_cancelled(self, consumer: Consumer, _frame) -> None:
         """The broker cancelled a consumer (its queue was deleted, say)."""
@@ -527,6 +644,7 @@ class WorkerPool:
             connection.close()
 
     def _on_message(self, consumer: Consumer, channel, method, properties, body) -> None:
+        consumer.last_delivery = time.monotonic()
         if method.redelivered:
             metrics.REDELIVERED.inc()
         consumer.inbox.put(
@@ -614,6 +732,12 @@ class WorkerPool:
                 delivery.channel.basic_nack(delivery.tag, requeue=True)
             else:
                 delivery.channel.basic_ack(delivery.tag)
+        channel = self._dead_channel
+        if refused and channel is not None and channel.is_open:
+            # On RabbitMQ 3.10 a channel opened while the dead-letter queue had no
+            # leader refuses every publish for good: use a new one.
+            log.warning("dead-letter channel refused a publish; opening a new one")
+            channel.close()
 
     def _cancel_consumers(self) -> None:
         for consumer in self.consumers:

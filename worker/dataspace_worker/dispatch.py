@@ -121,18 +121,19 @@ class Dispatcher:
         of its own, so one bad request never fails or delays another's effect.
         """
         outcomes: list[Outcome | None] = [None] * len(requests)
-        pending = []  # (index, op, args, request_id) of the transactional requests
+        pending = []  # (index, op, args, request_id, frames) of the transactional requests
         for index, request in enumerate(requests):
             operation = "?"
             try:
                 op, args = self._parse(request.body, request.content_type)
                 operation = op.name
                 request_id = self._request_id(op, request.message_id)
+                frames = protocol.accepts_frames(request.headers)
                 if op.transactional:
-                    pending.append((index, op, args, request_id))
+                    pending.append((index, op, args, request_id, frames))
                 else:  # commits batch by batch itself; naturally idempotent
                     outcomes[index] = self._guarded(
-                        operation, lambda op=op, a=args: self._direct(op, a)
+                        operation, lambda op=op, a=args, f=frames: self._direct(op, a, f)
                     )
             except ProtocolError as exc:
                 outcomes[index] = _refused(operation, exc)
@@ -145,12 +146,13 @@ class Dispatcher:
                 self._together(pending, outcomes)
             except DataSpaceConnectionError as exc:  # every one of them waits
                 log.warning("store unavailable, %d requests will be retried: %s", len(ids), exc)
-                for index, op, _args, _id in pending:
+                for index, op, *_ in pending:
                     outcomes[index] = Outcome(None, "unavailable", op.name)
-        for index, op, args, request_id in pending:
+        for index, op, args, request_id, frames in pending:
             if outcomes[index] is None:
                 outcomes[index] = self._guarded(
-                    op.name, lambda op=op, a=args, r=request_id: self._alone(op, a, r)
+                    op.name,
+                    lambda op=op, a=args, r=request_id, f=frames: self._alone(op, a, r, f),
                 )
         return outcomes
 
@@ -159,22 +161,22 @@ class Dispatcher:
         (each request then runs alone and the failing one reports its own error)."""
         try:
             results = self.datasource.execute_many(
-                [(op.name, args, _encoder(op), rid) for _i, op, args, rid in pending]
+                [(op.name, args, _encoder(op, f), rid) for _i, op, args, rid, f in pending]
             )
         except DataSpaceConnectionError:
             raise
         except Exception as exc:
             log.debug("a batch of %d failed (%s); running each alone", len(pending), exc)
             return
-        for (index, op, _args, _id), (reply, replayed) in zip(pending, results, strict=True):
+        for (index, op, *_), (reply, replayed) in zip(pending, results, strict=True):
             outcomes[index] = Outcome(reply, "ok", op.name, replayed=replayed)
 
-    def _direct(self, op, args) -> Outcome:
+    def _direct(self, op, args, frames: bool) -> Outcome:
         result = getattr(self.datasource, op.name)(**args)
-        return Outcome(protocol.encode_result(op, result), "ok", op.name)
+        return Outcome(protocol.encode_result(op, result, frames), "ok", op.name)
 
-    def _alone(self, op, args, request_id) -> Outcome:
-        reply, replayed = self.datasource.execute(op.name, args, _encoder(op), request_id)
+    def _alone(self, op, args, request_id, frames: bool) -> Outcome:
+        reply, replayed = self.datasource.execute(op.name, args, _encoder(op, frames), request_id)
         return Outcome(reply, "ok", op.name, replayed=replayed)
 
     @staticmethod
@@ -194,8 +196,8 @@ class Dispatcher:
             return _failed(operation, exc)
 
 
-def _encoder(op):
-    return lambda result: protocol.encode_result(op, result)
+def _encoder(op, frames: bool):
+    return lambda result: protocol.encode_result(op, result, frames)
 
 
 def _refused(operation: str, exc: ProtocolError) -> Outcome:

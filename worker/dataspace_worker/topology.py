@@ -7,18 +7,26 @@ means a new queue name or a migration step, never an edit in place.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+from pika.exceptions import ChannelClosedByBroker
 
 from dataspace_client.protocol import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     EXCHANGE,
+    LANE_QUEUE_PREFIX,
+    LANE_WORKERS_QUEUE,
+    LANES_EXCHANGE,
     REAP_ROUTING_KEY,
     REAPER_QUEUE,
     REQUEST_BINDING,
     REQUEST_QUEUE,
     SCHEDULE_QUEUE,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,20 @@ class Topology:
     def schedule_queue(self) -> Queue:
         return self.queues[3]
 
+    @property
+    def lane_queues(self) -> tuple[Queue, ...]:
+        """The ordering lanes, lane 0 first (none unless ``lanes`` was given)."""
+        return tuple(q for q in self.queues[4:] if q.name != LANE_WORKERS_QUEUE)
 
-def topology(delivery_limit: int = 10) -> Topology:
-    """The service's topology.  ``delivery_limit`` bounds redeliveries of one request.
+    @property
+    def lane_workers_queue(self) -> Queue | None:
+        """The queue whose consumer count is the number of workers serving lanes."""
+        return next((q for q in self.queues[4:] if q.name == LANE_WORKERS_QUEUE), None)
+
+
+def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
+    """The service's topology.  ``delivery_limit`` bounds redeliveries of one request;
+    ``lanes`` ordering lanes, if any (docs/scaling.md).
 
     Quorum queues: durable and replicated on a cluster, with a delivery limit
     that dead-letters a request whose handling keeps failing; dead-lettering is
@@ -87,17 +106,47 @@ def topology(delivery_limit: int = 10) -> Topology:
             "x-dead-letter-routing-key": REAP_ROUTING_KEY,
         },
     )
+    # Ordering lanes: requests naming a task manager, hashed by it (plugin
+    # rabbitmq_consistent_hash_exchange; each binding's key is its weight); one
+    # active consumer per lane across all workers keeps each lane in order.
+    lane_queues = tuple(
+        Queue(
+            f"{LANE_QUEUE_PREFIX}{i}",
+            {**work, "x-single-active-consumer": True},
+            ((LANES_EXCHANGE, "1"),),
+        )
+        for i in range(lanes)
+    )
+    exchanges = [(EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "topic")]
+    if lanes:
+        exchanges.append((LANES_EXCHANGE, "x-consistent-hash"))
+        # A lane's consumer count is 1 (its active consumer): workers count
+        # themselves by consuming this queue, which receives nothing.
+        lane_queues += (Queue(LANE_WORKERS_QUEUE, {"x-queue-type": "quorum"}),)
     return Topology(
-        exchanges=((EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "topic")),
-        queues=(requests, dead, reaper, schedule),
+        exchanges=tuple(exchanges),
+        queues=(requests, dead, reaper, schedule, *lane_queues),
     )
 
 
 def declare_blocking(channel, topo: Topology) -> None:
-    """Declare everything on a pika BlockingChannel (tests and tools use this)."""
+    """Declare everything on a pika BlockingChannel (the worker, tests and tools).
+
+    A classic queue lives on one node of a cluster: while that node is down the
+    broker refuses to declare it (404, "home node ... is down"). That must not
+    keep a worker from consuming through the other nodes, so such a queue is
+    skipped, with a warning, and declared again at the next reconnection.
+    """
     for name, kind in topo.exchanges:
         channel.exchange_declare(name, kind, durable=True)
     for queue in topo.queues:
-        channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        try:
+            channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != 404 or queue.arguments.get("x-queue-type") != "classic":
+                raise
+            log.warning("queue %s unavailable, skipped for now: %s", queue.name, exc.reply_text)
+            channel = channel.connection.channel()
+            continue
         for exchange, key in queue.bindings:
             channel.queue_bind(queue.name, exchange, key)
