@@ -442,3 +442,27 @@ def test_a_deleted_request_queue_is_declared_again_and_served(own_vhost, pool_fa
     finally:
         space.close()
     assert pool.check_topology() is True
+
+
+def test_worker_sessions_ask_for_tcp_keepalives_so_a_lost_worker_releases_its_claims(pg_dsn):
+    """A worker cut off mid-transaction must not hold its idempotency claims for the
+    server's default two hours: its sessions ask for TCP keepalives on both ends."""
+    from dataspace_worker.postgres import PostgresDataSource
+
+    source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 1})
+    try:
+        conn = source._pool.acquire()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW tcp_keepalives_idle")
+                idle = cur.fetchone()[0]
+                cur.execute("SHOW tcp_keepalives_count")
+                count = cur.fetchone()[0]
+            conn.rollback()
+            client_side = conn.get_dsn_parameters()
+        finally:
+            source._pool.release(conn)
+    finally:
+        source.close()
+    assert idle in ("10", "10s") and count == "3"
+    assert client_side.get("keepalives_idle") == "10"

@@ -86,6 +86,21 @@ class ReapInterrupted(DataSpaceConnectionError):
     """The worker is stopping: a reap stops between two batches (and is redelivered)."""
 
 
+#: TCP keepalives on both ends of every pooled connection. A worker whose link is cut
+#: in the middle of a transaction leaves its session open on the server, holding
+#: the idempotency claims of the requests the broker then gives to other workers,
+#: whose claims wait on them: with the server's default (2 h before the first probe)
+#: a healthy worker stalled until the link came back (tests/faults/test_hosts.py).
+#: With these the server ends such a session (and rolls it back) in about 20 s, and
+#: the worker notices a dead server as soon.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3",
+}
+
 #: bytes over which a transaction's connection is closed after it (see _transaction)
 LARGE_TRANSACTION = 4 * 1024 * 1024
 
@@ -203,6 +218,7 @@ class PostgresDataSource(DataSource):
                 self.pool_size,
                 connect_timeout=self.connect_timeout,
                 application_name="dataspace",
+                **KEEPALIVES,
             )
         if self._create:
             self._retrying(lambda: schema.ensure_database(self.dsn, self.connect_timeout))
