@@ -103,6 +103,8 @@ def test_worker_permissions_cover_every_name_it_declares():
     assert re.match(defs.WORKER_PERMISSIONS["write"], "amq.default")  # replies, schedule
     client = defs.client_permissions(topo)
     assert re.match(client["write"], EXCHANGE)
+    assert re.match(client["write"], "dataspace.lanes")  # clients with ordering lanes
+    assert not re.match(client["write"], "dataspace.dead")
     assert not any(re.match(client[k], n) for k in ("configure", "read") for n in names)
 
 

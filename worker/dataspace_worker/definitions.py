@@ -34,8 +34,9 @@ experiment on RabbitMQ 3.10):
   ``amq.default``) and dead letters to ``dataspace.dead`` (write).  Declaring a
   queue with a dead-letter exchange also needs read on the queue and write on
   that exchange (``dataspace.reaper.schedule`` -> ``dataspace``).
-- client (``dataspace-client``): write ``^dataspace$``, nothing else.  It
-  publishes requests to exchange ``dataspace`` and reads replies through direct
+- client (``dataspace-client``): write ``^(dataspace|dataspace\\.lanes)$``, nothing
+  else.  It publishes requests to exchange ``dataspace`` (or, with ordering lanes,
+  ``dataspace.lanes``) and reads replies through direct
   reply-to, which needs no permission; it declares nothing.  It keeps the
   right to send ``admin.reap``: the seed's ``Reaper`` API, which client
   programs use unchanged, sends it.  So no topic permission narrows it.
@@ -51,6 +52,8 @@ import os
 import re
 import secrets
 import sys
+
+from dataspace_client.protocol import LANES_EXCHANGE
 
 from .topology import Topology, topology
 
@@ -87,9 +90,11 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 
 
 def client_permissions(topo: Topology) -> dict:
-    """Write on the request exchange only; direct reply-to needs no permission."""
+    """Write on the request exchange and the ordering lanes' exchange only (a client
+    with ``lanes`` publishes there); direct reply-to needs no permission."""
     exchange = topo.exchanges[0][0]
-    return {"configure": NOTHING, "write": f"^{re.escape(exchange)}$", "read": NOTHING}
+    write = f"^({re.escape(exchange)}|{re.escape(LANES_EXCHANGE)})$"
+    return {"configure": NOTHING, "write": write, "read": NOTHING}
 
 
 def _check_namespace(topo: Topology) -> None:
