@@ -2,7 +2,8 @@
 
 ``throwaway_cluster(size=3)`` starts ``size`` nodes beside the machine's own
 (each a ``ThrowawayRabbitMQ``: its own node name, AMQP and distribution ports,
-data, logs, config and plugins file, no plugins), joins nodes 2..N to node 1
+data, logs, config and plugins file; no plugins unless ``plugins`` names some, e.g.
+``rabbitmq_consistent_hash_exchange`` for the ordering lanes), joins nodes 2..N to node 1
 with ``rabbitmqctl stop_app; join_cluster; start_app``, and waits until
 ``cluster_status`` shows every node running. It exposes ``.nodes`` (each with
 ``.port``, ``.url`` for vhost "/", ``kill9()``, ``start()``), ``.urls`` and
@@ -43,10 +44,16 @@ from .instances import (
 class ClusterNode(ThrowawayRabbitMQ):
     """One node of a throwaway cluster: a ``ThrowawayRabbitMQ`` with a given name."""
 
-    def __init__(self, base: str, port: int, dist_port: int, node: str):
+    def __init__(
+        self, base: str, port: int, dist_port: int, node: str, plugins: tuple[str, ...] = ()
+    ):
         super().__init__(base, port, dist_port)
         self.node = node
         self.env["RABBITMQ_NODENAME"] = node
+        self.plugins = tuple(plugins)
+        if self.plugins:  # the node's own enabled-plugins file (read when it starts)
+            with open(self.env["RABBITMQ_ENABLED_PLUGINS_FILE"], "w") as f:
+                f.write(f"[{','.join(self.plugins)}].\n")
 
     def json(self, *args: str, timeout: float = 30) -> object:
         """``rabbitmqctl -n NODE ARGS --formatter json``, parsed; InstanceError on failure."""
@@ -117,6 +124,11 @@ class ThrowawayCluster:
 
     def queue(self, name: str, vhost: str = "/", via: ClusterNode | None = None) -> dict | None:
         """One queue's ``name type members online leader`` as reported by a live node."""
+        return self.queues(vhost, via).get(name)
+
+    def queues(self, vhost: str = "/", via: ClusterNode | None = None) -> dict[str, dict]:
+        """Every queue's ``name type members online leader``, by name, as reported by a
+        live node."""
         errors = []
         for node in self._live(via):
             try:
@@ -127,10 +139,7 @@ class ThrowawayCluster:
                 errors.append(str(exc)[:300])
                 continue
             assert isinstance(rows, list)
-            for row in rows:
-                if row.get("name") == name:
-                    return row
-            return None
+            return {row["name"]: row for row in rows}
         raise InstanceError(f"no node answered list_queues: {errors}")
 
     def connections(self, vhost: str = "/") -> dict[str, int]:
@@ -200,8 +209,11 @@ def _start_all(nodes: list[ClusterNode], timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def throwaway_cluster(size: int = 3, timeout: float = 60) -> Iterator[ThrowawayCluster]:
-    """``size`` fresh RabbitMQ nodes joined into one cluster; killed and removed on exit."""
+def throwaway_cluster(
+    size: int = 3, timeout: float = 60, plugins: tuple[str, ...] = ()
+) -> Iterator[ThrowawayCluster]:
+    """``size`` fresh RabbitMQ nodes joined into one cluster, each with ``plugins``
+    enabled; killed and removed on exit."""
     if size < 1:
         raise ValueError("a cluster has at least one node")
     if os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name != "rabbitmq":
@@ -219,7 +231,7 @@ def throwaway_cluster(size: int = 3, timeout: float = 60) -> Iterator[ThrowawayC
             ports.append(port)
             dist_port = free_port(exclude=tuple(ports))
             ports.append(dist_port)
-            node = ClusterNode(base, port, dist_port, f"{prefix}-{i}@localhost")
+            node = ClusterNode(base, port, dist_port, f"{prefix}-{i}@localhost", plugins)
             # The server script drops to the rabbitmq user: it must own everything.
             _owned_by(base, "rabbitmq")
             cluster.nodes.append(node)

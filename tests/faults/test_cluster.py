@@ -15,6 +15,17 @@ client threads, that node is killed with SIGKILL. Then:
   running nodes and the request queue three members online;
 - PostgreSQL holds every acknowledged write exactly once with its value, and no
   doubled rows (``load.verify``).
+
+With ordering lanes (the ``lanes`` variant, docs/scaling.md "Ordering"): the nodes
+run the plugin ``rabbitmq_consistent_hash_exchange``, the worker has
+``DATASPACE_LANES=8`` and the client ``"lanes": True``; the load is one thread per
+lane, each on a task manager of that lane (``test_hosts.probe_lanes``). The lane
+queues are quorum queues with a member on every node, led by the first node. Besides
+the checks above: every lane serves calls started after the kill while the node is
+down (the worker, reconnected to another node, is the single active consumer of each
+lane again, and the exchange routes through the surviving nodes); after the rejoin
+every lane queue has three members online, every lane serves calls, and a new client
+connected to the rejoined node gets an insert and a read through each lane.
 """
 
 from __future__ import annotations
@@ -25,12 +36,13 @@ import uuid
 
 import pytest
 
-from dataspace_client.protocol import REQUEST_QUEUE
+from dataspace_client.protocol import LANE_QUEUE_PREFIX, REQUEST_QUEUE
 
 from .cluster import throwaway_cluster
 from .conftest import tail, worker_env
 from .instances import InstanceError, InstanceUnavailable
-from .load import MARGIN, Load, probe, verify
+from .load import MARGIN, Load, probe
+from .test_hosts import Loads, lanes_space, probe_lanes, taskmanager_per_lane, verify_loads
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
 
@@ -42,13 +54,16 @@ FAILOVER = 20.0  # seconds allowed from the kill to the first ack of a call star
 AFTER_KILL = 4.0  # seconds of load on two nodes once calls flow again
 REJOIN = 30.0  # seconds allowed for the restarted node to show as running and as a member
 AFTER_REJOIN_ACKS = 100
+LANES = 8  # DATASPACE_LANES of the worker in the lanes variant
+LANES_PLUGIN = "rabbitmq_consistent_hash_exchange"
 
 
 @pytest.fixture
-def cluster():
+def cluster(lanes):
+    plugins = (LANES_PLUGIN,) if lanes else ()
     with contextlib.ExitStack() as stack:
         try:
-            instance = stack.enter_context(throwaway_cluster(SIZE))
+            instance = stack.enter_context(throwaway_cluster(SIZE, plugins=plugins))
         except InstanceUnavailable as exc:
             pytest.skip(f"no throwaway RabbitMQ cluster here: {exc}")
         except InstanceError as exc:
@@ -69,27 +84,63 @@ def _wait(predicate, timeout: float, pause: float = 0.2):
         time.sleep(pause)
 
 
+def _lanes_client(request, urls: list[str], timeout: float = TIMEOUT):
+    """A client with ``"lanes": True``, closed at teardown."""
+    space = lanes_space(urls, timeout)
+
+    def close():
+        with contextlib.suppress(Exception):
+            space.close()
+
+    request.addfinalizer(close)
+    return space
+
+
+@pytest.mark.parametrize("lanes", [0, LANES], ids=["no-lanes", "lanes"])
 def test_cluster_node_killed_under_load(
-    cluster, fresh_database, start_worker, open_space, report_figures
+    lanes, cluster, fresh_database, start_worker, open_space, report_figures, request
 ):
+    # With lanes: the lanes' task managers are chosen before the worker consumes them
+    # (this declares the lane queues on the first node, as the worker would).
+    lane_of = probe_lanes(cluster.urls[0], lanes) if lanes else {}
     # Several broker addresses: comma-separated for the worker, a list for the client.
-    worker = start_worker(worker_env(",".join(cluster.urls), fresh_database), timeout=30)
+    env = worker_env(",".join(cluster.urls), fresh_database)
+    if lanes:
+        env["DATASPACE_LANES"] = str(lanes)
+    worker = start_worker(env, timeout=30)
     pid = worker.proc.pid
 
-    queue = cluster.queue(REQUEST_QUEUE)
-    assert queue is not None, f"no queue {REQUEST_QUEUE} on the cluster"
-    assert queue["type"] == "quorum", queue
-    assert sorted(queue["members"]) == sorted(n.node for n in cluster.nodes), queue
-    assert sorted(queue["online"]) == sorted(queue["members"]), queue
+    queues = cluster.queues()
+    lane_queues = [f"{LANE_QUEUE_PREFIX}{i}" for i in range(lanes)]
+    nodes = sorted(n.node for n in cluster.nodes)
+    for name in (REQUEST_QUEUE, *lane_queues):
+        queue = queues.get(name)
+        assert queue is not None, f"no queue {name} on the cluster"
+        assert queue["type"] == "quorum", queue
+        assert sorted(queue["members"]) == nodes, queue
+        assert sorted(queue["online"]) == sorted(queue["members"]), queue
 
-    space = open_space(cluster.urls, TIMEOUT)
     name = f"fault-cluster-{uuid.uuid4().hex[:8]}"
-    sequence_id = space.store_taskmanager(name, str(uuid.uuid4()))
-
-    load = Load(space, sequence_id, name, TIMEOUT, threads=THREADS)
+    if lanes:  # one thread per lane, each on a task manager of that lane
+        space = _lanes_client(request, cluster.urls)
+        per_lane = taskmanager_per_lane(space, lane_of, lanes, name)
+        sequence_id = per_lane[0][0]
+        load = Loads([Load(space, s, n, TIMEOUT, threads=1) for s, n in per_lane.values()])
+        lane_load = {lane: load.loads[i] for i, lane in enumerate(per_lane)}
+        phases_lanes = {
+            "lane_leaders_before_kill": sorted(
+                {queues[q]["leader"].split("@")[0][-1] for q in lane_queues}
+            )
+        }
+    else:
+        space = open_space(cluster.urls, TIMEOUT)
+        sequence_id = space.store_taskmanager(name, str(uuid.uuid4()))
+        load = Load(space, sequence_id, name, TIMEOUT, threads=THREADS)
+        phases_lanes = {}
     load.start()
-    phases: dict = {}
+    phases: dict = {**phases_lanes}
     early: list[str] = []
+    queue_after = None
     try:
         reached, _ = load.wait_for_acks(WARMUP_ACKS, 30)
         assert reached, f"the load did not get going; worker output:\n{tail(worker.output)}"
@@ -140,12 +191,29 @@ def test_cluster_node_killed_under_load(
         rejoin_s = started_s + cluster.wait_running(SIZE, REJOIN, via=survivors[0])
 
         def all_members_online():
-            row = cluster.queue(REQUEST_QUEUE, via=victim)
-            return row and len(row["members"]) == SIZE and len(row["online"]) == SIZE and row
+            rows = cluster.queues(via=victim)
+            row = rows.get(REQUEST_QUEUE)
+            return (
+                all(
+                    q in rows and len(rows[q]["members"]) == SIZE and len(rows[q]["online"]) == SIZE
+                    for q in (REQUEST_QUEUE, *lane_queues)
+                )
+                and row
+            )
 
         queue_after, _ = _wait(all_members_online, REJOIN)
         member_s = time.monotonic() - restart_at
+        rejoined_at = time.monotonic()
         more, more_s = load.wait_for_acks(AFTER_REJOIN_ACKS, 30)
+        if lanes:  # every lane serves calls once the node is back (bounded)
+            _wait(
+                lambda: all(
+                    any(c.ok and c.started > rejoined_at for c in one.all_calls)
+                    for one in load.loads
+                ),
+                10,
+                pause=0.1,
+            )
         phases.update(
             running_while_down=len(running_while_down),
             node_start_s=round(started_s, 2),
@@ -163,7 +231,7 @@ def test_cluster_node_killed_under_load(
     after_kill = [c for c in calls if c.ok and c.started + c.elapsed > killed_at]
     started_after = [c for c in calls if c.ok and c.started > killed_at]
     during_outage = [c for c in after_kill if c.started + c.elapsed < restart_at]
-    figures, problems = verify(
+    figures, problems = verify_loads(
         load,
         fresh_database,
         hung,
@@ -190,6 +258,48 @@ def test_cluster_node_killed_under_load(
         worker_reconnect_reasons=sorted(set(refused))[:4],
     )
     after = probe(space, sequence_id, within=15)  # the same client object, all nodes up
+    lane_problems: list[str] = []
+    if lanes:
+        down = {
+            lane: sum(
+                c.ok and killed_at < c.started and c.started + c.elapsed < restart_at
+                for c in one.all_calls
+            )
+            for lane, one in lane_load.items()
+        }
+        rejoined = {
+            lane: sum(c.ok and c.started > rejoined_at for c in one.all_calls)
+            for lane, one in lane_load.items()
+        }
+        # A new client on the rejoined node: its lanes exchange routes to every lane.
+        fresh = _lanes_client(request, [victim.url], timeout=3)
+        on_rejoined = {lane: probe(fresh, s, within=5) for lane, (s, _n) in per_lane.items()}
+        figures.update(
+            lanes=lanes,
+            lane_acks_of_calls_started_while_node_down=down,
+            lane_acks_after_rejoin=rejoined,
+            lane_probes_via_rejoined_node_ok=sum(p["ok"] for p in on_rejoined.values()),
+            lane_leaders_after_rejoin=sorted(
+                {
+                    row["leader"].split("@")[0][-1]
+                    for q, row in cluster.queues().items()
+                    if q in lane_queues
+                }
+            ),
+        )
+        if not all(down.values()):
+            lane_problems.append(
+                f"lanes {[lane for lane, n in down.items() if not n]} acknowledged no call "
+                "started after the kill while the node was down"
+            )
+        if not all(rejoined.values()):
+            lane_problems.append(
+                f"lanes {[lane for lane, n in rejoined.items() if not n]} acknowledged no "
+                "call after the rejoin"
+            )
+        failed = {lane: p for lane, p in on_rejoined.items() if not p["ok"]}
+        if failed:
+            lane_problems.append(f"a client on the rejoined node failed on lanes: {failed}")
     restarted = worker.proc.poll() is not None or len(start_worker.workers) != 1
     figures.update(
         worker_replays=start_worker.replays(),
@@ -200,7 +310,7 @@ def test_cluster_node_killed_under_load(
     )
     report_figures(figures)
 
-    problems = early + problems
+    problems = early + problems + lane_problems
     if not after["ok"]:
         problems.append(f"the same client could not serve a new request afterwards: {after}")
     if restarted:
@@ -210,7 +320,7 @@ def test_cluster_node_killed_under_load(
     if phases["running_while_down"] != SIZE - 1:
         problems.append(f"{phases['running_while_down']} nodes running while one was down")
     if queue_after is None:
-        problems.append(f"the request queue did not get {SIZE} members online again")
+        problems.append(f"the request (and lane) queues did not get {SIZE} members online again")
     if not more:
         problems.append(f"fewer than {AFTER_REJOIN_ACKS} acks within 30 s after the rejoin")
     assert not problems, "\n".join(problems) + f"\n\nworker output:\n{tail(worker.output)}"

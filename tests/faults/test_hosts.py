@@ -32,11 +32,25 @@ stays open on the server, with the claim of each request it held (see
 ``idempotency.claim``), until the link returns; another host given such a
 request waits on that claim meanwhile, and the test tolerates it (the call
 may be slow, or time out, which a caller may retry).
+
+With ordering lanes (the ``lanes`` variant, docs/scaling.md "Ordering"): every
+worker has ``DATASPACE_LANES=8`` and the client ``"lanes": True``; the load is one
+thread per lane, each writing into a task manager of its own chosen (by
+``probe_lanes``, through the real ``dataspace.lanes`` exchange before any worker
+consumes) so that every lane carries traffic. Before the cut the lanes must have
+spread (each host the single active consumer of at most ``ceil(8 / 3)`` lanes, the
+cut host of some); after the broker dropped the cut worker's connection, every lane
+the cut host was active on has an active consumer on another host (the broker's
+view: ``list_consumers`` -> channel -> connection -> peer port, which is the port a
+host's AMQP forwarder connects from), and calls for the task managers of those lanes
+are acknowledged (while the link is still down; or, when a transaction the cut worker
+left open on the server blocks the head of such a lane, once the link is back).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -44,11 +58,16 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote, urlsplit
 
+import pika
 import psycopg2
 import pytest
 
-from dataspace_client import DataSpaceTimeoutError
+from dataspace_client import DataSpace, DataSpaceTimeoutError
+from dataspace_client.protocol import LANE_QUEUE_PREFIX, LANES_EXCHANGE
+from tests.conftest import remote_config
 from tests.test_worker_cli import WORKER, WorkerProcess
 
 from .conftest import CONSUMING, tail, worker_env
@@ -74,8 +93,183 @@ RECONNECT = 30.0  # seconds allowed, once the link is back, to consume again or 
 AFTER_RESTORE_ACKS = 200
 STALLED = 1.0  # seconds a call waits across the cut: held by the cut worker
 
+# -- the lanes variant ------------------------------------------------------------------
+LANES = 8  # DATASPACE_LANES of every worker: more lanes than hosts, one load thread each
+SPREAD = 30.0  # seconds allowed, once the load runs, for the lanes to spread over the hosts
+LANES_MOVED = 15.0  # seconds allowed, after the drop, for every lane to be active elsewhere
+LANE_ACKS = 3  # acks wanted, per lane of the cut host, of calls started after the drop
+LANE_ACKS_WITHIN = 10.0  # seconds allowed for them, the link still down
+
 #: a request line of a worker: "<operation> <outcome>[ (replayed)] in <ms> ms (correlation"
 REQUEST_LINE = re.compile(r"dataspace_worker\.consumer: \w+ \w+( \(replayed\))? in [\d.]+ ms")
+
+
+# -- ordering lanes: clients, task managers per lane, loads, the broker's view ----------
+def lanes_space(url: str | list[str], timeout: float) -> DataSpace:
+    """A remote DataSpace whose client routes by task manager through the lanes."""
+    config = remote_config(url, timeout=timeout)
+    config["dataspace"]["datasource"]["config"]["lanes"] = True
+    return DataSpace(config)
+
+
+def probe_lanes(url: str, lanes: int, keys: range = range(1, 501)) -> dict[int, int]:
+    """The lane of each routing key (a sequence_id) in ``keys``: declares the workers'
+    topology with ``lanes`` lanes (as the workers will: they find it declared), publishes
+    one message per key through ``dataspace.lanes`` and reads them back from the lanes.
+    Call it before any worker consumes the lanes."""
+    from dataspace_worker.topology import declare_blocking, topology
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        declare_blocking(channel, topology(lanes=lanes))
+        channel.confirm_delivery()
+        for key in keys:
+            channel.basic_publish(LANES_EXCHANGE, str(key), str(key).encode())
+        lane_of: dict[int, int] = {}
+        for lane in range(lanes):  # no basic.get on a single-active-consumer quorum queue
+            queue = f"{LANE_QUEUE_PREFIX}{lane}"
+            left = channel.queue_declare(queue, passive=True).method.message_count
+            for method, _props, body in channel.consume(queue, auto_ack=True, inactivity_timeout=5):
+                if method is None:
+                    break
+                lane_of[int(body)] = lane
+                left -= 1
+                if not left:
+                    break
+            channel.cancel()
+    finally:
+        if connection.is_open:
+            connection.close()
+    assert sorted(lane_of) == list(keys), f"{len(keys) - len(lane_of)} probe messages lost"
+    return lane_of
+
+
+def taskmanager_per_lane(space, lane_of: dict[int, int], lanes: int, prefix: str) -> dict:
+    """Store task managers until every lane has one: {lane: (sequence_id, name)}."""
+    chosen: dict[int, tuple[int, str]] = {}
+    for i in range(200):  # 8 lanes: every lane has one after ~22 on average
+        name = f"{prefix}-{i}"
+        sequence_id = space.store_taskmanager(name, str(uuid.uuid4()))
+        assert sequence_id in lane_of, f"sequence_id {sequence_id} beyond the probed keys"
+        chosen.setdefault(lane_of[sequence_id], (sequence_id, name))
+        if len(chosen) == lanes:
+            return chosen
+    raise AssertionError(f"200 task managers cover only lanes {sorted(chosen)}")
+
+
+class Loads:
+    """Several ``Load`` s run as one (one per task manager), with ``Load``'s interface
+    as the tests use it."""
+
+    def __init__(self, loads: list[Load]):
+        self.loads = loads
+        self.timeout = loads[0].timeout
+        self.started_at: float | None = None
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        for load in self.loads:
+            load.start()
+
+    def acknowledged(self) -> int:
+        return sum(load.acknowledged() for load in self.loads)
+
+    def wait_for_acks(self, more: int, timeout: float) -> tuple[bool, float]:
+        target = self.acknowledged() + more
+        started = time.monotonic()
+        while time.monotonic() - started < timeout and self.acknowledged() < target:
+            time.sleep(0.05)
+        return self.acknowledged() >= target, time.monotonic() - started
+
+    def finish(self) -> list[str]:
+        for load in self.loads:
+            load.stop.set()  # all at once: each finish() then waits for its own calls
+        return [f"task manager {ld.sequence_id}: {h}" for ld in self.loads for h in ld.finish()]
+
+    @property
+    def all_calls(self):
+        return [c for load in self.loads for c in load.all_calls]
+
+
+def verify_loads(load: Load | Loads, pg_dsn: str, hung: list[str], **extra) -> tuple[dict, list]:
+    """``load.verify`` for a ``Load``, or for each load of ``Loads`` with the figures
+    added up (per-key and per-error counts too) and the problems prefixed."""
+    if isinstance(load, Load):
+        return verify(load, pg_dsn, hung, **extra)
+    figures: dict = {}
+    problems: list[str] = []
+    for one in load.loads:
+        got, found = verify(one, pg_dsn, [])
+        problems += [f"task manager {one.sequence_id}: {p}" for p in found]
+        for key, value in got.items():
+            if key in ("timeout", "error_samples"):
+                figures.setdefault(key, value)
+            elif key == "max_call_seconds":
+                figures[key] = max(figures.get(key, 0.0), value)
+            elif isinstance(value, dict):
+                merged = figures.setdefault(key, {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            else:
+                figures[key] = figures.get(key, 0) + value
+    figures["hung_calls"] = len(hung)
+    if hung:
+        problems.append(f"calls that never returned ({len(hung)}): {hung[:8]}")
+    figures.update(extra)
+    return figures, problems
+
+
+def _ctl_json(*args: str) -> list[dict]:
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", *args, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
+    return json.loads(result.stdout or "[]")
+
+
+def lane_owners(vhost_url: str, hosts: list[WorkerHost]) -> dict[int, int | None]:
+    """The broker's view: for each lane with an active consumer, the index of the host
+    whose worker it is (None: a connection of no host, e.g. one being opened). A host's
+    connections are those of its AMQP forwarder: the broker sees them from 127.0.0.1, on
+    the ports the forwarder connects from."""
+    vhost = unquote(urlsplit(vhost_url).path.lstrip("/")) or "/"
+    with ThreadPoolExecutor(3) as pool:
+        consumers = pool.submit(
+            _ctl_json, "list_consumers", "-p", vhost, "queue_name", "channel_pid", "active"
+        )
+        channels = pool.submit(_ctl_json, "list_channels", "pid", "connection")
+        connections = pool.submit(_ctl_json, "list_connections", "pid", "peer_port")
+        consumers, channels, connections = (f.result() for f in (consumers, channels, connections))
+    ports = [host.forwarders[AMQP_PORT].upstream_ports() for host in hosts]
+    port_of = {c["pid"]: c["peer_port"] for c in connections}
+    connection_of = {c["pid"]: c["connection"] for c in channels}
+    owners: dict[int, int | None] = {}
+    for consumer in consumers:
+        name = consumer["queue_name"]
+        if not consumer["active"] or not name.startswith(LANE_QUEUE_PREFIX):
+            continue
+        port = port_of.get(connection_of.get(consumer["channel_pid"]))
+        owners[int(name[len(LANE_QUEUE_PREFIX) :])] = next(
+            (i for i, p in enumerate(ports) if port in p), None
+        )
+    return owners
+
+
+def try_lane_owners(vhost_url: str, hosts: list[WorkerHost]) -> dict[int, int | None] | None:
+    """``lane_owners``, or None when ``rabbitmqctl`` failed (for polling)."""
+    try:
+        return lane_owners(vhost_url, hosts)
+    except (RuntimeError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def lanes_by_host(owners: dict[int, int | None], hosts: int) -> list[list[int]]:
+    return [sorted(lane for lane, h in owners.items() if h == i) for i in range(hosts)]
 
 
 class HostWorker(WorkerProcess):
@@ -169,9 +363,35 @@ def host_workers():
         worker.kill()
 
 
+@pytest.fixture
+def lanes_spaces():
+    """``lanes_spaces(url, timeout)``: a ``lanes_space``, closed at teardown."""
+    spaces: list[DataSpace] = []
+
+    def open_(url, timeout: float) -> DataSpace:
+        space = lanes_space(url, timeout)
+        spaces.append(space)
+        return space
+
+    yield open_
+    for space in spaces:
+        with contextlib.suppress(Exception):
+            space.close()
+
+
+@pytest.mark.parametrize("lanes", [0, LANES], ids=["no-lanes", "lanes"])
 def test_host_link_cut_under_load(
-    hosts, host_workers, fresh_vhost, fresh_database, open_space, report_figures
+    lanes,
+    hosts,
+    host_workers,
+    fresh_vhost,
+    fresh_database,
+    open_space,
+    lanes_spaces,
+    report_figures,
 ):
+    # With lanes: the lanes' task managers are chosen before any worker consumes them.
+    lane_of = probe_lanes(fresh_vhost, lanes) if lanes else {}
     workers = []
     for host in hosts:
         env = worker_env(
@@ -180,6 +400,8 @@ def test_host_link_cut_under_load(
             consumers=CONSUMERS,
         )
         env["DATASPACE_CONNECT_TIMEOUT"] = "5"
+        if lanes:
+            env["DATASPACE_LANES"] = str(lanes)
         workers.append(host_workers(host, env))
         if len(workers) == 1:  # the first creates the schema; the others start together
             workers[0].wait_for(CONSUMING, 60)
@@ -188,18 +410,48 @@ def test_host_link_cut_under_load(
     victim, cut_host = workers[0], hosts[0]
     others = workers[1:]
 
-    space = open_space(fresh_vhost, TIMEOUT)
     name = f"fault-hosts-{uuid.uuid4().hex[:8]}"
-    sequence_id = space.store_taskmanager(name, str(uuid.uuid4()))
-
-    load = Load(space, sequence_id, name, TIMEOUT, threads=THREADS)
+    if lanes:  # one thread per lane, each on a task manager of that lane
+        space = lanes_spaces(fresh_vhost, TIMEOUT)
+        per_lane = taskmanager_per_lane(space, lane_of, lanes, name)
+        sequence_id = per_lane[0][0]
+        load = Loads([Load(space, s, n, TIMEOUT, threads=1) for s, n in per_lane.values()])
+        lane_load = {lane: load.loads[i] for i, lane in enumerate(per_lane)}
+    else:
+        space = open_space(fresh_vhost, TIMEOUT)
+        sequence_id = space.store_taskmanager(name, str(uuid.uuid4()))
+        load = Load(space, sequence_id, name, TIMEOUT, threads=THREADS)
     load.start()
     phases: dict = {}
     problems: list[str] = []
     cut_at = dropped_at = restored_at = None
+    cut_lanes: list[int] = []
+    lanes_moved_at = None
     try:
         reached, _ = load.wait_for_acks(WARMUP_ACKS, 30)
         assert reached, f"the load did not get going; first worker:\n{tail(victim.output)}"
+        if lanes:
+            # The first worker subscribed first: active on every lane until it hands
+            # the lanes over its share (ceil(lanes / hosts)) to the others.
+            share = -(-lanes // len(hosts))
+
+            def spread():
+                owners = try_lane_owners(fresh_vhost, hosts) or {}
+                by_host = lanes_by_host(owners, len(hosts))
+                return (
+                    len(owners) == lanes
+                    and None not in owners.values()
+                    and all(0 < len(mine) <= share for mine in by_host)
+                    and by_host
+                )
+
+            by_host, spread_s = _wait(spread, SPREAD, pause=0.5)
+            phases.update(lanes_spread_s=round(spread_s, 2), lanes_per_host_before_cut=by_host)
+            assert by_host, (
+                f"the lanes did not spread over the hosts within {SPREAD:g} s: "
+                f"{try_lane_owners(fresh_vhost, hosts)}\nfirst worker:\n{tail(victim.output)}"
+            )
+            cut_lanes = by_host[0]
         served, _ = _wait(lambda: all(w.requests() for w in workers), 10)
         phases["requests_per_host_before_cut"] = [w.requests() for w in workers]
         assert served, f"not every host served requests: {phases}"
@@ -227,6 +479,39 @@ def test_host_link_cut_under_load(
             dropped_at = time.monotonic()
         else:
             problems.append(f"the broker kept the cut worker's connection over {DROP:g} s")
+        if lanes and dropped_at is not None:
+            # The broker makes the next subscriber of each of the cut host's lanes
+            # its active consumer: a worker of another host.
+            def moved():
+                owners = try_lane_owners(fresh_vhost, hosts) or {}
+                return (
+                    len(owners) == lanes
+                    and all(h is not None and h != 0 for h in owners.values())
+                    and owners
+                )
+
+            owners, _ = _wait(moved, LANES_MOVED, pause=0.2)
+            if owners:
+                lanes_moved_at = time.monotonic()
+                phases.update(
+                    drop_to_lanes_moved_s=round(lanes_moved_at - dropped_at, 2),
+                    lanes_per_host_after_drop=lanes_by_host(owners, len(hosts)),
+                )
+            else:
+                problems.append(
+                    f"the cut host's lanes {cut_lanes} had no active consumer on another "
+                    f"host {LANES_MOVED:g} s after the drop: {try_lane_owners(fresh_vhost, hosts)}"
+                )
+
+            # Calls for the task managers of those lanes, started after the drop.
+            def lane_acks() -> dict[int, int]:
+                return {
+                    lane: sum(c.ok and c.started > dropped_at for c in lane_load[lane].all_calls)
+                    for lane in cut_lanes
+                }
+
+            _wait(lambda: min(lane_acks().values()) >= LANE_ACKS, LANE_ACKS_WITHIN)
+            phases["cut_lanes_acks_after_drop_while_cut"] = lane_acks()
         # Let the requeued requests go to the other hosts, with the link still down.
         time.sleep(max(0.0, (dropped_at or time.monotonic()) + HOLD - time.monotonic()))
         # The server's view of the cut worker's sessions does not change while the
@@ -274,6 +559,10 @@ def test_host_link_cut_under_load(
             acks_after_restore_s=round(more_after_s, 2),
             cut_worker_requests_after_restore=victim.requests(lines_at_restore),
         )
+        if lanes:
+            phases["lanes_per_host_at_end"] = lanes_by_host(
+                try_lane_owners(fresh_vhost, hosts) or {}, len(hosts)
+            )
     finally:
         hung = load.finish()
         if cut_at is not None and restored_at is None:
@@ -297,11 +586,12 @@ def test_host_link_cut_under_load(
     end = restored_at or float("inf")
     while_cut = [c for c in calls if c.started > cut_at and c.started + c.elapsed < end]
     after_drop = [c for c in while_cut if dropped_at and c.started + c.elapsed > dropped_at]
-    figures, verify_problems = verify(
+    figures, verify_problems = verify_loads(
         load,
         fresh_database,
         hung,
         hosts=len(hosts),
+        lanes=lanes,
         consumers_per_worker=CONSUMERS,
         heartbeat=HEARTBEAT,
         cut_to_first_ack_by_another_host_s=round(
@@ -348,14 +638,37 @@ def test_host_link_cut_under_load(
         probe_after=after,
         margin=MARGIN,
     )
+    blocked = phases.get("while_cut_of_which_blocked_by_cut_host", 0)
+    lane_problems: list[str] = []
+    if lanes and cut_lanes and dropped_at is not None:
+        # Each of the cut host's lanes served calls started after the drop: while the
+        # link was down, or after its return when a transaction the cut worker left
+        # open on the server blocked the head of the lane (its claim: docstring).
+        stuck = {
+            lane: [c for c in lane_load[lane].all_calls if c.started > dropped_at]
+            for lane in cut_lanes
+        }
+        never = [lane for lane, calls in stuck.items() if not any(c.ok for c in calls)]
+        late = [
+            lane
+            for lane, calls in stuck.items()
+            if not any(c.ok and c.started + c.elapsed < restored_at for c in calls)
+        ]
+        figures.update(cut_lanes=cut_lanes, cut_lanes_served_only_after_restore=late)
+        if never:
+            lane_problems.append(f"lanes {never} of the cut host served no call after the drop")
+        if late and not blocked:
+            lane_problems.append(
+                f"lanes {late} of the cut host served no call while the link was down "
+                "(and no transaction of the cut worker blocked another host)"
+            )
     report_figures(figures)
 
-    problems += verify_problems
+    problems += verify_problems + lane_problems
     if not after["ok"]:
         problems.append(f"a new request after the restore failed: {after}")
     if exit_codes != [0] * len(workers):
         problems.append(f"workers did not stop cleanly on SIGTERM: {exit_codes}")
-    blocked = phases.get("while_cut_of_which_blocked_by_cut_host", 0)
     if sum(c.ok for c in while_cut) < MIN_ACKS_WHILE_CUT:
         problems.append(f"fewer than {MIN_ACKS_WHILE_CUT} acks while the link was down")
     if dropped_at is not None and not any(c.ok for c in after_drop) and not blocked:
