@@ -39,3 +39,17 @@ def close_select_connection(connection) -> None:
         connection.close()
     else:
         connection.ioloop.stop()
+
+
+def close_without_cancel(channel) -> None:
+    """Close a channel without pika's basic.cancel of its consumers first.
+
+    For a queue with a single active consumer, RabbitMQ 3.10 makes the next
+    consumer active at the cancel while this one still holds its unacked
+    deliveries, so the next one would get later messages before those come
+    back. A channel closed outright returns its unacked deliveries before the
+    queue moves on: the order holds. (pika cancels every consumer it does not
+    know to be cancelled already; this tells it they are.)
+    """
+    channel._cancelled.update(channel.consumer_tags)
+    channel.close()

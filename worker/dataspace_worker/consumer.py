@@ -41,7 +41,7 @@ from pika.exceptions import (
 )
 
 from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
-from dataspace_client.pika_patches import close_select_connection
+from dataspace_client.pika_patches import close_select_connection, close_without_cancel
 from dataspace_client.protocol import (
     DEAD_LETTER_EXCHANGE,
     PROTOCOL_VERSION,
@@ -65,6 +65,8 @@ BATCH_BYTES = 8 * 1024 * 1024
 #: seconds before a channel closed on purpose is opened again (a lane handed to
 #: another worker, a dead-letter channel that refused a publish)
 CHANNEL_REOPEN_PAUSE = 1.0
+#: ... and a lane channel given back because a request of it must be retried
+RETRY_REOPEN_PAUSE = 0.2
 APP_ID = f"dataspace-worker/{__version__}"
 
 
@@ -107,6 +109,11 @@ class Consumer:
         self.last_delivery = 0.0
         #: its channel is being closed on purpose, to hand the lane to another worker
         self.yielding = False
+        #: a lane stopping: run nothing more; what it holds goes back to the lane
+        self.stop_now = False
+        #: a lane channel given back after a request to retry: what else it delivered
+        #: is skipped (the broker returns it, in order, when the channel closes)
+        self.given_back = None
         self.pool = pool
         self.queue_name = queue_name
         self.dispatcher = dispatcher
@@ -131,6 +138,8 @@ class Consumer:
             with metrics.IN_FLIGHT.track_inprogress():
                 outcomes = self._handle(batch)
             elapsed = time.monotonic() - started
+            if self.lane is not None and any(o.retry for o in outcomes):
+                self.given_back = batch[0].channel  # see WorkerPool.finish
             for delivery, outcome in zip(batch, outcomes, strict=True):
                 self._report(delivery, outcome, elapsed)
             self.handled += len(batch)
@@ -147,7 +156,9 @@ class Consumer:
         delivery = self._carry or self.inbox.get()
         self._carry = None
         while delivery is not None:
-            if delivery.channel.is_open:  # else the broker has requeued it already
+            if self.stop_now:  # unacked: returned to the lane when its channel closes
+                return None
+            if delivery.channel.is_open and delivery.channel is not self.given_back:
                 if batch and size + len(delivery.body) > BATCH_BYTES:
                     self._carry = delivery  # starts the next batch
                     return batch
@@ -351,6 +362,7 @@ class WorkerPool:
         # Replies confirmed and acks sent before closing, or finished work is redone.
         while not self._settled() and time.monotonic() < deadline:
             time.sleep(0.01)
+        self.call_soon(self._close_lanes)
         self.call_soon(self._close_connection)
         self._io_thread.join(10)
         return drained
@@ -568,10 +580,11 @@ class WorkerPool:
             return
         if consumer.yielding:  # closed on purpose: back in the lane's line after a pause
             consumer.yielding = False
+            pause = CHANNEL_REOPEN_PAUSE if consumer.given_back is None else RETRY_REOPEN_PAUSE
             connection = self._connection
             if connection is not None and connection.is_open:
                 connection.ioloop.call_later(
-                    CHANNEL_REOPEN_PAUSE,
+                    pause,
                     lambda: self._reopen(consumer, connection),
                 )
             return
@@ -629,7 +642,7 @@ class WorkerPool:
             if channel is not None and channel.is_open:
                 consumer.yielding = True
                 consumer.last_delivery = 0.0
-                channel.close()
+                close_without_cancel(channel)  # unacked ones return first: order holds
 
     def _on_cancelled(self, consumer: Consumer, _frame) -> None:
         """The broker cancelled a consumer (its queue was deleted, say)."""
@@ -670,6 +683,14 @@ class WorkerPool:
         for delivery, outcome in handled:
             if delivery.channel is not channel:
                 continue  # from a channel since closed: requeued already
+            if outcome.retry and consumer.lane is not None:
+                # A requeued request would come back after the later ones of its
+                # lane this consumer already holds: give the lane's whole window
+                # back instead, in order, and take it again after a pause.
+                self._ack(consumer, channel, ackable, len(ackable))
+                consumer.yielding = True
+                close_without_cancel(channel)
+                return
             if outcome.retry:
                 channel.basic_nack(delivery.tag, requeue=True)
                 continue
@@ -680,12 +701,18 @@ class WorkerPool:
                 self._publish_dead_letter(consumer, delivery, outcome)
             else:
                 ackable.append(delivery.tag)
-        if not ackable:
+        self._ack(consumer, channel, ackable, len(handled))
+
+    @staticmethod
+    def _ack(consumer: Consumer, channel, tags: list[int], batch: int) -> None:
+        """Ack ``tags``: with one ``multiple`` ack when they are the whole batch of
+        ``batch`` deliveries and no earlier delivery of the channel waits."""
+        if not tags:
             return
-        if consumer.held == 0 and len(ackable) == len(handled):
-            channel.basic_ack(max(ackable), multiple=True)
+        if consumer.held == 0 and len(tags) == batch:
+            channel.basic_ack(max(tags), multiple=True)
         else:
-            for tag in ackable:
+            for tag in tags:
                 channel.basic_ack(tag)
 
     def _publish_dead_letter(self, consumer: Consumer, delivery: Delivery, outcome: Outcome):
@@ -741,11 +768,24 @@ class WorkerPool:
 
     def _cancel_consumers(self) -> None:
         for consumer in self.consumers:
+            if consumer.lane is not None:
+                # A lane is not cancelled (the next worker would get its later
+                # requests before those held here): it finishes the batch in hand,
+                # then its channel is closed outright (_close_lanes).
+                consumer.stop_now = True
+                consumer.inbox.put(None)
+                continue
             channel, tag = consumer.channel, consumer.consumer_tag
             if channel is not None and channel.is_open and tag:
                 channel.basic_cancel(tag, callback=lambda _f, c=consumer: c.inbox.put(None))
             else:
                 consumer.inbox.put(None)
+
+    def _close_lanes(self) -> None:
+        for consumer in self.lanes:
+            channel = consumer.channel
+            if channel is not None and channel.is_open:
+                close_without_cancel(channel)
 
     def _close_connection(self) -> None:
         close_select_connection(self._connection)

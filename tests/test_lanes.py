@@ -1,0 +1,727 @@
+"""Ordering lanes (docs/scaling.md, issue 7), with in-process worker pools.
+
+- the topology a pool with ``lanes=4`` declares: the consistent-hash exchange, the
+  lane queues (quorum, single active consumer) and their bindings;
+- which requests a client with ``"lanes": True`` sends through ``dataspace.lanes``
+  (those naming a task manager by sequence_id) and which through ``dataspace``;
+- fire-and-forget chains (insert, then updates 1..N) for many task managers,
+  interleaved, through two pools: every product ends at N, and a log of what
+  PostgreSQL applied (a trigger on ``dataproduct``) is in order per product and
+  per task manager; a read after one's own fire-and-forget writes sees them;
+- ``WorkerPool.rebalance``: the first pool, active on every lane, hands lanes to
+  the second one; both then deliver, and the order holds across the move.
+
+- a lane handed over while its worker holds requests of it (rebalance under
+  load, a worker stopping), and a request given back to its lane after a store
+  outage, keep their order (these found three bugs, fixed in consumer.py:
+  handovers now close the lane's channel without cancelling its consumer first,
+  and a retry gives the lane's whole window back).
+
+The applied-sequence log (``applied_database``, ``check_applied``) is shared with
+tests/faults/test_lane_order.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import pika
+import psycopg2
+import pytest
+from psycopg2 import extensions
+
+from dataspace_client import DataSpace
+from dataspace_client.protocol import (
+    EXCHANGE,
+    LANE_QUEUE_PREFIX,
+    LANE_WORKERS_QUEUE,
+    LANES_EXCHANGE,
+    OPERATIONS,
+    REQUEST_QUEUE,
+)
+from tests import services
+from tests.conftest import remote_config
+from tests.contract_helpers import header, metadata
+
+pytestmark = pytest.mark.timeout(60)
+
+LANES = 4
+
+# -- the applied-sequence log ---------------------------------------------------------
+#: a row per product row written (insert or update), in the order PostgreSQL applied
+#: them: two writes of one product serialize on its row lock, and the trigger runs
+#: after the row is written, so ``serial`` follows the order of their commits; two
+#: writes of one task manager follow each other in its lane (a lane's transactions
+#: run one after the other), so ``serial`` orders them too unless the lane broke
+#: its order. Who wrote it: the session's application_name (``label_sessions``) and
+#: client port.
+APPLIED_LOG_SQL = """
+CREATE TABLE applied_log (
+    taskmanager_id BIGINT NOT NULL,
+    key            TEXT NOT NULL,
+    value          TEXT NOT NULL,
+    applied_at     TIMESTAMPTZ NOT NULL,
+    serial         BIGSERIAL PRIMARY KEY,
+    app            TEXT,
+    client_port    INTEGER,
+    changed        BOOLEAN NOT NULL
+);
+CREATE FUNCTION applied_log_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO applied_log (taskmanager_id, key, value, applied_at, app, client_port, changed)
+    VALUES (NEW.taskmanager_id, NEW.key, convert_from(NEW.value, 'UTF8'), clock_timestamp(),
+            current_setting('application_name'), inet_client_port(),
+            TG_OP = 'INSERT' OR OLD.value IS DISTINCT FROM NEW.value);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER applied_log AFTER INSERT OR UPDATE ON dataproduct
+    FOR EACH ROW EXECUTE FUNCTION applied_log_row();
+"""
+
+
+def add_applied_log(dsn: str) -> None:
+    """Create the log table and its trigger (the schema must exist already)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(APPLIED_LOG_SQL)
+    finally:
+        conn.close()
+
+
+def label_sessions(pool, label: str) -> None:
+    """Name the database sessions an in-process pool opens from now on ``label``
+    (application_name), for the applied log. The worker fixes its application_name
+    and its ``options``, so this reaches into its connection pool: it drops the idle
+    connections and changes what new ones are opened with."""
+    connections = pool.dispatcher.datasource._pool
+    connections._connect_kwargs["application_name"] = label
+    connections.reopen()
+
+
+def sql(dsn: str, query: str, params=()) -> list[tuple]:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+#: a chain: (taskmanager sequence_id, key) -> the number of its last update
+Chains = dict[tuple[int, str], int]
+
+
+@dataclass
+class Applied:
+    """What the applied log says about a set of chains."""
+
+    rows: int = 0
+    #: rows of a product whose number is not above every one applied before it (a
+    #: harmless repeat aside): (tm, key, highest before, number)
+    out_of_order: list = field(default_factory=list)
+    #: rows of a task manager out of publish order across its products, which a
+    #: producer publishes as (number, key) in ascending order: (tm, before, row)
+    tm_out_of_order: list = field(default_factory=list)
+    #: rows that apply the number a product holds again, changing nothing (allowed:
+    #: a redelivered write the idempotency record did not catch): (tm, key, number)
+    repeats: list = field(default_factory=list)
+    #: chains with numbers never applied: (tm, key) -> [numbers]
+    missing: dict = field(default_factory=dict)
+    #: consecutive rows of one product written by different sessions' application_name
+    handovers: int = 0
+    #: rows per application_name
+    by_worker: dict = field(default_factory=dict)
+
+    def figures(self) -> dict:
+        return {
+            "applied_log_rows": self.rows,
+            "out_of_order": len(self.out_of_order),
+            "tm_out_of_order": len(self.tm_out_of_order),
+            "repeats": len(self.repeats),
+            "chains_with_gaps": len(self.missing),
+            "handovers": self.handovers,
+            "rows_by_worker": self.by_worker,
+        }
+
+
+def check_applied(dsn: str, chains: Chains) -> Applied:
+    """Read the applied log of ``chains`` (values "0" for the insert, then "1".."N")
+    and check, in serial order, that per product the numbers rise strictly, and per
+    task manager the (number, key) pairs."""
+    tms = sorted({tm for tm, _ in chains})
+    rows = sql(
+        dsn,
+        "SELECT taskmanager_id, key, value, app, changed FROM applied_log"
+        " WHERE taskmanager_id = ANY(%s) ORDER BY serial",
+        (tms,),
+    )
+    result = Applied(rows=len(rows))
+    highest: dict[tuple[int, str], int] = {}
+    tm_highest: dict[int, tuple[int, str]] = {}
+    seen: dict[tuple[int, str], set[int]] = defaultdict(set)
+    last_worker: dict[tuple[int, str], str] = {}
+    workers: Counter = Counter()
+    for tm, key, value, worker, changed in rows:
+        chain, number = (tm, key), int(value)
+        workers[worker] += 1
+        if chain in last_worker and last_worker[chain] != worker:
+            result.handovers += 1
+        last_worker[chain] = worker
+        seen[chain].add(number)
+        if chain in highest and number <= highest[chain]:
+            if number == highest[chain] and not changed:
+                result.repeats.append((tm, key, number))
+            else:
+                result.out_of_order.append((tm, key, highest[chain], number))
+            continue
+        highest[chain] = number
+        if tm in tm_highest and (number, key) < tm_highest[tm]:
+            result.tm_out_of_order.append((tm, tm_highest[tm], (number, key)))
+        tm_highest[tm] = max((number, key), tm_highest.get(tm, (number, key)))
+    for chain, last in chains.items():
+        gaps = sorted(set(range(last + 1)) - seen[chain])
+        if gaps:
+            result.missing[chain] = gaps
+    result.by_worker = dict(sorted(workers.items(), key=lambda kv: str(kv[0])))
+    return result
+
+
+def not_at_last(dsn: str, chains: Chains) -> dict[tuple[int, str], str | None]:
+    """Chains whose product does not hold its last number: chain -> what it holds."""
+    tms = sorted({tm for tm, _ in chains})
+    held = {
+        (tm, key): value
+        for tm, key, value in sql(
+            dsn,
+            "SELECT taskmanager_id, key, convert_from(value, 'UTF8') FROM dataproduct"
+            " WHERE taskmanager_id = ANY(%s)",
+            (tms,),
+        )
+    }
+    return {c: held.get(c) for c, last in chains.items() if held.get(c) != str(last)}
+
+
+def wait_until_applied(dsn: str, chains: Chains, within: float) -> dict:
+    """Poll (bounded) until every product holds its last number; what is still off."""
+    deadline = time.monotonic() + within
+    while True:
+        off = not_at_last(dsn, chains)
+        if not off or time.monotonic() > deadline:
+            return off
+        time.sleep(0.2)
+
+
+def wait_until_settled(dsn: str, chains: Chains, quiet: float = 1.0, within: float = 20) -> dict:
+    """Like ``wait_until_applied``, but give up as soon as the applied log has not grown
+    for ``quiet`` seconds (for runs expected to go wrong: they need not wait it out)."""
+    tms = sorted({tm for tm, _ in chains})
+    deadline = time.monotonic() + within
+    rows, since = -1, time.monotonic()
+    while True:
+        off = not_at_last(dsn, chains)
+        if not off or time.monotonic() > deadline:
+            return off
+        now_rows = sql(
+            dsn, "SELECT count(*) FROM applied_log WHERE taskmanager_id = ANY(%s)", (tms,)
+        )
+        if now_rows[0][0] != rows:
+            rows, since = now_rows[0][0], time.monotonic()
+        elif time.monotonic() - since > quiet:
+            return off
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def applied_database(admin_dsn: str):
+    """A new database with the schema and the applied log; dropped afterwards."""
+    from dataspace_worker.postgres import PostgresDataSource
+
+    with services.scratch_database(admin_dsn) as dsn:
+        PostgresDataSource({"dsn": dsn, "pool_size": 1}).close()  # creates the schema
+        add_applied_log(dsn)
+        yield dsn
+
+
+# -- clients --------------------------------------------------------------------------
+def lanes_space(url: str, lanes: bool = True, timeout: float = 20) -> DataSpace:
+    config = remote_config(url, timeout=timeout)
+    config["dataspace"]["datasource"]["config"]["lanes"] = lanes
+    return DataSpace(config)
+
+
+def publish_round(producer, tms: list[int], number: int, keys: tuple[str, ...]) -> None:
+    """One step of every chain: the insert (number 0) or update ``number``."""
+    write = producer.insert if number == 0 else producer.update
+    for tm in tms:
+        for key in keys:
+            write(tm, 1, key, str(number).encode(), header(), metadata())
+
+
+def rabbitmqctl_json(vhost_url: str, command: str, *columns: str) -> list[dict]:
+    """``rabbitmqctl <command> -p <vhost> <columns>`` as a list of dicts (three tries:
+    on a busy machine a listing can time out once)."""
+    vhost = unquote(urlsplit(vhost_url).path.lstrip("/")) or "/"
+    argv = ["rabbitmqctl", "-q", command, "-p", vhost, *columns, "--formatter", "json"]
+    for attempt in range(3):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            return json.loads(done.stdout)
+        time.sleep(0.5 * (attempt + 1))
+    raise AssertionError(f"{' '.join(argv)} failed: {done.stderr.strip()[:500]}")
+
+
+def message_counts(channel, queues: list[str]) -> dict[str, int]:
+    """Messages ready in ``queues`` (a pika BlockingChannel's passive declares)."""
+    return {q: channel.queue_declare(q, passive=True).method.message_count for q in queues}
+
+
+# -- fixtures -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def applied_dsn(pg_dsn):
+    """A database of this module's own whose ``applied_log`` records every product write."""
+    with applied_database(extensions.make_dsn(pg_dsn, dbname="postgres")) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def lanes_vhost(amqp_url):
+    """A vhost the ordering tests share (each starts and stops its own pools, and
+    checks only its own task managers): one vhost instead of one per test saves
+    seconds of rabbitmqctl."""
+    with services.scratch_vhost(services.with_vhost(amqp_url, "/")) as url:
+        if url.endswith("/%2F"):
+            pytest.skip("needs rabbitmqctl to create a vhost")
+        yield url
+
+
+@pytest.fixture
+def lane_pool(lanes_vhost, applied_dsn):
+    """``lane_pool(tag)``: an in-process pool with LANES lanes on ``lanes_vhost``, its
+    database sessions named ``tag``; stopped at teardown."""
+    with contextlib.ExitStack() as stack:
+
+        def start(tag: str, **kwargs):
+            kwargs.setdefault("consumers", 1)
+            pool = stack.enter_context(
+                services.running_pool(lanes_vhost, applied_dsn, lanes=LANES, **kwargs)
+            )
+            label_sessions(pool, tag)
+            return pool
+
+        yield start
+
+
+# -- topology and routing -------------------------------------------------------------
+#: operations that name a task manager by sequence_id: through the lanes
+LANE_CALLS = {
+    "insert": {
+        "taskmanager_id": 7,
+        "generation_id": 1,
+        "key": "k",
+        "value": b"v",
+        "header": header(),
+        "metadata": metadata(),
+    },
+    "update": {
+        "taskmanager_id": 7,
+        "generation_id": 1,
+        "key": "k",
+        "value": b"v",
+        "header": header(),
+        "metadata": metadata(),
+    },
+    "get_dataproduct": {"taskmanager_id": 7, "generation_id": 1, "key": "k"},
+    "get_dataproducts": {"taskmanager_id": 7, "key": None},
+    "get_datablock": {"taskmanager_id": 7, "generation_id": 1},
+    "get_header": {"taskmanager_id": 7, "generation_id": 1, "key": "k"},
+    "get_metadata": {"taskmanager_id": 7, "generation_id": 1, "key": "k"},
+    "duplicate_datablock": {"taskmanager_id": 7, "generation_id": 1, "new_generation_id": 2},
+    "delete": {"taskmanager_id": 7, "all_generations": False},
+    "mark_expired": {"taskmanager_id": 7, "generation_id": 1, "key": "k", "expiry_time": 5},
+    "mark_demented": {"taskmanager_id": 7, "keys": ["k"], "generation_id": 1},
+}
+#: operations that do not: through ``dataspace`` as before
+PLAIN_CALLS = {
+    "store_taskmanager": {
+        "taskmanager_name": "tm",
+        "taskmanager_id": "5D2B8D2A-1B1B-4B1B-8B1B-1B1B1B1B1B1B",
+        "datestamp": None,
+    },
+    "get_taskmanager": {
+        "taskmanager_name": "tm",
+        "taskmanager_id": "5D2B8D2A-1B1B-4B1B-8B1B-1B1B1B1B1B1B",
+    },
+    "get_taskmanagers": {"taskmanager_name": "tm", "start_time": None, "end_time": None},
+    "get_last_generation_id": {"taskmanager_name": "tm", "taskmanager_id": None},
+    "delete_data_older_than": {"days": 30},
+    "get_schema": {"table": None},
+}
+
+
+def test_every_operation_has_a_routing_case():
+    assert set(LANE_CALLS) | set(PLAIN_CALLS) | {"create_tables", "reap"} == set(OPERATIONS)
+
+
+def test_the_pool_declares_the_lanes(own_vhost, pool_factory):
+    pool_factory(own_vhost, consumers=1, lanes=LANES)
+    queues = {
+        q["name"]: q
+        for q in rabbitmqctl_json(own_vhost, "list_queues", "name", "type", "arguments")
+    }
+    bindings = {
+        (b["source_name"], b["destination_name"], b["routing_key"])
+        for b in rabbitmqctl_json(
+            own_vhost, "list_bindings", "source_name", "destination_name", "routing_key"
+        )
+    }
+    lane_names = [f"{LANE_QUEUE_PREFIX}{i}" for i in range(LANES)]
+    assert sorted(q for q in queues if q.startswith(LANE_QUEUE_PREFIX)) == lane_names
+    request_args = {a[0]: a[2] for a in queues[REQUEST_QUEUE]["arguments"]}
+    for name in lane_names:
+        assert queues[name]["type"] == "quorum"
+        args = {a[0]: a[2] for a in queues[name]["arguments"]}
+        # what a request queue has (delivery limit, dead-lettering), and one consumer
+        assert args == {**request_args, "x-single-active-consumer": True}, name
+        # weight 1 each on the hash ring: an even share of task managers
+        assert (LANES_EXCHANGE, name, "1") in bindings
+    assert queues[LANE_WORKERS_QUEUE]["type"] == "quorum"
+    assert (LANES_EXCHANGE, LANE_WORKERS_QUEUE, "1") not in bindings  # it receives nothing
+    assert not [b for b in bindings if b[0] == LANES_EXCHANGE and b[1] not in lane_names]
+    assert (EXCHANGE, REQUEST_QUEUE, "data.#") in bindings
+
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = connection.channel()
+        # the broker accepts a redeclaration only with the same type
+        channel.exchange_declare(LANES_EXCHANGE, "x-consistent-hash", durable=True)
+        # one pool: the consumer of every lane, and one worker counted
+        for name in [*lane_names, LANE_WORKERS_QUEUE]:
+            assert channel.queue_declare(name, passive=True).method.consumer_count == 1, name
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.exchange_declare(LANES_EXCHANGE, "topic", durable=True)
+        assert refused.value.reply_code == 406
+    finally:
+        connection.close()
+
+
+def test_a_client_with_lanes_routes_by_task_manager(own_vhost):
+    """Publish each operation once with nobody consuming, and see where it lands."""
+    from dataspace_worker.topology import declare_blocking, topology
+
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    channel = connection.channel()
+    declare_blocking(channel, topology(lanes=LANES))
+    lane_names = [f"{LANE_QUEUE_PREFIX}{i}" for i in range(LANES)]
+    queues = [REQUEST_QUEUE, *lane_names]
+
+    landed: dict[tuple[bool, str], set[str]] = {}
+    for lanes in (True, False):
+        with lanes_space(own_vhost, lanes=lanes) as space:
+            source = space.datasource
+            assert source.lanes is lanes
+            calls = [*LANE_CALLS.items(), *PLAIN_CALLS.items()]
+            # a sequence_id given as text is the same task manager, and the same lane
+            calls.append(("insert", {**LANE_CALLS["insert"], "taskmanager_id": " 7"}))
+            for operation, args in calls:
+                before = message_counts(channel, queues)
+                source.publish(operation, args)
+                source.flush(10)
+                after = message_counts(channel, queues)
+                landed[lanes, operation] = landed.get((lanes, operation), set()) | {
+                    q for q in after if after[q] != before[q]
+                }
+            # the route itself: exchange and routing key
+            for operation, args in LANE_CALLS.items():
+                op = OPERATIONS[operation]
+                route = source._route(op, {**args, "taskmanager_id": 7})
+                assert route == ((LANES_EXCHANGE, "7") if lanes else (None, op.routing_key))
+            for operation, args in PLAIN_CALLS.items():
+                op = OPERATIONS[operation]
+                assert source._route(op, args) == (None, op.routing_key)
+
+    # one lane for task manager 7, the same for every operation that names it
+    lane_of_7 = landed[True, "insert"]
+    assert len(lane_of_7) == 1 and lane_of_7 <= set(lane_names)
+    for operation in LANE_CALLS:
+        assert landed[True, operation] == lane_of_7, operation
+        assert landed[False, operation] == {REQUEST_QUEUE}, operation
+    for operation in PLAIN_CALLS:
+        assert landed[True, operation] == {REQUEST_QUEUE}, operation
+        assert landed[False, operation] == {REQUEST_QUEUE}, operation
+
+    # many task managers: each lane gets a fair share (the exchange hashes the keys)
+    before = message_counts(channel, lane_names)
+    channel.confirm_delivery()
+    sequence_ids = range(1, 2001)
+    for sequence_id in sequence_ids:
+        channel.basic_publish(LANES_EXCHANGE, str(sequence_id), b"{}")
+    after = message_counts(channel, lane_names)
+    connection.close()
+    counts = {q: after[q] - before[q] for q in lane_names}
+    assert sum(counts.values()) == len(sequence_ids)
+    fair = len(sequence_ids) / LANES
+    assert all(0.7 * fair < n < 1.3 * fair for n in counts.values()), counts
+
+
+# -- ordering ---------------------------------------------------------------------------
+def _store_taskmanagers(space: DataSpace, count: int, prefix: str) -> list[int]:
+    return [space.store_taskmanager(f"{prefix}-{i}", str(uuid.uuid4())) for i in range(count)]
+
+
+def _assert_in_order(applied: Applied, off: dict) -> None:
+    assert not off, f"{len(off)} products not at their last update, e.g. {list(off.items())[:5]}"
+    assert not applied.out_of_order, f"applied out of order: {applied.out_of_order[:10]}"
+    assert not applied.tm_out_of_order, (
+        f"task managers out of order: {applied.tm_out_of_order[:10]}"
+    )
+    assert not applied.missing, f"numbers never applied: {list(applied.missing.items())[:5]}"
+
+
+def _wait_for_every_lane(pool, within: float = 15) -> bool:
+    """Poll (bounded) until each of the pool's lanes has delivered."""
+    deadline = time.monotonic() + within
+    while not all(c.last_delivery for c in pool.lanes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(c.last_delivery for c in pool.lanes)
+
+
+def test_chains_through_two_pools_are_applied_in_order(lanes_vhost, lane_pool, applied_dsn):
+    """Inserts, then updates 1..N, interleaved across task managers, fire-and-forget;
+    the two pools share the lanes (the first gives half of them to the second once
+    the inserts are in)."""
+    first = lane_pool("A")
+    lane_pool("B")
+    tms_count, updates, keys = 40, 16, ("a", "b")
+    with lanes_space(lanes_vhost) as space:
+        tms = _store_taskmanagers(space, tms_count, "lane-order")
+        producer = space.producer()
+        publish_round(producer, tms, 0, keys)
+        producer.flush(30)
+        inserted = {(tm, key): 0 for tm in tms for key in keys}
+        assert not wait_until_applied(applied_dsn, inserted, within=20)
+        # lanes move while idle (see test_a_lane_moved_while_busy_keeps_its_order)
+        assert _wait_for_every_lane(first), "the inserts did not reach every lane"
+        assert len(first.rebalance()) == LANES // 2
+        for number in range(1, updates + 1):  # interleaved across task managers
+            publish_round(producer, tms, number, keys)
+        producer.flush(30)
+    chains = {(tm, key): updates for tm in tms for key in keys}
+
+    off = wait_until_applied(applied_dsn, chains, within=30)
+    applied = check_applied(applied_dsn, chains)
+    print("two pools:", applied.figures())
+    _assert_in_order(applied, off)
+    assert applied.rows == len(chains) * (updates + 1) + len(applied.repeats)
+    assert set(applied.by_worker) == {"A", "B"}
+
+    # a read published after writes for the same task manager, by the same client,
+    # passes the same lane behind them: no flush needed to read one's own writes
+    stale = []
+    with lanes_space(lanes_vhost) as space:
+        producer = space.producer()
+        for number in range(updates + 1, updates + 4):
+            publish_round(producer, tms, number, keys[:1])
+            for tm in tms:
+                held = space.get_dataproduct(tm, 1, keys[0])
+                if held != str(number).encode():
+                    stale.append((tm, number, held))
+        producer.flush(30)
+    assert not stale, stale[:10]
+
+
+def _wait_until_reopened(consumers, old_channels: dict, within: float = 10) -> None:
+    """Poll (bounded) until each lane consumer consumes again on a new channel."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and not all(
+        c.channel is not None
+        and c.channel is not old_channels[c.lane]
+        and c.channel.is_open
+        and c.consumer_tag
+        for c in consumers
+    ):
+        time.sleep(0.05)
+
+
+def test_rebalance_hands_lanes_over_and_keeps_the_order(lanes_vhost, lane_pool, applied_dsn):
+    """Chains published before and after lanes move: the first pool, active on every
+    lane, gives half of them to the second; both then deliver, and every chain is
+    applied in order across the move. (The move happens with nothing in flight: a
+    move under load is test_a_lane_moved_while_busy_keeps_its_order.)"""
+    first = lane_pool("A")
+    second = lane_pool("B")
+    tms_count, keys, before, after_move = 40, ("k",), 6, 6
+    with lanes_space(lanes_vhost) as space:
+        tms = _store_taskmanagers(space, tms_count, "lane-move")
+        producer = space.producer()
+        for number in range(before):
+            publish_round(producer, tms, number, keys)
+        producer.flush(30)
+        assert not wait_until_applied(
+            applied_dsn, {(tm, k): before - 1 for tm in tms for k in keys}, within=20
+        )
+        # the first pool subscribed first: it is the active consumer of every lane
+        assert _wait_for_every_lane(first), "traffic did not reach every lane"
+        assert not any(c.last_delivery for c in second.lanes)
+        assert second.rebalance() == []  # active nowhere: nothing to give
+
+        old_channels = {c.lane: c.channel for c in first.lanes}
+        given = first.rebalance()
+        assert len(given) == LANES // 2, given  # two pools, four lanes: two each
+        # the given lanes' channels closed, and opened again (back in the lane's line)
+        _wait_until_reopened([c for c in first.lanes if c.lane in given], old_channels)
+        reopened = time.monotonic()
+        last = before + after_move - 1
+        for number in range(before, last + 1):
+            publish_round(producer, tms, number, keys)
+        producer.flush(30)
+    chains = {(tm, key): last for tm in tms for key in keys}
+
+    off = wait_until_applied(applied_dsn, chains, within=30)
+    applied = check_applied(applied_dsn, chains)
+    delivering = {
+        "A": sorted(c.lane for c in first.lanes if c.last_delivery > reopened),
+        "B": sorted(c.lane for c in second.lanes if c.last_delivery > reopened),
+    }
+    print("rebalance:", {"given": given, "delivering_after": delivering, **applied.figures()})
+    _assert_in_order(applied, off)
+    # both pools deliver: the second on the lanes given, the first on the rest
+    assert delivering["B"] == sorted(given)
+    assert delivering["A"] == sorted(set(range(LANES)) - set(given))
+    assert applied.handovers > 0 and set(applied.by_worker) == {"A", "B"}
+    # the next look finds nothing more to give
+    assert first.rebalance() == []
+
+
+# -- hand-overs and retries under load -------------------------------------------
+def _hold_store(pool) -> threading.Event:
+    """Make the pool's database work wait (bounded) until the returned event is set:
+    its consumers keep what they hold unacked, as a busy worker does."""
+    datasource = pool.dispatcher.datasource
+    real = datasource.execute_many
+    release = threading.Event()
+
+    def held(requests):
+        release.wait(15)
+        return real(requests)
+
+    datasource.execute_many = held  # execute() goes through it too
+    return release
+
+
+def _publish_chains(space: DataSpace, tms: list[int], updates: int) -> None:
+    """Chain after chain (not interleaved): a lane's queue holds runs of one product."""
+    producer = space.producer()
+    for tm in tms:
+        for number in range(updates + 1):
+            publish_round(producer, [tm], number, ("k",))
+    producer.flush(30)
+
+
+def test_a_lane_moved_while_busy_keeps_its_order(lanes_vhost, lane_pool, applied_dsn):
+    """The first pool holds requests of every lane unacked (its store is slow) while
+    more wait in the lanes; it gives two lanes away. The second pool must get the held
+    requests first (returned to the lane), then the waiting ones."""
+    first = lane_pool("A")
+    second = lane_pool("B")
+    updates = 20
+    with lanes_space(lanes_vhost) as space:
+        tms = _store_taskmanagers(space, 12, "lane-busy")
+        release = _hold_store(first)
+        try:
+            _publish_chains(space, tms, updates)
+            assert _wait_for_every_lane(first)
+            given = first.rebalance()
+            assert len(given) == LANES // 2
+            deadline = time.monotonic() + 5  # the second pool takes the given lanes
+            while time.monotonic() < deadline and not all(
+                c.last_delivery for c in second.lanes if c.lane in given
+            ):
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            release.set()
+    chains = {(tm, "k"): updates for tm in tms}
+    off = wait_until_settled(applied_dsn, chains)
+    applied = check_applied(applied_dsn, chains)
+    print("busy move:", {"given": given, **applied.figures()}, applied.out_of_order[:5])
+    _assert_in_order(applied, off)
+
+
+def test_a_stopping_worker_hands_its_lanes_over_in_order(lanes_vhost, lane_pool, applied_dsn):
+    """What SIGTERM does (``WorkerPool.stop``) while the pool holds requests of every
+    lane: the requests it finishes must be applied before those the next pool gets."""
+    first = lane_pool("A")
+    second = lane_pool("B")
+    updates = 20
+    with lanes_space(lanes_vhost) as space:
+        tms = _store_taskmanagers(space, 12, "lane-stop")
+        release = _hold_store(first)
+        try:
+            _publish_chains(space, tms, updates)
+            assert _wait_for_every_lane(first)
+            stopping = threading.Thread(target=first.stop, args=(10,), daemon=True)
+            stopping.start()
+            deadline = time.monotonic() + 5  # the second pool takes the lanes over
+            while time.monotonic() < deadline and not all(c.last_delivery for c in second.lanes):
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            release.set()
+        stopping.join(15)
+    chains = {(tm, "k"): updates for tm in tms}
+    off = wait_until_settled(applied_dsn, chains)
+    applied = check_applied(applied_dsn, chains)
+    print("stopping:", applied.figures(), applied.out_of_order[:5])
+    _assert_in_order(applied, off)
+
+
+def test_a_request_put_back_after_a_store_outage_keeps_its_place(
+    lanes_vhost, lane_pool, applied_dsn
+):
+    """The store is unavailable (past the datasource's retry_timeout) while update 2
+    runs; updates 3 and 4 arrive meanwhile. Update 2 is answered "retry" and goes back
+    to its lane: it must still be applied before 3 and 4."""
+    from dataspace_client.errors import DataSpaceConnectionError
+
+    pool = lane_pool("R", prefetch=4)
+    datasource = pool.dispatcher.datasource
+    real = datasource.execute_many
+    outage = threading.Event()
+
+    def unavailable_once(requests):
+        if not outage.is_set() and any(r[1].get("value") == b"2" for r in requests):
+            outage.set()
+            time.sleep(0.5)  # what a retry_timeout spends; later requests arrive
+            raise DataSpaceConnectionError("database unavailable: (injected outage)")
+        return real(requests)
+
+    datasource.execute_many = unavailable_once  # execute() goes through it too
+    with lanes_space(lanes_vhost) as space:
+        (tm,) = _store_taskmanagers(space, 1, "lane-retry")
+        producer = space.producer()
+        publish_round(producer, [tm], 0, ("k",))
+        publish_round(producer, [tm], 1, ("k",))
+        producer.flush(10)
+        assert not wait_until_applied(applied_dsn, {(tm, "k"): 1}, within=10)
+        publish_round(producer, [tm], 2, ("k",))
+        assert outage.wait(10)
+        publish_round(producer, [tm], 3, ("k",))
+        publish_round(producer, [tm], 4, ("k",))
+        producer.flush(10)
+    chains = {(tm, "k"): 4}
+    # until the product holds 4 (after any update applied late), or nothing moves
+    off = wait_until_settled(applied_dsn, chains, quiet=1.0)
+    applied = check_applied(applied_dsn, chains)
+    print("retry:", {"holds": off, **applied.figures(), "log": applied.out_of_order})
+    _assert_in_order(applied, off)
