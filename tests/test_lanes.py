@@ -672,7 +672,9 @@ def test_a_stopping_worker_hands_its_lanes_over_in_order(lanes_vhost, lane_pool,
             assert _wait_for_every_lane(first)
             stopping = threading.Thread(target=first.stop, args=(10,), daemon=True)
             stopping.start()
-            deadline = time.monotonic() + 5  # the second pool takes the lanes over
+            # a second for the second pool to take lanes over while the first one still
+            # holds its requests (what the order must survive; a correct hand-over waits)
+            deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and not all(c.last_delivery for c in second.lanes):
                 time.sleep(0.05)
             time.sleep(0.3)

@@ -537,6 +537,7 @@ class WorkerPool:
     def _on_channel_open(self, consumer: Consumer, channel) -> None:
         consumer.channel = channel
         consumer.held = 0
+        consumer.given_back = None  # a new channel: nothing of it was given back
         channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
         channel.add_on_cancel_callback(partial(self._on_cancelled, consumer))
         channel.basic_qos(
