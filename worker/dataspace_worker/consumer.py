@@ -29,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -448,8 +449,7 @@ class WorkerPool:
         """
         if self.stopping.is_set():
             return True
-        connection = pika.BlockingConnection(self._addresses.current)
-        try:
+        with self._short_connection() as connection:
             for name in sorted({c.queue_name for c in self.consumers}):
                 try:
                     connection.channel().queue_declare(name, passive=True)
@@ -459,17 +459,22 @@ class WorkerPool:
                     self.call_soon(lambda n=name: self._reconnect(f"queue '{n}' is gone"))
                     return False
             return True
+
+    @contextmanager
+    def _short_connection(self):
+        """A blocking connection to the current broker address, closed after use:
+        for declaring and checking, beside the I/O thread's own connection."""
+        connection = pika.BlockingConnection(self._addresses.current)
+        try:
+            yield connection
         finally:
             if connection.is_open:
                 connection.close()
 
     def _declare_topology(self) -> None:
         """Declare exchanges, queues and bindings (idempotent) on a short-lived connection."""
-        connection = pika.BlockingConnection(self._addresses.current)
-        try:
+        with self._short_connection() as connection:
             declare_blocking(connection.channel(), self.topology)
-        finally:
-            connection.close()
 
     def _on_open(self, connection) -> None:
         if self.stopping.is_set():
@@ -513,17 +518,9 @@ class WorkerPool:
         if isinstance(reason, ChannelClosedByBroker):
             self._reconnect(f"dead-letter channel closed by the broker: {reason}")
             return
-        connection = self._connection
-        if connection is not None and connection.is_open:
-            connection.ioloop.call_later(
-                CHANNEL_REOPEN_PAUSE,
-                lambda: (
-                    connection.is_open
-                    and connection.channel(
-                        on_open_callback=partial(self._on_dead_channel_open, with_consumers=False)
-                    )
-                ),
-            )
+        self._reopen_later(
+            CHANNEL_REOPEN_PAUSE, partial(self._on_dead_channel_open, with_consumers=False)
+        )
 
     def _on_open_error(self, connection, error) -> None:
         log.warning("cannot connect to %s: %s", self.masked_url, str(error) or type(error).__name__)
@@ -582,19 +579,24 @@ class WorkerPool:
         if consumer.yielding:  # closed on purpose: back in the lane's line after a pause
             consumer.yielding = False
             pause = CHANNEL_REOPEN_PAUSE if consumer.given_back is None else RETRY_REOPEN_PAUSE
-            connection = self._connection
-            if connection is not None and connection.is_open:
-                connection.ioloop.call_later(
-                    pause,
-                    lambda: self._reopen(consumer, connection),
-                )
+            self._reopen_later(pause, partial(self._on_channel_open, consumer))
             return
         if isinstance(reason, ChannelClosedByBroker):
             self._reconnect(f"consumer {consumer.index} channel closed by the broker: {reason}")
 
-    def _reopen(self, consumer: Consumer, connection) -> None:
-        if connection is self._connection and connection.is_open and not self.stopping.is_set():
-            connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
+    def _reopen_later(self, pause: float, on_open) -> None:
+        """Open a channel (``on_open`` gets it) after ``pause`` seconds, on this
+        connection if it is still the pool's and open, and the pool not stopping."""
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            return
+
+        def reopen():
+            if connection is self._connection and connection.is_open:
+                if not self.stopping.is_set():
+                    connection.channel(on_open_callback=on_open)
+
+        connection.ioloop.call_later(pause, reopen)
 
     # -- ordering lanes ------------------------------------------------------------
     def rebalance(self, window: float = 10.0) -> list[int]:
@@ -613,15 +615,11 @@ class WorkerPool:
         """
         if not self.lanes or self.stopping.is_set():
             return []
-        connection = pika.BlockingConnection(self._addresses.current)
-        try:
+        with self._short_connection() as connection:
             frame = connection.channel().queue_declare(
                 self.topology.lane_workers_queue.name, passive=True
             )
-            workers = max(1, frame.method.consumer_count)
-        finally:
-            if connection.is_open:
-                connection.close()
+        workers = max(1, frame.method.consumer_count)
         share = -(-len(self.lanes) // workers)
         now = time.monotonic()
         active = [c for c in self.lanes if c.channel is not None and now - c.last_delivery < window]
