@@ -26,18 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg2  # noqa: E402
 
+from bench.run import HEADER, METADATA  # noqa: E402
 from dataspace_client import DataSpace  # noqa: E402
 from tests import services  # noqa: E402
 from tests.conftest import remote_config  # noqa: E402
 
-HEADER = {
-    "create_time": 1,
-    "expiration_time": 2,
-    "scheduled_create_time": 1,
-    "creator": "bench",
-    "schema_id": None,
-}
-METADATA = {"state": "NEW", "generation_time": 1, "missed_update_count": 0}
 WORKER = os.path.join(os.path.dirname(sys.executable), "dataspace-worker")
 
 

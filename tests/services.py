@@ -170,3 +170,21 @@ def drain_queue(url: str, queue: str, idle: float = 5.0, deadline: float = 120.0
     channel.cancel()
     connection.close()
     return got
+
+
+def poll(predicate, timeout: float, pause: float = 0.05, suppress: tuple = ()):
+    """Call ``predicate`` until it returns something true, for at most ``timeout``
+    seconds; ``(value, seconds)``, or ``(None, seconds)``. Exceptions of the
+    ``suppress`` types count as a false result."""
+    started = time.monotonic()
+    while True:
+        value = None
+        try:
+            value = predicate()
+        except suppress:
+            pass
+        if value:
+            return value, time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            return None, time.monotonic() - started
+        time.sleep(pause)

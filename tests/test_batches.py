@@ -66,9 +66,9 @@ def _request(operation: str, message_id: str | None = None, **args) -> Request:
     return Request(body, message_id)
 
 
-def _insert(seq: int, generation: int, key: str, value: bytes, message_id: str) -> Request:
+def _write(operation, seq: int, generation: int, key: str, value: bytes, message_id) -> Request:
     return _request(
-        "insert",
+        operation,
         message_id,
         taskmanager_id=seq,
         generation_id=generation,
@@ -79,17 +79,12 @@ def _insert(seq: int, generation: int, key: str, value: bytes, message_id: str) 
     )
 
 
-def _update(seq: int, generation: int, key: str, value: bytes, message_id: str) -> Request:
-    return _request(
-        "update",
-        message_id,
-        taskmanager_id=seq,
-        generation_id=generation,
-        key=key,
-        value=value,
-        header=header(),
-        metadata=metadata(),
-    )
+def _insert(*args) -> Request:
+    return _write("insert", *args)
+
+
+def _update(*args) -> Request:
+    return _write("update", *args)
 
 
 def _store(name: str, taskmanager_id: str, message_id: str) -> Request:

@@ -49,7 +49,7 @@ from dataspace_client.protocol import (
 )
 from tests import services
 from tests.conftest import remote_config
-from tests.contract_helpers import header, metadata
+from tests.contract_helpers import header, metadata, sql_rows
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,16 +108,6 @@ def label_sessions(pool, label: str) -> None:
     connections.reopen()
 
 
-def sql(dsn: str, query: str, params=()) -> list[tuple]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 #: a chain: (taskmanager sequence_id, key) -> the number of its last update
 Chains = dict[tuple[int, str], int]
 
@@ -160,7 +150,7 @@ def check_applied(dsn: str, chains: Chains) -> Applied:
     and check, in serial order, that per product the numbers rise strictly, and per
     task manager the (number, key) pairs."""
     tms = sorted({tm for tm, _ in chains})
-    rows = sql(
+    rows = sql_rows(
         dsn,
         "SELECT taskmanager_id, key, value, app, changed FROM applied_log"
         " WHERE taskmanager_id = ANY(%s) ORDER BY serial",
@@ -202,7 +192,7 @@ def not_at_last(dsn: str, chains: Chains) -> dict[tuple[int, str], str | None]:
     tms = sorted({tm for tm, _ in chains})
     held = {
         (tm, key): value
-        for tm, key, value in sql(
+        for tm, key, value in sql_rows(
             dsn,
             "SELECT taskmanager_id, key, convert_from(value, 'UTF8') FROM dataproduct"
             " WHERE taskmanager_id = ANY(%s)",
@@ -232,7 +222,7 @@ def wait_until_settled(dsn: str, chains: Chains, quiet: float = 1.0, within: flo
         off = not_at_last(dsn, chains)
         if not off or time.monotonic() > deadline:
             return off
-        now_rows = sql(
+        now_rows = sql_rows(
             dsn, "SELECT count(*) FROM applied_log WHERE taskmanager_id = ANY(%s)", (tms,)
         )
         if now_rows[0][0] != rows:

@@ -25,9 +25,11 @@ WORKER = shutil.which("dataspace-worker") or os.path.join(
 class WorkerProcess:
     """``dataspace-worker`` in a subprocess, its stderr collected line by line."""
 
-    def __init__(self, env: dict, *args: str):
+    def __init__(self, env: dict, *args: str, wrap=None):
+        """``wrap(argv)``: the command line to run instead (e.g. inside a network namespace)."""
+        argv = [WORKER, *args]
         self.proc = subprocess.Popen(
-            [WORKER, *args],
+            wrap(argv) if wrap else argv,
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

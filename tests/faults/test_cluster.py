@@ -37,6 +37,7 @@ import uuid
 import pytest
 
 from dataspace_client.protocol import LANE_QUEUE_PREFIX, REQUEST_QUEUE
+from tests import services
 
 from .cluster import throwaway_cluster
 from .conftest import tail, worker_env
@@ -72,16 +73,9 @@ def cluster(lanes):
 
 
 def _wait(predicate, timeout: float, pause: float = 0.2):
-    """Poll ``predicate`` until it returns something true; (value, seconds) or (None, s)."""
-    started = time.monotonic()
-    while True:
-        with contextlib.suppress(InstanceError):
-            value = predicate()
-            if value:
-                return value, time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            return None, time.monotonic() - started
-        time.sleep(pause)
+    """Poll ``predicate`` until it returns something true; (value, seconds) or (None, s).
+    A ``rabbitmqctl`` that fails while the cluster changes counts as not yet."""
+    return services.poll(predicate, timeout, pause, suppress=(InstanceError,))
 
 
 def _lanes_client(request, urls: list[str], timeout: float = TIMEOUT):

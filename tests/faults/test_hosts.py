@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
@@ -67,10 +65,11 @@ import pytest
 
 from dataspace_client import DataSpace, DataSpaceTimeoutError
 from dataspace_client.protocol import LANE_QUEUE_PREFIX, LANES_EXCHANGE
+from tests import services
 from tests.conftest import remote_config
-from tests.test_worker_cli import WORKER, WorkerProcess
+from tests.test_worker_cli import WorkerProcess
 
-from .conftest import CONSUMING, tail, worker_env
+from .conftest import CONSUMING, WorkerStarter, tail, worker_env
 from .load import MARGIN, Load, probe, verify
 from .netns import AMQP_PORT, PG_PORT, NetnsUnavailable, WorkerHost, unavailable, worker_host
 
@@ -277,16 +276,7 @@ class HostWorker(WorkerProcess):
 
     def __init__(self, host: WorkerHost, env: dict):
         self.host = host
-        self.proc = subprocess.Popen(
-            host.command([WORKER]),
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(env, wrap=host.command)
 
     def requests(self, since: int = 0) -> int:
         """Request lines logged (from line ``since`` on)."""
@@ -298,14 +288,7 @@ class HostWorker(WorkerProcess):
 
 def _wait(predicate, timeout: float, pause: float = 0.05):
     """Poll ``predicate`` until it returns something true; (value, seconds) or (None, s)."""
-    started = time.monotonic()
-    while True:
-        value = predicate()
-        if value:
-            return value, time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            return None, time.monotonic() - started
-        time.sleep(pause)
+    return services.poll(predicate, timeout, pause)
 
 
 def _sessions(pg_dsn: str, cut_ports: set[int]) -> dict:
@@ -356,11 +339,9 @@ def host_workers():
 
     start.workers = workers
     yield start
-    for worker in workers:
-        if worker.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                worker.terminate(10)
-        worker.kill()
+    starter = WorkerStarter()
+    starter.workers = workers
+    starter.stop_all()
 
 
 @pytest.fixture
