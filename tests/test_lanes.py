@@ -385,7 +385,7 @@ def test_the_pool_declares_the_lanes(own_vhost, pool_factory):
         assert args == {**request_args, "x-single-active-consumer": True}, name
         # weight 1 each on the hash ring: an even share of task managers
         assert (LANES_EXCHANGE, name, "1") in bindings
-    assert queues[LANE_WORKERS_QUEUE]["type"] == "quorum"
+    assert queues[LANE_WORKERS_QUEUE]["type"] == "classic"  # forgets a lost node's consumers
     assert (LANES_EXCHANGE, LANE_WORKERS_QUEUE, "1") not in bindings  # it receives nothing
     assert not [b for b in bindings if b[0] == LANES_EXCHANGE and b[1] not in lane_names]
     assert (EXCHANGE, REQUEST_QUEUE, "data.#") in bindings
@@ -401,6 +401,37 @@ def test_the_pool_declares_the_lanes(own_vhost, pool_factory):
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
             channel.exchange_declare(LANES_EXCHANGE, "topic", durable=True)
         assert refused.value.reply_code == 406
+    finally:
+        connection.close()
+
+
+def test_a_worker_counts_itself_again_when_the_census_queue_goes(own_vhost, pool_factory):
+    """``dataspace.lanes.workers`` is transient: it goes with its node (deleted here,
+    as the broker does then). The broker cancels the workers' consumers; each
+    declares the queue again and is counted again."""
+    pool = pool_factory(own_vhost, consumers=1, lanes=LANES)
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = connection.channel()
+        channel.queue_delete(LANE_WORKERS_QUEUE)
+
+        def counted():
+            try:
+                frame = channel.queue_declare(LANE_WORKERS_QUEUE, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                return None  # not there yet (the channel is closed: open another)
+            return frame.method.consumer_count == 1
+
+        back = False
+        deadline = time.monotonic() + 10
+        while not back and time.monotonic() < deadline:
+            back = counted()
+            if back is None:
+                channel = connection.channel()
+            time.sleep(0.1)
+        assert back, "the worker did not declare and consume the census queue again"
+        assert pool.rebalance() == []  # counted: one worker, every lane its share
+        assert pool.connections_opened == 1  # no reconnection for it
     finally:
         connection.close()
 

@@ -13,7 +13,10 @@ A request is acked only after its transaction committed and its reply was
 published (the ack follows the reply on the same channel, so the broker sees
 them in that order; a batch is acked with one ``multiple`` ack). A request
 that is dead-lettered is acked only once the broker confirmed its copy in
-``dataspace.dead`` (those go over a separate channel in confirm mode). A
+``dataspace.dead`` (those go over a separate channel in confirm mode). The
+reply to a redelivered request goes out on a connection of its own, confirmed,
+and its request is acked after that (guarded_replies.py: RabbitMQ 3.10 crashes
+the connection that replies to a client of a node that is down). A
 delivery from a channel that has since closed is skipped: the broker has
 already requeued it.  When the connection drops, the I/O thread
 re-declares the topology and reconnects with bounded backoff; database threads
@@ -53,6 +56,7 @@ from dataspace_client.urls import BrokerAddresses, mask_password
 
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
+from .guarded_replies import GuardedReplies, GuardedReply, Result, needs_guard
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,7 @@ class Delivery:
     routing_key: str
     properties: pika.BasicProperties
     body: bytes
+    redelivered: bool = False
 
 
 @dataclass
@@ -287,6 +292,10 @@ class WorkerPool:
 
         # several URLs: a cluster's nodes, tried in turn (dataspace_client.urls)
         self._addresses = BrokerAddresses(amqp_url, configure)
+        # replies that may crash their channel go out on a connection of their own
+        self._guard = GuardedReplies(
+            lambda: self._addresses.current, self.stopping, f"{APP_ID} guarded replies"
+        )
         self._connection: pika.SelectConnection | None = None
         self._lock = threading.Lock()
         self._io_thread = threading.Thread(target=self._run, name="dataspace-amqp-io", daemon=True)
@@ -295,6 +304,7 @@ class WorkerPool:
     def start(self) -> None:
         for consumer in self.consumers:
             consumer.thread.start()
+        self._guard.start()
         self._io_thread.start()
 
     def alive(self) -> bool:
@@ -324,12 +334,17 @@ class WorkerPool:
 
     def schedule_finish(self, consumer: Consumer, handled: list[tuple[Delivery, Outcome]]) -> None:
         """Hand handled requests to the I/O thread for their replies and acks."""
+        self._schedule_settling(partial(self.finish, consumer, handled))
+
+    def _schedule_settling(self, callback) -> None:
+        """Run ``callback`` (which publishes or acks) on the I/O thread; stopping
+        waits for it (see ``_settled``)."""
         with self._lock:
             self._finishing += 1
 
         def run():
             try:
-                self.finish(consumer, handled)
+                callback()
             finally:
                 with self._lock:
                     self._finishing -= 1
@@ -343,7 +358,7 @@ class WorkerPool:
         with self._lock:
             if self._finishing:
                 return False
-        return not self._dead_unconfirmed
+        return not self._dead_unconfirmed and not self._guard.pending
 
     def stop(self, drain_timeout: float = 30.0) -> bool:
         """Stop consuming, finish and ack the requests in hand, close.
@@ -363,6 +378,7 @@ class WorkerPool:
         # Replies confirmed and acks sent before closing, or finished work is redone.
         while not self._settled() and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._guard.stop()
         self.call_soon(self._close_lanes)
         self.call_soon(self._close_connection)
         self._io_thread.join(10)
@@ -491,13 +507,10 @@ class WorkerPool:
         channel.add_on_close_callback(self._on_dead_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(ack_nack_callback=self._on_confirm)
-        workers_queue = self.topology.lane_workers_queue
-        if workers_queue is not None:  # counted among the workers serving lanes
-            channel.basic_consume(
-                workers_queue.name, lambda ch, method, _p, _b: ch.basic_ack(method.delivery_tag)
-            )
         if not with_consumers:
             return
+        if self.topology.lane_workers_queue is not None:
+            channel.connection.channel(on_open_callback=self._on_census_channel_open)
         for consumer in self.consumers:
             channel.connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
 
@@ -521,6 +534,29 @@ class WorkerPool:
         self._reopen_later(
             CHANNEL_REOPEN_PAUSE, partial(self._on_dead_channel_open, with_consumers=False)
         )
+
+    def _on_census_channel_open(self, channel) -> None:
+        """Be counted among the workers serving lanes: consume ``dataspace.lanes.workers``,
+        declared again first (it is transient: it goes when its node goes down, and the
+        broker then cancels this consumer; the channel is opened again a second later)."""
+        queue = self.topology.lane_workers_queue
+        channel.add_on_close_callback(self._on_census_channel_closed)
+        channel.add_on_cancel_callback(lambda _frame: channel.close())
+        channel.queue_declare(
+            queue.name,
+            durable=queue.durable,
+            arguments=queue.arguments,
+            callback=lambda _frame: channel.basic_consume(
+                queue.name, lambda *_delivery: None, auto_ack=True
+            ),
+        )
+
+    def _on_census_channel_closed(self, _channel, reason) -> None:
+        connection = self._connection
+        if self.stopping.is_set() or connection is None or not connection.is_open:
+            return  # a new connection opens a new one
+        log.info("no longer counted among the lane workers (%s); again in a second", reason)
+        self._reopen_later(CHANNEL_REOPEN_PAUSE, self._on_census_channel_open)
 
     def _on_open_error(self, connection, error) -> None:
         log.warning("cannot connect to %s: %s", self.masked_url, str(error) or type(error).__name__)
@@ -605,7 +641,9 @@ class WorkerPool:
         Single active consumer makes the first subscriber of a lane its consumer,
         so the first worker would keep every lane. Every worker subscribes to
         every lane and counts the workers (the consumer count of
-        ``dataspace.lanes.workers``, which each of them consumes). If this worker
+        ``dataspace.lanes.workers``, which each of them consumes; a classic queue,
+        which forgets the consumers of a node that goes down at once, where a
+        quorum queue counts them until the node is back). If this worker
         received deliveries from more than ``ceil(lanes / workers)`` lanes within
         ``window`` seconds, it closes the extra lanes' channels and subscribes
         again after a pause, at the back of their lines: the broker makes the next
@@ -616,9 +654,14 @@ class WorkerPool:
         if not self.lanes or self.stopping.is_set():
             return []
         with self._short_connection() as connection:
-            frame = connection.channel().queue_declare(
-                self.topology.lane_workers_queue.name, passive=True
-            )
+            try:
+                frame = connection.channel().queue_declare(
+                    self.topology.lane_workers_queue.name, passive=True
+                )
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                return []  # gone with its node: workers are declaring it again
         workers = max(1, frame.method.consumer_count)
         share = -(-len(self.lanes) // workers)
         now = time.monotonic()
@@ -661,7 +704,13 @@ class WorkerPool:
             metrics.REDELIVERED.inc()
         consumer.inbox.put(
             Delivery(
-                channel, method.delivery_tag, method.exchange, method.routing_key, properties, body
+                channel,
+                method.delivery_tag,
+                method.exchange,
+                method.routing_key,
+                properties,
+                body,
+                bool(method.redelivered),
             )
         )
 
@@ -694,6 +743,9 @@ class WorkerPool:
                 channel.basic_nack(delivery.tag, requeue=True)
                 continue
             reply_to = delivery.properties.reply_to
+            if needs_guard(reply_to, delivery.redelivered):
+                self._reply_guarded(consumer, delivery, outcome)
+                continue
             if reply_to:  # direct reply-to replies must not be mandatory on RabbitMQ 3.x
                 channel.basic_publish("", reply_to, outcome.body, _reply(delivery, outcome))
             if outcome.dead_letter(reply_to):
@@ -701,6 +753,40 @@ class WorkerPool:
             else:
                 ackable.append(delivery.tag)
         self._ack(consumer, channel, ackable, len(handled))
+
+    def _reply_guarded(self, consumer: Consumer, delivery: Delivery, outcome: Outcome) -> None:
+        """Reply through the guard (guarded_replies.py); settle the request after it."""
+        consumer.held += 1
+
+        def done(result: Result) -> None:
+            self._schedule_settling(
+                partial(self._after_guarded_reply, consumer, delivery, outcome, result)
+            )
+
+        self._guard.put(
+            GuardedReply(
+                delivery.properties.reply_to,
+                outcome.body,
+                _reply(delivery, outcome),
+                done,
+                wanted=lambda: delivery.channel is consumer.channel and delivery.channel.is_open,
+            )
+        )
+
+    def _after_guarded_reply(
+        self, consumer: Consumer, delivery: Delivery, outcome: Outcome, result: Result
+    ) -> None:
+        """Settle a request whose reply went through the guard (I/O thread)."""
+        channel = delivery.channel
+        if channel is not consumer.channel or not channel.is_open:
+            return  # requeued when its channel closed
+        consumer.held -= 1
+        if result == "failed":  # not answered: run (or replay) it again
+            channel.basic_nack(delivery.tag, requeue=True)
+        elif outcome.dead_letter(delivery.properties.reply_to):
+            self._publish_dead_letter(consumer, delivery, outcome)
+        else:
+            channel.basic_ack(delivery.tag)
 
     @staticmethod
     def _ack(consumer: Consumer, channel, tags: list[int], batch: int) -> None:

@@ -149,7 +149,7 @@ def definitions(
             {
                 "name": queue.name,
                 "vhost": vhost,
-                "durable": True,
+                "durable": queue.durable,
                 "auto_delete": False,
                 "arguments": dict(queue.arguments),
             }

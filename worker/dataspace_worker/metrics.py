@@ -55,6 +55,13 @@ IN_FLIGHT = Gauge(
 REDELIVERED = Counter(
     "dataspace_redeliveries", "Deliveries the broker marked as redelivered", registry=REGISTRY
 )
+GUARDED_REPLIES = Counter(
+    "dataspace_guarded_replies",
+    "Replies to redelivered requests published on the guard's own connection, by "
+    "result (sent, dropped: address of a node that is down, failed, abandoned)",
+    ["result"],
+    registry=REGISTRY,
+)
 DEAD_LETTERED = Counter(
     "dataspace_dead_lettered",
     "Requests sent to dataspace.dead, by error code",

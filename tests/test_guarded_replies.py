@@ -1,0 +1,271 @@
+"""Replies to clients whose node is down (worker/dataspace_worker/guarded_replies.py).
+
+RabbitMQ 3.10 crashes the connection that publishes to a direct reply-to address
+of a node that is not running. On one node the same address is made by hand: a
+real reply-to address with another node hash in it. The cluster version of this
+(a node killed under load) is tests/faults/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import uuid
+
+import orjson
+import pika
+import psycopg2
+import pytest
+
+from dataspace_client.protocol import (
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    OPERATIONS,
+    REQUEST_QUEUE,
+    encode_request,
+)
+from dataspace_worker import guarded_replies, metrics
+from dataspace_worker.guarded_replies import DIRECT_REPLY_TO_PREFIX, needs_guard
+from dataspace_worker.topology import declare_blocking, topology
+from tests import services
+
+
+def _guarded(result: str) -> float:
+    return metrics.GUARDED_REPLIES.labels(result)._value.get()
+
+
+class ReplyClient:
+    """A client channel consuming direct reply-to, collecting replies by correlation id."""
+
+    def __init__(self, url: str):
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.replies: dict[str, bytes] = {}
+        self.channel.basic_consume(
+            "amq.rabbitmq.reply-to",
+            lambda _c, _m, props, body: self.replies.__setitem__(props.correlation_id, body),
+            auto_ack=True,
+        )
+
+    def address(self) -> str:
+        """This channel's own reply-to address, as the broker writes it into a request."""
+        queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.basic_publish(
+            "", queue, b"", pika.BasicProperties(reply_to="amq.rabbitmq.reply-to")
+        )
+        method = None
+        while method is None:
+            method, props, _ = self.channel.basic_get(queue, auto_ack=True)
+        self.channel.queue_delete(queue)
+        return props.reply_to
+
+    def wait_for(self, correlation_id: str, timeout: float) -> bytes | None:
+        reply, _ = services.poll(
+            lambda: self.connection.process_data_events(0.05) or self.replies.get(correlation_id),
+            timeout,
+        )
+        return reply
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+
+def address_of_a_node_that_is_down(address: str) -> str:
+    """``address`` with another node in it (v2 format: the node is ``reply@<hash>``
+    inside the base64 Erlang pid), which no running node answers to."""
+    encoded, key = address[len(DIRECT_REPLY_TO_PREFIX) :].split(".", 1)
+    pid = base64.b64decode(encoded)
+    match = re.search(rb"reply@(\d+)", pid)
+    assert match, f"not a v2 direct reply-to address: {address}"
+    digits = match.group(1)
+    other = str((int(digits) + 1) % 10 ** len(digits)).zfill(len(digits)).encode()
+    forged = pid[: match.start(1)] + other + pid[match.end(1) :]
+    return f"{DIRECT_REPLY_TO_PREFIX}{base64.b64encode(forged).decode()}.{key}"
+
+
+def store_request(url: str, reply_to: str, name: str) -> str:
+    """Publish a store_taskmanager request as a client would; its correlation id."""
+    op = OPERATIONS["store_taskmanager"]
+    correlation_id = uuid.uuid4().hex
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            EXCHANGE,
+            op.routing_key,
+            encode_request(op, {"taskmanager_name": name, "taskmanager_id": str(uuid.uuid4())}),
+            pika.BasicProperties(
+                message_id=uuid.uuid4().hex,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                content_type="application/json",
+                delivery_mode=2,
+            ),
+        )
+    finally:
+        connection.close()
+    return correlation_id
+
+
+def _stored(pg_dsn: str, name: str) -> int:
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM taskmanager WHERE name = %s", (name,))
+        return cur.fetchone()[0]
+
+
+def _queue_empty(url: str, name: str) -> bool:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        method = connection.channel().queue_declare(name, passive=True).method
+        return method.message_count == 0
+    finally:
+        connection.close()
+
+
+def test_which_replies_are_guarded():
+    live = f"{DIRECT_REPLY_TO_PREFIX}abc.def"
+    assert needs_guard(live, redelivered=True)
+    assert not needs_guard(live, redelivered=False)  # first deliveries keep the fast path
+    assert not needs_guard("my-reply-queue", redelivered=True)  # a queue never crashes it
+    assert not needs_guard(None, redelivered=True)
+
+
+def test_a_forged_address_is_refused_by_this_broker_as_a_node_that_is_down(own_vhost):
+    """The broker behaviour the guard exists for (if a newer RabbitMQ stops crashing
+    here, the guard is still right, only no longer needed)."""
+    client = ReplyClient(own_vhost)
+    forged = address_of_a_node_that_is_down(client.address())
+    publisher = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = publisher.channel()
+        channel.basic_publish("", forged, b"reply")
+        publisher.process_data_events(0.5)
+        channel.basic_publish("", forged, b"reply")
+        publisher.process_data_events(0.5)
+    except pika.exceptions.ConnectionClosedByBroker as exc:
+        assert exc.reply_code == 541
+    else:
+        pytest.skip("this RabbitMQ no longer fails on a reply-to of a node that is down")
+    finally:
+        client.close()
+        if publisher.is_open:
+            publisher.close()
+
+
+def test_a_reply_to_a_node_that_is_down_costs_one_reconnect_not_a_dead_letter(
+    own_vhost, pool_factory, pg_dsn
+):
+    pool = pool_factory(own_vhost, consumers=2)
+    client = ReplyClient(own_vhost)
+    try:
+        dropped = _guarded("dropped")
+        name = f"guard-{uuid.uuid4().hex[:8]}"
+        store_request(own_vhost, address_of_a_node_that_is_down(client.address()), name)
+        # Settled: applied once, gone from the queue, not dead-lettered.
+        settled, seconds = services.poll(
+            lambda: _stored(pg_dsn, name) == 1 and _queue_empty(own_vhost, REQUEST_QUEUE), 30
+        )
+        assert settled, f"request not settled after {seconds:.0f} s"
+        # The first delivery cost the consumer connection (the broker's crash); the
+        # redelivery's reply went through the guard, which took the crash instead.
+        assert pool.connections_opened == 2
+        assert services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=1) == []
+        services.poll(lambda: _guarded("dropped") > dropped, 10)
+        assert _guarded("dropped") == dropped + 1
+        # And the worker answers the next client at once.
+        answer = store_request(own_vhost, client.address(), f"{name}-next")
+        reply = client.wait_for(answer, 10)
+        assert reply is not None and orjson.loads(reply)["ok"] is True
+        assert pool.connections_opened == 2
+    finally:
+        client.close()
+
+
+def test_a_redelivered_request_is_answered_through_the_guard(own_vhost, pool_factory, pg_dsn):
+    setup = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    declare_blocking(setup.channel(), topology())
+    setup.close()
+    client = ReplyClient(own_vhost)
+    try:
+        name = f"redelivered-{uuid.uuid4().hex[:8]}"
+        correlation_id = store_request(own_vhost, client.address(), name)
+        # Taken and given back, as by a worker that lost its connection: redelivered.
+        taker = pika.BlockingConnection(pika.URLParameters(own_vhost))
+        channel = taker.channel()
+        method = None
+        while method is None:
+            method, _, _ = channel.basic_get(REQUEST_QUEUE)
+        channel.basic_nack(method.delivery_tag, requeue=True)
+        taker.close()
+        sent = _guarded("sent")
+
+        pool = pool_factory(own_vhost, consumers=1)
+        reply = client.wait_for(correlation_id, 15)
+        assert reply is not None, "no reply to the redelivered request"
+        assert orjson.loads(reply)["ok"] is True
+        services.poll(lambda: _guarded("sent") > sent, 5)  # counted after the confirm
+        assert _guarded("sent") == sent + 1
+        settled, _ = services.poll(lambda: _queue_empty(own_vhost, REQUEST_QUEUE), 10)
+        assert settled and _stored(pg_dsn, name) == 1
+        assert pool.connections_opened == 1
+    finally:
+        client.close()
+
+
+def test_the_guard_drops_a_dead_address_and_remembers_it(own_vhost, monkeypatch):
+    """On its own: replies go out in order, one at a time; a dead address costs the
+    guard's connection once, later replies to the same client channel none."""
+    opened = []
+
+    class Counted(pika.BlockingConnection):
+        def __init__(self, parameters):
+            opened.append(parameters)
+            super().__init__(parameters)
+
+    client = ReplyClient(own_vhost)
+    live = client.address()
+    dead = address_of_a_node_that_is_down(live)
+    monkeypatch.setattr(guarded_replies.pika, "BlockingConnection", Counted)  # the guard's
+    results: list[tuple[str, str]] = []
+    guard = guarded_replies.GuardedReplies(
+        lambda: pika.URLParameters(own_vhost), threading.Event(), "test guard"
+    )
+    guard.start()
+    try:
+        for name, address in [("a", dead), ("b", live), ("c", dead), ("d", live)]:
+            guard.put(
+                guarded_replies.GuardedReply(
+                    address,
+                    name.encode(),
+                    pika.BasicProperties(correlation_id=name),
+                    lambda result, n=name: results.append((n, result)),
+                )
+            )
+        guard.put(
+            guarded_replies.GuardedReply(
+                live,
+                b"e",
+                pika.BasicProperties(correlation_id="e"),
+                lambda result: results.append(("e", result)),
+                wanted=lambda: False,  # its request went back to the queue meanwhile
+            )
+        )
+        done, _ = services.poll(lambda: guard.pending == 0, 15)
+        assert done
+        assert results == [
+            ("a", "dropped"),
+            ("b", "sent"),
+            ("c", "dropped"),
+            ("d", "sent"),
+            ("e", "abandoned"),
+        ]
+        assert client.wait_for("d", 5) == b"d" and client.replies.get("b") == b"b"
+        assert "e" not in client.replies
+        # one connection before the dead address, one after it; none more for "c"
+        assert len(opened) == 2
+    finally:
+        guard.stop()
+        client.close()
