@@ -240,5 +240,9 @@ def throwaway_cluster(
         yield cluster
     finally:
         cluster.destroy()
+        keep = os.environ.get("DATASPACE_TEST_LOG_DIR")  # the nodes' logs, for a post-mortem
         for base in bases:
+            if keep:
+                target = os.path.join(keep, os.path.basename(base))
+                shutil.copytree(os.path.join(base, "log"), target, dirs_exist_ok=True)
             shutil.rmtree(base, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 
 import pytest
 from psycopg2 import extensions
@@ -146,12 +147,20 @@ class WorkerStarter:
     def replays(self) -> int:
         return replays(self.workers)
 
-    def stop_all(self) -> None:
+    def stop_all(self, keep_in: str | None = None) -> None:
+        """Stop every worker; with ``keep_in`` (a directory), write each one's whole
+        log there for a post-mortem (``DATASPACE_TEST_LOG_DIR`` sets it)."""
         for worker in self.workers:
             if worker.proc.poll() is None:
                 with contextlib.suppress(Exception):
                     worker.terminate(10)
             worker.kill()
+        if keep_in:
+            os.makedirs(keep_in, exist_ok=True)
+            for worker in self.workers:
+                path = os.path.join(keep_in, f"worker-{worker.proc.pid}.log")
+                with open(path, "w") as out:
+                    out.write(worker.output + "\n")
 
 
 @pytest.fixture
@@ -159,7 +168,7 @@ def start_worker():
     """``start_worker(env)``: a ``dataspace-worker`` subprocess, consuming; killed at teardown."""
     starter = WorkerStarter()
     yield starter
-    starter.stop_all()
+    starter.stop_all(keep_in=os.environ.get("DATASPACE_TEST_LOG_DIR"))
 
 
 @pytest.fixture
@@ -179,9 +188,17 @@ def open_space():
 
 
 def tail(text: str, lines: int = 30) -> str:
-    """The last ``lines`` log lines of the worker's own loggers, without the per-request
-    DEBUG lines (pika's reconnection errors and tracebacks left out too)."""
+    """The last ``lines`` log lines of the worker's own loggers, without the DEBUG lines
+    and the line of each request that went well (pika's reconnection errors and
+    tracebacks left out too)."""
     kept = [
-        line for line in text.splitlines() if " dataspace_worker" in line and " DEBUG " not in line
+        line
+        for line in text.splitlines()
+        if " dataspace_worker" in line and " DEBUG " not in line and not _request_ok(line)
     ]
     return "\n".join(kept[-lines:])
+
+
+def _request_ok(line: str) -> bool:
+    """A worker's per-request log line for a request answered "ok"."""
+    return "(correlation " in line and (" ok in " in line or " ok (replayed) in " in line)

@@ -247,9 +247,20 @@ def test_cluster_node_killed_under_load(
         for line in worker.lines[lines_at_kill:]
         if " dataspace_worker" in line and " unavailable (" in line
     ]
+    # Replies to clients of the killed node, dropped by the guard (guarded_replies.py)
+    # instead of taking the worker's connection down; and lanes handed over, which
+    # a worker alone must never do (it would count workers of the node that is down).
+    dropped = [line for line in worker.lines if "reply dropped:" in line]
+    handovers = [line for line in worker.lines if "handing lanes" in line]
     figures.update(
         worker_reconnect_failures=len(refused),
         worker_reconnect_reasons=sorted(set(refused))[:4],
+        worker_connections_lost=sum(
+            "dataspace_worker.consumer: connection to " in line and " lost: " in line
+            for line in worker.lines
+        ),
+        replies_dropped=len(dropped),
+        lane_handovers=len(handovers),
     )
     after = probe(space, sequence_id, within=15)  # the same client object, all nodes up
     lane_problems: list[str] = []
@@ -286,6 +297,8 @@ def test_cluster_node_killed_under_load(
                 f"lanes {[lane for lane, n in down.items() if not n]} acknowledged no call "
                 "started after the kill while the node was down"
             )
+        if handovers:
+            lane_problems.append(f"a worker alone handed lanes over: {handovers[:2]}")
         if not all(rejoined.values()):
             lane_problems.append(
                 f"lanes {[lane for lane, n in rejoined.items() if not n]} acknowledged no "
