@@ -20,7 +20,11 @@ import pika
 import pytest
 
 from dataspace_client import DataSpace, validate
-from dataspace_client.errors import DataSpacePublishError, DataSpaceTimeoutError
+from dataspace_client.errors import (
+    DataSpaceConnectionError,
+    DataSpacePublishError,
+    DataSpaceTimeoutError,
+)
 from dataspace_client.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_request, encode_request
 from dataspace_client.rpc import RpcClient
 from tests import services
@@ -467,3 +471,69 @@ def test_flush_does_not_report_success_when_the_client_closes_with_writes_pendin
     flusher.join(10)
     assert client.pending == 1
     assert isinstance(outcome["flush"], Exception), "flush said every write was safe"
+
+
+def test_no_write_slips_in_between_the_closing_flush_and_the_close(
+    worker_pool, amqp_url, monkeypatch
+):
+    """Another thread holding the client publishes while ``close()`` runs. Whatever
+    publish accepted must be covered by the closing flush: a write accepted after it
+    would be closed away unconfirmed with its message_id already returned."""
+    space = _remote_space(amqp_url, timeout=5)
+    client = space.datasource._client
+    raced: dict = {}
+    original = RpcClient.unsettled
+
+    def racing_unsettled(self):
+        answer = original.fget(self)
+        if not raced:  # just after close() decided whether to flush
+
+            def publish():
+                try:
+                    raced["outcome"] = self.publish("insert", "data.insert", b'{"late": 1}')
+                except Exception as exc:  # the assertion below says which
+                    raced["outcome"] = exc
+
+            thread = threading.Thread(target=publish)
+            thread.start()
+            thread.join(5)
+        return answer
+
+    monkeypatch.setattr(RpcClient, "unsettled", property(racing_unsettled))
+    space.close()
+    assert "outcome" in raced
+    outcome = raced["outcome"]
+    if isinstance(outcome, str):  # accepted: then the flush must have covered it
+        assert client.pending == 0, f"write {outcome} accepted, then closed unconfirmed"
+    else:
+        assert isinstance(outcome, DataSpaceConnectionError), outcome
+
+
+def test_stop_publishing_releases_a_publisher_waiting_for_room(amqp_url, refusing_exchange):
+    exchange, refuse = refusing_exchange
+    refuse()  # nacked forever: the window stays full
+    client = RpcClient(
+        amqp_url, app_id="dataspace-tests-stop", timeout=10, exchange=exchange, max_pending=1
+    )
+    try:
+        client.publish("insert", "data.insert", b'{"n": 0}')
+        outcome = {}
+
+        def publish():
+            try:
+                outcome["publish"] = client.publish("insert", "data.insert", b'{"n": 1}')
+            except Exception as exc:  # the assertion below says which
+                outcome["publish"] = exc
+
+        waiter = threading.Thread(target=publish)
+        waiter.start()
+        time.sleep(0.3)
+        assert "publish" not in outcome  # waiting for room
+        client.stop_publishing()
+        waiter.join(5)
+        assert isinstance(outcome.get("publish"), DataSpaceConnectionError)
+        with pytest.raises(DataSpaceConnectionError, match="closed"):
+            client.publish("insert", "data.insert", b'{"n": 2}')
+        assert client.pending == 1  # what it accepted stays, for the flush to cover
+    finally:
+        client.close()

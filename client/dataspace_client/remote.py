@@ -98,6 +98,9 @@ class RemoteDataSource(DataSource):
         if client is None:
             return
         try:
+            # A thread still holding the client may publish: refused from here on,
+            # so the flush covers everything publish ever accepted.
+            client.stop_publishing()
             if client.unsettled:
                 client.flush(self.timeout)
         finally:

@@ -167,6 +167,7 @@ class RpcClient:
         self._published = 0
         self._open = False
         self._closing = False
+        self._refusing = False  # stop_publishing() was called: publish raises
         self._attempts = 0  # connection attempts finished
         self._reached = False  # the current connection reached consuming (I/O thread)
         self._last_error = "not connected yet"
@@ -275,8 +276,10 @@ class RpcClient:
             operation, routing_key, body, message_id or uuid.uuid4().hex, exchange or self.exchange
         )
         with self._state:
-            room = self._state.wait_for(lambda: self._closing or self._has_room(len(body)), timeout)
-            if self._closing:
+            room = self._state.wait_for(
+                lambda: self._closing or self._refusing or self._has_room(len(body)), timeout
+            )
+            if self._closing or self._refusing:
                 raise DataSpaceConnectionError(f"{operation}: the client is closed")
             if not room:
                 raise DataSpaceTimeoutError(operation, timeout)
@@ -333,6 +336,14 @@ class RpcClient:
             raise DataSpaceTimeoutError(
                 f"flush ({left} requests not yet confirmed by the broker)", timeout
             )
+
+    def stop_publishing(self) -> None:
+        """Refuse further ``publish`` calls (they raise DataSpaceConnectionError), so
+        that a ``flush`` before ``close`` covers every request ever accepted: one
+        accepted by another thread after the flush would be lost silently."""
+        with self._state:
+            self._refusing = True
+            self._state.notify_all()
 
     def _schedule_drain(self) -> None:
         """Have the I/O thread publish the outbox (under _state; once per batch)."""
