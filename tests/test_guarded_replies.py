@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
 import threading
+import time
 import uuid
 
 import orjson
@@ -164,17 +166,29 @@ def test_a_reply_to_a_node_that_is_down_costs_one_reconnect_not_a_dead_letter(
         dropped = _guarded("dropped")
         name = f"guard-{uuid.uuid4().hex[:8]}"
         store_request(own_vhost, address_of_a_node_that_is_down(client.address()), name)
-        # Settled: applied once, gone from the queue, not dead-lettered.
+        # The first delivery costs the consumer connection (the broker's crash); the
+        # redelivery's reply goes through the guard, which takes the crash instead.
+        seen, _ = services.poll(lambda: _guarded("dropped") > dropped, 30)
+        if not seen:
+            dead = services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=1)
+            raise AssertionError(
+                f"the guard dropped no reply; the pool opened {pool.connections_opened} "
+                f"connections; dead letters: {len(dead)}"
+            )
+        # Settled: applied once, acked (nothing held, nothing in the queue), not
+        # dead-lettered, and no more reconnections than that one.
         settled, seconds = services.poll(
-            lambda: _stored(pg_dsn, name) == 1 and _queue_empty(own_vhost, REQUEST_QUEUE), 30
+            lambda: (
+                not any(c.held for c in pool.consumers)
+                and _queue_empty(own_vhost, REQUEST_QUEUE)
+                and _stored(pg_dsn, name) == 1
+            ),
+            10,
         )
-        assert settled, f"request not settled after {seconds:.0f} s"
-        # The first delivery cost the consumer connection (the broker's crash); the
-        # redelivery's reply went through the guard, which took the crash instead.
+        assert settled, f"request not settled {seconds:.0f} s after its reply was dropped"
+        assert _guarded("dropped") == dropped + 1
         assert pool.connections_opened == 2
         assert services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=1) == []
-        services.poll(lambda: _guarded("dropped") > dropped, 10)
-        assert _guarded("dropped") == dropped + 1
         # And the worker answers the next client at once.
         answer = store_request(own_vhost, client.address(), f"{name}-next")
         reply = client.wait_for(answer, 10)
@@ -269,3 +283,43 @@ def test_the_guard_drops_a_dead_address_and_remembers_it(own_vhost, monkeypatch)
     finally:
         guard.stop()
         client.close()
+
+
+def test_the_guard_keeps_trying_while_the_reply_is_wanted_and_stops_with_the_worker():
+    """No broker at its address: the guard tries again (it does not give a reply up
+    while its request is held), until the request is requeued or the worker stops."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+    stopping = threading.Event()
+    guard = guarded_replies.GuardedReplies(lambda: pika.URLParameters(url), stopping)
+    results: list[str] = []
+    wanted = threading.Event()
+    wanted.set()
+    guard.start()
+    try:
+        for name, still in [("requeued", wanted.is_set), ("stopping", lambda: True)]:
+            guard.put(
+                guarded_replies.GuardedReply(
+                    f"{DIRECT_REPLY_TO_PREFIX}x.{name}",
+                    b"",
+                    pika.BasicProperties(),
+                    results.append,
+                    wanted=still,
+                )
+            )
+        time.sleep(1.0)
+        assert results == []  # still trying
+        wanted.clear()  # the first one's request went back to the queue
+        services.poll(lambda: results, 10)
+        assert results == ["abandoned"]
+        time.sleep(0.5)
+        assert results == ["abandoned"]  # the second one: still trying
+        stopping.set()
+        services.poll(lambda: len(results) == 2, 10)
+        assert results == ["abandoned", "failed"]
+        assert guard.pending == 0
+    finally:
+        stopping.set()
+        guard.stop()

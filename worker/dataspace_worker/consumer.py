@@ -312,7 +312,7 @@ class WorkerPool:
         if self.stopping.is_set():
             return True  # threads end on purpose while stopping
         threads = [self._io_thread] + [c.thread for c in self.consumers]
-        return all(t.is_alive() for t in threads)
+        return all(t.is_alive() for t in threads) and self._guard.alive()
 
     def connected(self) -> bool:
         """Whether the AMQP connection is open (for the health endpoint)."""
@@ -355,10 +355,12 @@ class WorkerPool:
 
     def _settled(self) -> bool:
         """Every reply published, every dead letter confirmed, every ack sent."""
+        if self._guard.pending:  # first: a guarded reply's settling is scheduled
+            return False  # (``_finishing`` goes up) before it stops being pending
         with self._lock:
             if self._finishing:
                 return False
-        return not self._dead_unconfirmed and not self._guard.pending
+        return not self._dead_unconfirmed
 
     def stop(self, drain_timeout: float = 30.0) -> bool:
         """Stop consuming, finish and ack the requests in hand, close.
@@ -781,7 +783,11 @@ class WorkerPool:
         if channel is not consumer.channel or not channel.is_open:
             return  # requeued when its channel closed
         consumer.held -= 1
-        if result == "failed":  # not answered: run (or replay) it again
+        if result == "failed" and consumer.lane is not None:
+            # stopping with the reply unsent: the lane's window goes back in order
+            consumer.yielding = True
+            close_without_cancel(channel)
+        elif result == "failed":  # stopping with the reply unsent: it is run (or replayed) again
             channel.basic_nack(delivery.tag, requeue=True)
         elif outcome.dead_letter(delivery.properties.reply_to):
             self._publish_dead_letter(consumer, delivery, outcome)

@@ -39,10 +39,15 @@ log = logging.getLogger(__name__)
 
 DIRECT_REPLY_TO_PREFIX = "amq.rabbitmq.reply-to."
 INTERNAL_ERROR = 541
-#: attempts at one reply when the connection fails for another reason
-ATTEMPTS = 3
-#: seconds between those attempts
+#: seconds between attempts at one reply when the connection fails for another
+#: reason, doubling up to the maximum; attempts go on while the reply is wanted
 ATTEMPT_PAUSE = 0.2
+ATTEMPT_PAUSE_MAX = 2.0
+#: the guard's connection: a broker that stops answering is noticed in seconds
+#: (its replies' requests are held meanwhile)
+HEARTBEAT = 10
+SOCKET_TIMEOUT = 5.0
+BLOCKED_TIMEOUT = 10.0
 #: seconds without a reply after which the connection is closed (and opened
 #: again when needed: no heartbeats to keep up on a blocking connection)
 IDLE_CLOSE = 10.0
@@ -51,8 +56,9 @@ IDLE_CLOSE = 10.0
 DEAD_FOR = 60.0
 
 #: what became of a guarded reply: published and confirmed; dropped because its
-#: address is dead; not published (the request should be tried again); or no
-#: longer wanted (its request went back to the queue meanwhile)
+#: address is dead; not published because the worker is stopping (the request
+#: should be tried again); or no longer wanted (its request went back to the
+#: queue meanwhile)
 Result = Literal["sent", "dropped", "failed", "abandoned"]
 
 
@@ -105,6 +111,9 @@ class GuardedReplies:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def put(self, reply: GuardedReply) -> None:
         with self._lock:
             self._pending += 1
@@ -139,12 +148,19 @@ class GuardedReplies:
         self._close()
 
     def _deliver(self, reply: GuardedReply) -> Result:
+        """Publish until confirmed, dropped, no longer wanted, or the worker stops:
+        a reply given up while its request stays held would only be redone."""
         channel_address = reply.reply_to.rsplit(".", 1)[0]  # the key names one call
         if self._dead.get(channel_address, 0.0) > time.monotonic():
             return "dropped"
-        for attempt in range(ATTEMPTS):
+        pause = ATTEMPT_PAUSE
+        attempt = 0
+        while True:
             if not reply.wanted():
                 return "abandoned"
+            if attempt and self._stopping.is_set():
+                return "failed"
+            attempt += 1
             try:
                 self._open().basic_publish("", reply.reply_to, reply.body, reply.properties)
                 return "sent"
@@ -165,13 +181,13 @@ class GuardedReplies:
                 self._close()
                 error = exc
             log.warning(
-                "guarded reply not published (%s), attempt %d of %d",
+                "guarded reply not published (%s), attempt %d; again in %.1f s",
                 str(error) or type(error).__name__,
-                attempt + 1,
-                ATTEMPTS,
+                attempt,
+                pause,
             )
-            self._stopping.wait(ATTEMPT_PAUSE)  # no pause while stopping: drain
-        return "failed"
+            self._stopping.wait(pause)
+            pause = min(pause * 2, ATTEMPT_PAUSE_MAX)
 
     def _remember_dead(self, channel_address: str) -> None:
         now = time.monotonic()
@@ -188,6 +204,9 @@ class GuardedReplies:
             **(parameters.client_properties or {}),
             "connection_name": self._name,
         }
+        parameters.heartbeat = HEARTBEAT
+        parameters.socket_timeout = SOCKET_TIMEOUT
+        parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
         self._connection = pika.BlockingConnection(parameters)
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
