@@ -436,6 +436,26 @@ def test_a_worker_counts_itself_again_when_the_census_queue_goes(own_vhost, pool
         connection.close()
 
 
+def test_workers_are_counted_on_the_pools_own_connection(own_vhost, pool_factory, monkeypatch):
+    """rebalance() runs every 5 s: it asks on the census channel, and opens no
+    connection of its own (each would show in the broker's log and UI)."""
+    first = pool_factory(own_vhost, consumers=1, lanes=LANES)
+
+    def no_connection(*_args, **_kwargs):
+        raise AssertionError("rebalance opened a connection")
+
+    monkeypatch.setattr(pika, "BlockingConnection", no_connection)
+    assert first._count_lane_workers() == 1
+    monkeypatch.undo()
+    second = pool_factory(own_vhost, consumers=1, lanes=LANES)
+    monkeypatch.setattr(pika, "BlockingConnection", no_connection)
+    counts, _ = services.poll(
+        lambda: (first._count_lane_workers(), second._count_lane_workers()) == (2, 2), 10
+    )
+    assert counts, (first._count_lane_workers(), second._count_lane_workers())
+    assert first.rebalance() == [] and second.rebalance() == []  # nothing delivered yet
+
+
 def test_a_client_with_lanes_routes_by_task_manager(own_vhost):
     """Publish each operation once with nobody consuming, and see where it lands."""
     from dataspace_worker.topology import declare_blocking, topology

@@ -284,6 +284,10 @@ class WorkerPool:
         self._dead_channel = None
         self._dead_published = 0
         self._dead_unconfirmed: dict[int, _Settlement] = {}
+        # the channel consuming dataspace.lanes.workers, once it consumes, and the
+        # counts asked on it not yet answered (I/O thread)
+        self._census_channel = None
+        self._census_asked: list[threading.Event] = []
 
         def configure(params) -> None:
             params.connection_attempts = 1
@@ -544,16 +548,21 @@ class WorkerPool:
         queue = self.topology.lane_workers_queue
         channel.add_on_close_callback(self._on_census_channel_closed)
         channel.add_on_cancel_callback(lambda _frame: channel.close())
+
+        def consume(_frame) -> None:
+            channel.basic_consume(queue.name, lambda *_delivery: None, auto_ack=True)
+            self._census_channel = channel
+
         channel.queue_declare(
-            queue.name,
-            durable=queue.durable,
-            arguments=queue.arguments,
-            callback=lambda _frame: channel.basic_consume(
-                queue.name, lambda *_delivery: None, auto_ack=True
-            ),
+            queue.name, durable=queue.durable, arguments=queue.arguments, callback=consume
         )
 
-    def _on_census_channel_closed(self, _channel, reason) -> None:
+    def _on_census_channel_closed(self, channel, reason) -> None:
+        if self._census_channel is channel:
+            self._census_channel = None
+            for asked in self._census_asked:  # unanswered: released without a count
+                asked.set()
+            self._census_asked.clear()
         connection = self._connection
         if self.stopping.is_set() or connection is None or not connection.is_open:
             return  # a new connection opens a new one
@@ -655,16 +664,10 @@ class WorkerPool:
         """
         if not self.lanes or self.stopping.is_set():
             return []
-        with self._short_connection() as connection:
-            try:
-                frame = connection.channel().queue_declare(
-                    self.topology.lane_workers_queue.name, passive=True
-                )
-            except ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:
-                    raise
-                return []  # gone with its node: workers are declaring it again
-        workers = max(1, frame.method.consumer_count)
+        counted = self._count_lane_workers()
+        if counted is None:
+            return []  # not counted now (reconnecting, or the queue went with its node)
+        workers = max(1, counted)
         share = -(-len(self.lanes) // workers)
         now = time.monotonic()
         active = [c for c in self.lanes if c.channel is not None and now - c.last_delivery < window]
@@ -679,6 +682,34 @@ class WorkerPool:
             )
             self.call_soon(lambda: self._yield(extra))
         return [c.lane for c in extra]
+
+    def _count_lane_workers(self, timeout: float = 5.0) -> int | None:
+        """The consumer count of ``dataspace.lanes.workers``, asked on the census
+        channel (a short-lived connection every few seconds would fill the broker's
+        log and the management UI with connections); None if it cannot be had now."""
+        answer: list[int] = []
+        done = threading.Event()
+
+        def ask() -> None:
+            channel = self._census_channel
+            if channel is None or not channel.is_open:
+                done.set()
+                return
+
+            def counted(frame) -> None:
+                answer.append(frame.method.consumer_count)
+                self._census_asked.remove(done)
+                done.set()
+
+            # A 404 closes the channel (declared again a second later): no answer.
+            self._census_asked.append(done)
+            channel.queue_declare(
+                self.topology.lane_workers_queue.name, passive=True, callback=counted
+            )
+
+        if not self.call_soon(ask) or not done.wait(timeout):
+            return None
+        return answer[0] if answer else None
 
     def _yield(self, consumers: list[Consumer]) -> None:
         for consumer in consumers:
