@@ -473,6 +473,21 @@ def test_flush_does_not_report_success_when_the_client_closes_with_writes_pendin
     assert isinstance(outcome["flush"], Exception), "flush said every write was safe"
 
 
+def _publish_aside(client: RpcClient, body: bytes, outcome: dict) -> threading.Thread:
+    """Publish ``body`` from another thread (started); ``outcome["publish"]`` becomes
+    its message_id or the error it raised."""
+
+    def publish():
+        try:
+            outcome["publish"] = client.publish("insert", "data.insert", body)
+        except Exception as exc:  # the caller's assertion says which
+            outcome["publish"] = exc
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    return thread
+
+
 def test_no_write_slips_in_between_the_closing_flush_and_the_close(
     worker_pool, amqp_url, monkeypatch
 ):
@@ -487,22 +502,13 @@ def test_no_write_slips_in_between_the_closing_flush_and_the_close(
     def racing_unsettled(self):
         answer = original.fget(self)
         if not raced:  # just after close() decided whether to flush
-
-            def publish():
-                try:
-                    raced["outcome"] = self.publish("insert", "data.insert", b'{"late": 1}')
-                except Exception as exc:  # the assertion below says which
-                    raced["outcome"] = exc
-
-            thread = threading.Thread(target=publish)
-            thread.start()
-            thread.join(5)
+            _publish_aside(self, b'{"late": 1}', raced).join(5)
         return answer
 
     monkeypatch.setattr(RpcClient, "unsettled", property(racing_unsettled))
     space.close()
-    assert "outcome" in raced
-    outcome = raced["outcome"]
+    assert "publish" in raced
+    outcome = raced["publish"]
     if isinstance(outcome, str):  # accepted: then the flush must have covered it
         assert client.pending == 0, f"write {outcome} accepted, then closed unconfirmed"
     else:
@@ -517,16 +523,8 @@ def test_stop_publishing_releases_a_publisher_waiting_for_room(amqp_url, refusin
     )
     try:
         client.publish("insert", "data.insert", b'{"n": 0}')
-        outcome = {}
-
-        def publish():
-            try:
-                outcome["publish"] = client.publish("insert", "data.insert", b'{"n": 1}')
-            except Exception as exc:  # the assertion below says which
-                outcome["publish"] = exc
-
-        waiter = threading.Thread(target=publish)
-        waiter.start()
+        outcome: dict = {}
+        waiter = _publish_aside(client, b'{"n": 1}', outcome)
         time.sleep(0.3)
         assert "publish" not in outcome  # waiting for room
         client.stop_publishing()
