@@ -172,6 +172,28 @@ def drain_queue(url: str, queue: str, idle: float = 5.0, deadline: float = 120.0
     return got
 
 
+def close_broker_connections(name_fragment: str) -> int:
+    """Close (as an operator would, with rabbitmqctl) every broker connection whose
+    client properties mention ``name_fragment``; return how many."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    closed = 0
+    for line in listing.splitlines():
+        if name_fragment in line:
+            pid = line.split("\t")[0]
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", pid, "closed by a dataspace test"],
+                capture_output=True,
+                timeout=60,
+            )
+            closed += 1
+    return closed
+
+
 def poll(predicate, timeout: float, pause: float = 0.05, suppress: tuple = ()):
     """Call ``predicate`` until it returns something true, for at most ``timeout``
     seconds; ``(value, seconds)``, or ``(None, seconds)``. Exceptions of the

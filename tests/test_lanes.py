@@ -669,64 +669,64 @@ def _publish_chains(space: DataSpace, tms: list[int], updates: int) -> None:
     producer.flush(30)
 
 
-def test_a_lane_moved_while_busy_keeps_its_order(lanes_vhost, lane_pool, applied_dsn):
-    """The first pool holds requests of every lane unacked (its store is slow) while
-    more wait in the lanes; it gives two lanes away. The second pool must get the held
-    requests first (returned to the lane), then the waiting ones."""
+@contextlib.contextmanager
+def _busy_lanes(lanes_vhost, lane_pool, prefix: str, updates: int):
+    """Pools "A" and "B"; A holds requests of every lane unacked (its store waits)
+    while chains of ``updates`` for 12 task managers wait in the lanes. Yields
+    ``(A, B, tms)``; A's store is released on leaving."""
     first = lane_pool("A")
     second = lane_pool("B")
-    updates = 20
     with lanes_space(lanes_vhost) as space:
-        tms = _store_taskmanagers(space, 12, "lane-busy")
+        tms = _store_taskmanagers(space, 12, prefix)
         release = _hold_store(first)
         try:
             _publish_chains(space, tms, updates)
             assert _wait_for_every_lane(first)
-            given = first.rebalance()
-            assert len(given) == LANES // 2
-            deadline = time.monotonic() + 5  # the second pool takes the given lanes
-            while time.monotonic() < deadline and not all(
-                c.last_delivery for c in second.lanes if c.lane in given
-            ):
-                time.sleep(0.05)
-            time.sleep(0.3)
+            yield first, second, tms
         finally:
             release.set()
+
+
+def _assert_chains_in_order(applied_dsn, tms: list[int], updates: int, label: str) -> None:
     chains = {(tm, "k"): updates for tm in tms}
     off = wait_until_settled(applied_dsn, chains)
     applied = check_applied(applied_dsn, chains)
-    print("busy move:", {"given": given, **applied.figures()}, applied.out_of_order[:5])
+    print(f"{label}:", applied.figures(), applied.out_of_order[:5])
     _assert_in_order(applied, off)
+
+
+def test_a_lane_moved_while_busy_keeps_its_order(lanes_vhost, lane_pool, applied_dsn):
+    """The first pool holds requests of every lane unacked (its store is slow) while
+    more wait in the lanes; it gives two lanes away. The second pool must get the held
+    requests first (returned to the lane), then the waiting ones."""
+    updates = 20
+    with _busy_lanes(lanes_vhost, lane_pool, "lane-busy", updates) as (first, second, tms):
+        given = first.rebalance()
+        assert len(given) == LANES // 2
+        deadline = time.monotonic() + 5  # the second pool takes the given lanes
+        while time.monotonic() < deadline and not all(
+            c.last_delivery for c in second.lanes if c.lane in given
+        ):
+            time.sleep(0.05)
+        time.sleep(0.3)
+    _assert_chains_in_order(applied_dsn, tms, updates, f"busy move (given {given})")
 
 
 def test_a_stopping_worker_hands_its_lanes_over_in_order(lanes_vhost, lane_pool, applied_dsn):
     """What SIGTERM does (``WorkerPool.stop``) while the pool holds requests of every
     lane: the requests it finishes must be applied before those the next pool gets."""
-    first = lane_pool("A")
-    second = lane_pool("B")
     updates = 20
-    with lanes_space(lanes_vhost) as space:
-        tms = _store_taskmanagers(space, 12, "lane-stop")
-        release = _hold_store(first)
-        try:
-            _publish_chains(space, tms, updates)
-            assert _wait_for_every_lane(first)
-            stopping = threading.Thread(target=first.stop, args=(10,), daemon=True)
-            stopping.start()
-            # a second for the second pool to take lanes over while the first one still
-            # holds its requests (what the order must survive; a correct hand-over waits)
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and not all(c.last_delivery for c in second.lanes):
-                time.sleep(0.05)
-            time.sleep(0.3)
-        finally:
-            release.set()
-        stopping.join(15)
-    chains = {(tm, "k"): updates for tm in tms}
-    off = wait_until_settled(applied_dsn, chains)
-    applied = check_applied(applied_dsn, chains)
-    print("stopping:", applied.figures(), applied.out_of_order[:5])
-    _assert_in_order(applied, off)
+    with _busy_lanes(lanes_vhost, lane_pool, "lane-stop", updates) as (first, second, tms):
+        stopping = threading.Thread(target=first.stop, args=(10,), daemon=True)
+        stopping.start()
+        # a second for the second pool to take lanes over while the first one still
+        # holds its requests (what the order must survive; a correct hand-over waits)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not all(c.last_delivery for c in second.lanes):
+            time.sleep(0.05)
+        time.sleep(0.3)
+    stopping.join(15)
+    _assert_chains_in_order(applied_dsn, tms, updates, "stopping")
 
 
 def test_a_request_put_back_after_a_store_outage_keeps_its_place(

@@ -10,7 +10,6 @@ unconfirmed writes bounds what the client holds.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 import uuid
@@ -35,27 +34,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers ------------------------------------------------------------------------
-def _close_broker_connections(name_fragment: str) -> int:
-    """Close, as an operator would, every broker connection whose client properties
-    mention ``name_fragment``; return how many (copied from test_reliability)."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
-    closed = 0
-    for line in listing.splitlines():
-        if name_fragment in line:
-            subprocess.run(
-                ["rabbitmqctl", "close_connection", line.split("\t")[0], "closed by a test"],
-                capture_output=True,
-                timeout=30,
-            )
-            closed += 1
-    return closed
-
-
 def _value(i: int) -> bytes:
     """Distinct values, binary and of varying length."""
     return f"value {i}:".encode() + bytes([i % 256, 0, 255]) * (i % 5 + 1)
@@ -303,7 +281,7 @@ def test_publications_are_sent_again_after_the_connection_is_closed(
             deadline = time.monotonic() + 20
             while len(ids) < 1000 and writer.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            assert _close_broker_connections(app_id) == 1
+            assert services.close_broker_connections(app_id) == 1
             published_when_closed = len(ids)
         finally:
             closed.set()

@@ -27,15 +27,7 @@ def test_every_operation_is_a_datasource_method_with_the_same_parameters():
 
 def test_request_roundtrip_keeps_bytes_exact():
     value = bytes(range(256)) * 3
-    args = {
-        "taskmanager_id": 1,
-        "generation_id": 2,
-        "key": "k",
-        "value": value,
-        "header": {},
-        "metadata": {},
-    }
-    op, decoded = decode_request(encode_request(OPERATIONS["insert"], args))
+    op, decoded = decode_request(encode_request(OPERATIONS["insert"], _insert_args(value)))
     assert op.name == "insert"
     assert decoded["value"] == value
 

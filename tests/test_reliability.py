@@ -308,30 +308,6 @@ def test_injection_strings_in_every_string_argument(dataspace, pg_dsn, injection
 
 
 # -- regressions from review ------------------------------------------------------------
-def _close_broker_connections(name_fragment: str) -> int:
-    """Close (as an operator would) every broker connection whose properties mention
-    ``name_fragment``; return how many."""
-    import subprocess
-
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    closed = 0
-    for line in listing.splitlines():
-        if name_fragment in line:
-            pid = line.split("\t")[0]
-            subprocess.run(
-                ["rabbitmqctl", "close_connection", pid, "closed by a dataspace test"],
-                capture_output=True,
-                timeout=60,
-            )
-            closed += 1
-    return closed
-
-
 def test_a_call_survives_its_connection_being_closed_under_it(own_vhost, pool_factory, pg_dsn):
     """The broker closes the client's connection while a write waits for its reply:
     the client reconnects and sends it again with the same message_id; the caller gets
@@ -357,7 +333,7 @@ def test_a_call_survives_its_connection_being_closed_under_it(own_vhost, pool_fa
         writer = threading.Thread(target=write)
         writer.start()
         time.sleep(1.0)
-        assert _close_broker_connections(app_id) == 1
+        assert services.close_broker_connections(app_id) == 1
         time.sleep(1.0)
         blocker.commit()
         blocker.close()

@@ -17,7 +17,7 @@ from psycopg2 import extensions
 
 from dataspace_client import DataSpace
 from tests import services
-from tests.conftest import remote_config
+from tests.test_lanes import lanes_space
 from tests.test_worker_cli import WorkerProcess
 
 from .instances import InstanceUnavailable, throwaway_postgres, throwaway_rabbitmq
@@ -173,11 +173,12 @@ def start_worker():
 
 @pytest.fixture
 def open_space():
-    """``open_space(url, timeout)``: a remote DataSpace, closed at teardown."""
+    """``open_space(url, timeout, lanes=False)``: a remote DataSpace (its client routing
+    through the ordering lanes with ``lanes``), closed at teardown."""
     spaces: list[DataSpace] = []
 
-    def open_(url: str, timeout: float) -> DataSpace:
-        space = DataSpace(remote_config(url, timeout=timeout))
+    def open_(url: str | list[str], timeout: float, lanes: bool = False) -> DataSpace:
+        space = lanes_space(url, lanes, timeout)
         spaces.append(space)
         return space
 

@@ -43,7 +43,7 @@ from .cluster import throwaway_cluster
 from .conftest import tail, worker_env
 from .instances import InstanceError, InstanceUnavailable
 from .load import MARGIN, Load, probe
-from .test_hosts import Loads, lanes_space, probe_lanes, taskmanager_per_lane, verify_loads
+from .test_hosts import Loads, probe_lanes, taskmanager_per_lane, verify_loads
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
 
@@ -78,21 +78,9 @@ def _wait(predicate, timeout: float, pause: float = 0.2):
     return services.poll(predicate, timeout, pause, suppress=(InstanceError,))
 
 
-def _lanes_client(request, urls: list[str], timeout: float = TIMEOUT):
-    """A client with ``"lanes": True``, closed at teardown."""
-    space = lanes_space(urls, timeout)
-
-    def close():
-        with contextlib.suppress(Exception):
-            space.close()
-
-    request.addfinalizer(close)
-    return space
-
-
 @pytest.mark.parametrize("lanes", [0, LANES], ids=["no-lanes", "lanes"])
 def test_cluster_node_killed_under_load(
-    lanes, cluster, fresh_database, start_worker, open_space, report_figures, request
+    lanes, cluster, fresh_database, start_worker, open_space, report_figures
 ):
     # With lanes: the lanes' task managers are chosen before the worker consumes them
     # (this declares the lane queues on the first node, as the worker would).
@@ -116,7 +104,7 @@ def test_cluster_node_killed_under_load(
 
     name = f"fault-cluster-{uuid.uuid4().hex[:8]}"
     if lanes:  # one thread per lane, each on a task manager of that lane
-        space = _lanes_client(request, cluster.urls)
+        space = open_space(cluster.urls, TIMEOUT, lanes=True)
         per_lane = taskmanager_per_lane(space, lane_of, lanes, name)
         sequence_id = per_lane[0][0]
         load = Loads([Load(space, s, n, TIMEOUT, threads=1) for s, n in per_lane.values()])
@@ -277,7 +265,7 @@ def test_cluster_node_killed_under_load(
             for lane, one in lane_load.items()
         }
         # A new client on the rejoined node: its lanes exchange routes to every lane.
-        fresh = _lanes_client(request, [victim.url], timeout=3)
+        fresh = open_space([victim.url], 3, lanes=True)
         on_rejoined = {lane: probe(fresh, s, within=5) for lane, (s, _n) in per_lane.items()}
         figures.update(
             lanes=lanes,

@@ -63,10 +63,9 @@ import pika
 import psycopg2
 import pytest
 
-from dataspace_client import DataSpace, DataSpaceTimeoutError
+from dataspace_client import DataSpaceTimeoutError
 from dataspace_client.protocol import LANE_QUEUE_PREFIX, LANES_EXCHANGE
 from tests import services
-from tests.conftest import remote_config
 from tests.test_worker_cli import WorkerProcess
 
 from .conftest import CONSUMING, WorkerStarter, tail, worker_env
@@ -104,13 +103,6 @@ REQUEST_LINE = re.compile(r"dataspace_worker\.consumer: \w+ \w+( \(replayed\))? 
 
 
 # -- ordering lanes: clients, task managers per lane, loads, the broker's view ----------
-def lanes_space(url: str | list[str], timeout: float) -> DataSpace:
-    """A remote DataSpace whose client routes by task manager through the lanes."""
-    config = remote_config(url, timeout=timeout)
-    config["dataspace"]["datasource"]["config"]["lanes"] = True
-    return DataSpace(config)
-
-
 def probe_lanes(url: str, lanes: int, keys: range = range(1, 501)) -> dict[int, int]:
     """The lane of each routing key (a sequence_id) in ``keys``: declares the workers'
     topology with ``lanes`` lanes (as the workers will: they find it declared), publishes
@@ -344,22 +336,6 @@ def host_workers():
     starter.stop_all()
 
 
-@pytest.fixture
-def lanes_spaces():
-    """``lanes_spaces(url, timeout)``: a ``lanes_space``, closed at teardown."""
-    spaces: list[DataSpace] = []
-
-    def open_(url, timeout: float) -> DataSpace:
-        space = lanes_space(url, timeout)
-        spaces.append(space)
-        return space
-
-    yield open_
-    for space in spaces:
-        with contextlib.suppress(Exception):
-            space.close()
-
-
 @pytest.mark.parametrize("lanes", [0, LANES], ids=["no-lanes", "lanes"])
 def test_host_link_cut_under_load(
     lanes,
@@ -368,7 +344,6 @@ def test_host_link_cut_under_load(
     fresh_vhost,
     fresh_database,
     open_space,
-    lanes_spaces,
     report_figures,
 ):
     # With lanes: the lanes' task managers are chosen before any worker consumes them.
@@ -393,7 +368,7 @@ def test_host_link_cut_under_load(
 
     name = f"fault-hosts-{uuid.uuid4().hex[:8]}"
     if lanes:  # one thread per lane, each on a task manager of that lane
-        space = lanes_spaces(fresh_vhost, TIMEOUT)
+        space = open_space(fresh_vhost, TIMEOUT, lanes=True)
         per_lane = taskmanager_per_lane(space, lane_of, lanes, name)
         sequence_id = per_lane[0][0]
         load = Loads([Load(space, s, n, TIMEOUT, threads=1) for s, n in per_lane.values()])
