@@ -32,13 +32,13 @@ from typing import Literal
 
 import pika
 from pika.exceptions import AMQPError, ConnectionClosedByBroker
+from pika.spec import INTERNAL_ERROR  # 541
 
 from . import metrics
 
 log = logging.getLogger(__name__)
 
 DIRECT_REPLY_TO_PREFIX = "amq.rabbitmq.reply-to."
-INTERNAL_ERROR = 541
 #: seconds between attempts at one reply when the connection fails for another
 #: reason, doubling up to the maximum; attempts go on while the reply is wanted
 ATTEMPT_PAUSE = 0.2
