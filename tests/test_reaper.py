@@ -112,29 +112,29 @@ def test_reaper_properties_enforce_minimums(controlled):
 
 
 def test_reaper_states_start_stop(controlled):
-    assert controlled.state is State.BOOT
+    assert controlled.state.get() is State.BOOT
     controlled.stop()  # never started: harmless
     controlled.start(delay=60)
-    assert controlled.state is State.IDLE
+    assert controlled.state.get() is State.IDLE
     with pytest.raises(RuntimeError):
         controlled.start()
     controlled.stop()
-    assert controlled.state is State.SHUTDOWN
+    assert controlled.state.get() is State.SHUTDOWN
     controlled.stop()  # stopped: harmless
-    assert controlled.state is State.SHUTDOWN
+    assert controlled.state.get() is State.SHUTDOWN
 
 
 def test_reaper_states_during_a_slow_reap_and_after(controlled):
     controlled.start()
     assert ControlledSource.entered.wait(10)
-    assert controlled.state is State.ACTIVE
+    assert controlled.state.get() is State.ACTIVE
     ControlledSource.release.set()
     deadline = time.monotonic() + 10
-    while controlled.state is not State.STEADY and time.monotonic() < deadline:
+    while controlled.state.get() is not State.STEADY and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert controlled.state is State.STEADY
+    assert controlled.state.get() is State.STEADY
     controlled.stop()
-    assert controlled.state is State.SHUTDOWN
+    assert controlled.state.get() is State.SHUTDOWN
 
 
 def test_a_failing_reap_leaves_error_and_the_reaper_restarts(controlled):
@@ -142,15 +142,15 @@ def test_a_failing_reap_leaves_error_and_the_reaper_restarts(controlled):
     ControlledSource.release.set()
     controlled.start()
     controlled.thread.join(10)
-    assert controlled.state is State.ERROR
+    assert controlled.state.get() is State.ERROR
     ControlledSource.fail = False
     ControlledSource.entered.clear()
     controlled.start()
     assert ControlledSource.entered.wait(10)
     deadline = time.monotonic() + 10
-    while controlled.state is not State.STEADY and time.monotonic() < deadline:
+    while controlled.state.get() is not State.STEADY and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert controlled.state is State.STEADY
+    assert controlled.state.get() is State.STEADY
 
 
 # -- what a reap removes, on both backends -------------------------------------------------
@@ -430,13 +430,13 @@ def test_stop_during_a_reap_shuts_down_without_another_reap(controlled):
     stopper = threading.Thread(target=controlled.stop)
     stopper.start()
     deadline = time.monotonic() + 5
-    while controlled.state is not State.SHUTTINGDOWN and time.monotonic() < deadline:
+    while controlled.state.get() is not State.SHUTTINGDOWN and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert controlled.state is State.SHUTTINGDOWN
+    assert controlled.state.get() is State.SHUTTINGDOWN
     ControlledSource.entered.clear()
     ControlledSource.release.set()
     stopper.join(10)
-    assert controlled.state is State.SHUTDOWN
+    assert controlled.state.get() is State.SHUTDOWN
     assert not ControlledSource.entered.is_set(), "a reap started after stop()"
 
 

@@ -19,6 +19,7 @@ from .errors import (
     DataSpaceTimeoutError,
     InvalidMetadataError,
 )
+from .processing_state import ProcessingState, State
 from .producer import Producer
 from .reaper import Reaper
 from .values import PickleRefusedError, compress, decompress, zdumps, zloads
@@ -40,9 +41,11 @@ __all__ = [
     "InvalidMetadataError",
     "Metadata",
     "PickleRefusedError",
+    "ProcessingState",
     "Producer",
     "ProductRetriever",
     "Reaper",
+    "State",
     "compress",
     "decompress",
     "zdumps",

@@ -313,7 +313,7 @@ class DataBlock:
                 "taskmanager_id": self.taskmanager_id,
                 "generation_id": self.generation_id,
                 "sequence_id": self.sequence_id,
-                "keys": list(self.keys()),
+                "keys": self.keys(),
                 "dataproducts": {k: self.get(k) for k in self.keys()},
             }
         )

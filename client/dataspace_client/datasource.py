@@ -9,6 +9,59 @@ must have is in docs/api.md; the contract test suite runs it against both.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
+
+#: What a DataSpace calls on its datasource: the decision engine's DataSource API.
+#: A datasource class from elsewhere (the engine's own, a site's) is accepted
+#: whatever its base class if it has these; the methods this package adds
+#: (delete, mark_expired, mark_demented, reap, publish) are optional.
+REQUIRED_METHODS = (
+    "close",
+    "store_taskmanager",
+    "get_taskmanager",
+    "get_taskmanagers",
+    "get_last_generation_id",
+    "insert",
+    "update",
+    "get_dataproduct",
+    "get_dataproducts",
+    "get_datablock",
+    "get_header",
+    "get_metadata",
+    "duplicate_datablock",
+    "delete_data_older_than",
+)
+
+
+def missing_methods(cls: type) -> list[str]:
+    """The REQUIRED_METHODS that ``cls`` lacks (or has as non-callables)."""
+    return [name for name in REQUIRED_METHODS if not callable(getattr(cls, name, None))]
+
+
+def taskmanager_arguments(name, taskmanager_id, datestamp, taskmanager_name) -> dict:
+    """``store_taskmanager``'s arguments, the name given as the engine's datasources
+    take it (``name=``) or as this package's earlier releases did (``taskmanager_name=``)."""
+    if name is not None and taskmanager_name is not None:
+        raise TypeError("store_taskmanager: give the name once, as name= or taskmanager_name=")
+    return {
+        "taskmanager_name": taskmanager_name if name is None else name,
+        "taskmanager_id": taskmanager_id,
+        "datestamp": datestamp,
+    }
+
+
+def _keys_like(value) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, bytearray))
+
+
+def demented_arguments(taskmanager_id, keys, generation_id) -> dict:
+    """``mark_demented``'s arguments in either order: ``(taskmanager_id, keys,
+    generation_id=None)`` (DataSpace's) or ``(taskmanager_id, generation_id, keys)``
+    (how the engine's DataSpace calls its datasource). The two cannot be confused:
+    keys is a list of str, generation_id an int or None."""
+    if _keys_like(generation_id) and not _keys_like(keys):
+        keys, generation_id = generation_id, keys
+    return {"taskmanager_id": taskmanager_id, "keys": keys, "generation_id": generation_id}
 
 
 class DataSource(abc.ABC):
@@ -70,8 +123,13 @@ class DataSource(abc.ABC):
 
     # -- task managers --------------------------------------------------------
     @abc.abstractmethod
-    def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
-        """Store a TaskManager row and return its new sequence_id (int)."""
+    def store_taskmanager(
+        self, name=None, taskmanager_id=None, datestamp=None, *, taskmanager_name=None
+    ):
+        """Store a TaskManager row and return its new sequence_id (int).
+
+        The name may also be given as ``taskmanager_name=`` (see taskmanager_arguments).
+        """
 
     @abc.abstractmethod
     def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
@@ -132,5 +190,9 @@ class DataSource(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not implement mark_expired")
 
     def mark_demented(self, taskmanager_id, keys, generation_id=None):
-        """Expire now the given keys of a generation (default the newest); return the count."""
+        """Expire now the given keys of a generation (default the newest); return the count.
+
+        Also takes the engine's order ``(taskmanager_id, generation_id, keys)``
+        (see demented_arguments).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement mark_demented")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .datasource import DataSource
+from .datasource import DataSource, missing_methods
 from .errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
@@ -52,13 +52,30 @@ def load_datasource(source: dict) -> DataSource:
         raise DataSpaceConfigurationError(
             f"Invalid dataspace configuration: cannot import {source['module']!r}: {exc}"
         ) from None
+    where = f"{source['module']}.{source['name']}"
     cls = getattr(module, source["name"], None)
-    if not isinstance(cls, type) or not issubclass(cls, DataSource):
+    if not isinstance(cls, type):
         raise DataSpaceConfigurationError(
-            f"Invalid dataspace configuration: {source['module']}.{source['name']} "
-            "is not a DataSource class"
+            f"Invalid dataspace configuration: {where} is not a class"
+        )
+    # Any class will do, as in the engine, if it has what a DataSpace calls.
+    missing = missing_methods(cls)
+    if missing:
+        raise DataSpaceConfigurationError(
+            f"Invalid dataspace configuration: datasource {where} lacks {', '.join(missing)}"
         )
     return cls(source["config"])
+
+
+def _optional(datasource, method: str):
+    """A method this package adds to the engine's API, which a datasource class
+    from elsewhere may lack: say so instead of an AttributeError."""
+    found = getattr(datasource, method, None)
+    if found is None:
+        raise NotImplementedError(
+            f"datasource {type(datasource).__name__} does not implement {method}"
+        )
+    return found
 
 
 class DataSpace:
@@ -129,18 +146,20 @@ class DataSpace:
 
     def get_schema(self, table=None):
         """Describe the columns of ``table`` (or of every table): see DataSource.get_schema."""
-        return self.datasource.get_schema(table)
+        return _optional(self.datasource, "get_schema")(table)
 
     def delete(self, taskmanager_id, all_generations=False):
         """Delete the newest generation's products, or every generation's; return the count.
 
         The task manager row stays, so its sequence_id remains valid.
         """
-        return self.datasource.delete(taskmanager_id, all_generations)
+        return _optional(self.datasource, "delete")(taskmanager_id, all_generations)
 
     def mark_expired(self, taskmanager_id, generation_id, key, expiry_time):
         """Set the header expiration time (int seconds) of one product; KeyError if absent."""
-        return self.datasource.mark_expired(taskmanager_id, generation_id, key, expiry_time)
+        return _optional(self.datasource, "mark_expired")(
+            taskmanager_id, generation_id, key, expiry_time
+        )
 
     def mark_demented(self, taskmanager_id, keys, generation_id=None):
         """Mark ``keys`` of a generation (default: the newest) as no longer valid.
@@ -149,4 +168,4 @@ class DataSpace:
         ``DataBlock.is_expired`` reports them expired.  A key that is absent raises
         KeyError and nothing changes.  Returns how many products were marked.
         """
-        return self.datasource.mark_demented(taskmanager_id, keys, generation_id)
+        return _optional(self.datasource, "mark_demented")(taskmanager_id, keys, generation_id)

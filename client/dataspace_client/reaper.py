@@ -14,25 +14,14 @@ programs written against the original API.
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 
 from .dataspace import DataSpace
 from .errors import DataSpaceConfigurationError
+from .processing_state import STOPPING_CONDITIONS, ProcessingState, State
 
 log = logging.getLogger(__name__)
-
-
-class State(enum.Enum):
-    BOOT = "BOOT"
-    IDLE = "IDLE"
-    ACTIVE = "ACTIVE"
-    STEADY = "STEADY"
-    SHUTTINGDOWN = "SHUTTINGDOWN"
-    SHUTDOWN = "SHUTDOWN"
-    OFFLINE = "OFFLINE"
-    ERROR = "ERROR"
 
 
 def _whole_number(value, what: str) -> int:
@@ -63,9 +52,7 @@ class Reaper:
         self.retention_interval = settings["retention_interval_in_days"]
         self.seconds_between_runs = settings.get("reaper_run_interval", 24 * 60 * 60)
         self.datasource = DataSpace(config)
-        self.state = State.BOOT
-        self._state_changed = threading.Condition()
-        self._stop = threading.Event()
+        self.state = ProcessingState(State.BOOT)
         self._reap_lock = threading.Lock()
         self._control = threading.Lock()  # start() and stop() one at a time
         self.thread: threading.Thread | None = None
@@ -100,11 +87,6 @@ class Reaper:
             )
         self._seconds_between_runs = value
 
-    def _set_state(self, state: State) -> None:
-        with self._state_changed:
-            self.state = state
-            self._state_changed.notify_all()
-
     def reap(self):
         """Delete data older than the retention interval once.
 
@@ -118,62 +100,57 @@ class Reaper:
                 return source.delete_data_older_than(self.retention_interval)
             return reap(self.retention_interval)
 
-    def _enter(self, state: State) -> bool:
-        """Move to ``state`` unless a stop was asked for (stop's SHUTTINGDOWN stands)."""
-        with self._state_changed:
-            if self._stop.is_set():
-                return False
-            self.state = state
-            self._state_changed.notify_all()
-            return True
-
     def _reaper_loop(self, delay: float) -> None:
-        """The thread runs this: wait ``delay``, then reap every ``seconds_between_runs``."""
-        self._enter(State.IDLE)
-        if not self._stop.wait(delay):
-            while self._enter(State.ACTIVE):
-                try:
-                    self.reap()
-                except Exception:
-                    log.exception("reap failed; the reaper stops in ERROR")
-                    self._set_state(State.ERROR)
-                    return
-                if not self._enter(State.STEADY) or self._stop.wait(self.seconds_between_runs):
-                    break
-        self._set_state(State.SHUTDOWN)
+        """The thread runs this: wait ``delay``, then reap every ``seconds_between_runs``.
+
+        It ends when the state becomes a stopping one, whoever sets it: ``stop()``,
+        or a caller's ``state.set(State.OFFLINE)`` as the engine's tests do.
+        """
+        between_runs, waiting = delay, State.IDLE  # IDLE before the first reap, then STEADY
+        while self.state.set_unless_stopping(waiting):
+            self.state.wait_until(STOPPING_CONDITIONS, timeout=between_runs)
+            if not self.state.set_unless_stopping(State.ACTIVE):
+                break
+            try:
+                self.reap()
+            except Exception:
+                log.exception("reap failed; the reaper stops in ERROR (start() tries again)")
+                self.state.set(State.ERROR)
+                return
+            between_runs, waiting = self.seconds_between_runs, State.STEADY
+        with self.state.lock:
+            if not self.state.has_value(State.ERROR):
+                self.state.set(State.SHUTDOWN)
 
     def start(self, delay: float = 0) -> None:
-        """Start the loop, first reap after ``delay`` seconds; RuntimeError if running."""
+        """Start the loop, first reap after ``delay`` seconds; RuntimeError if running.
+
+        Returns once the loop has left BOOT.
+        """
         with self._control:
             if self.thread is not None and self.thread.is_alive():
-                raise RuntimeError("the reaper is already running")
-            self._stop.clear()
-            self._set_state(State.BOOT)
+                raise RuntimeError("Reaper asked to start, but it is running already")
+            self.state.set(State.BOOT)
             self.thread = threading.Thread(
                 target=self._reaper_loop, args=(delay,), name="dataspace-reaper", daemon=True
             )
             self.thread.start()
-            with self._state_changed:
-                self._state_changed.wait_for(lambda: self.state is not State.BOOT)
+            self.state.wait_while(State.BOOT)
 
     def stop(self) -> None:
-        """Stop the loop; waits for a reap in progress.  Harmless if not running."""
+        """Stop the loop; waits for a reap in progress.  Harmless if not running.
+
+        The state is SHUTTINGDOWN at once (a reap cannot be cancelled), then
+        SHUTDOWN once the loop ended; a reaper in ERROR stays in ERROR.
+        """
         with self._control:
             if self.thread is None or not self.thread.is_alive():
                 return
-            with self._state_changed:
-                self._stop.set()
-                if self.state is not State.ERROR:
-                    self.state = State.SHUTTINGDOWN
-                    self._state_changed.notify_all()
+            self.state.set_unless_stopping(State.SHUTTINGDOWN)
             self.thread.join()
-            with self._state_changed:
-                if self.state is not State.ERROR:
-                    self.state = State.SHUTDOWN
-                    self._state_changed.notify_all()
 
     def __repr__(self) -> str:
         return (
-            f"Reaper(state={self.state.value}, retention_interval={self.retention_interval}, "
+            f"Reaper(state={self.state.get().name}, retention_interval={self.retention_interval}, "
             f"seconds_between_runs={self.seconds_between_runs})"
         )

@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from . import validate
-from .datasource import DataSource
+from .datasource import DataSource, demented_arguments, taskmanager_arguments
 from .errors import DataSpaceConfigurationError
 from .protocol import LANES_EXCHANGE, OPERATIONS, decode_reply, encode_request
 from .rpc import RpcClient
@@ -156,8 +156,11 @@ class RemoteDataSource(DataSource):
     def get_schema(self, table=None):
         return self._call("get_schema", locals())
 
-    def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
-        return self._call("store_taskmanager", locals())
+    def store_taskmanager(
+        self, name=None, taskmanager_id=None, datestamp=None, *, taskmanager_name=None
+    ):
+        args = taskmanager_arguments(name, taskmanager_id, datestamp, taskmanager_name)
+        return self._call("store_taskmanager", args)
 
     def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
         return self._call("get_taskmanager", locals())
@@ -214,4 +217,4 @@ class RemoteDataSource(DataSource):
         return self._call("mark_expired", locals())
 
     def mark_demented(self, taskmanager_id, keys, generation_id=None):
-        return self._call("mark_demented", locals())
+        return self._call("mark_demented", demented_arguments(taskmanager_id, keys, generation_id))

@@ -152,7 +152,10 @@ def days(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"days must be a number, not {type(value).__name__}")
     if not value > 0:
-        raise ValueError(f"days must be > 0, got {value}")
+        # The engine's message, which callers match; then ours.
+        raise ValueError(
+            f"Argument has to be positive, non zero integer. Supplied {value} (days must be > 0)"
+        )
     if not value <= MAX_DAYS:  # also refuses NaN
         raise ValueError(f"days must be at most {MAX_DAYS} (the cut-off must stay after year 1)")
     return value

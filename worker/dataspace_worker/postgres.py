@@ -33,7 +33,11 @@ import psycopg2
 import psycopg2.errors
 
 from dataspace_client import validate
-from dataspace_client.datasource import DataSource
+from dataspace_client.datasource import (
+    DataSource,
+    demented_arguments,
+    taskmanager_arguments,
+)
 from dataspace_client.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
@@ -438,8 +442,11 @@ class PostgresDataSource(DataSource):
         return self._transaction(lambda cur: idempotency.sweep(cur, older_than_seconds, limit))
 
     # -- the DataSource API: each call one transaction ------------------------
-    def store_taskmanager(self, taskmanager_name, taskmanager_id, datestamp=None):
-        return self._run("store_taskmanager", locals())
+    def store_taskmanager(
+        self, name=None, taskmanager_id=None, datestamp=None, *, taskmanager_name=None
+    ):
+        args = taskmanager_arguments(name, taskmanager_id, datestamp, taskmanager_name)
+        return self._run("store_taskmanager", args)
 
     def get_taskmanager(self, taskmanager_name, taskmanager_id=None):
         return self._run("get_taskmanager", locals())
@@ -488,7 +495,7 @@ class PostgresDataSource(DataSource):
         self._run("mark_expired", locals())
 
     def mark_demented(self, taskmanager_id, keys, generation_id=None):
-        return self._run("mark_demented", locals())
+        return self._run("mark_demented", demented_arguments(taskmanager_id, keys, generation_id))
 
     def get_schema(self, table=None):
         """Columns of ``table`` as a list of dicts, or ``{table: columns}`` for all tables."""

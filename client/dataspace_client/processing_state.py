@@ -1,0 +1,118 @@
+"""The state of a Reaper, with the accessors of the decision engine's ProcessingState.
+
+The engine's code reads a reaper's state as ``reaper.state.get()`` and waits on it
+with ``wait_until``/``wait_while``; its tests stop a loop by ``state.set(OFFLINE)``.
+``ProcessingState`` offers the same calls, and also compares equal to the
+``State`` member it holds (``reaper.state == State.IDLE``), as this package's
+earlier bare ``State`` value did.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+
+class State(enum.Enum):
+    BOOT = "BOOT"
+    IDLE = "IDLE"
+    ACTIVE = "ACTIVE"
+    STEADY = "STEADY"
+    SHUTTINGDOWN = "SHUTTINGDOWN"
+    SHUTDOWN = "SHUTDOWN"
+    OFFLINE = "OFFLINE"
+    ERROR = "ERROR"
+
+
+RUNNING_CONDITIONS = (State.BOOT, State.IDLE, State.ACTIVE, State.STEADY)
+STOPPING_CONDITIONS = (State.SHUTTINGDOWN, State.SHUTDOWN, State.OFFLINE, State.ERROR)
+INACTIVE_CONDITIONS = (State.OFFLINE, State.ERROR)
+
+
+def as_state(value) -> State:
+    """This package's ``State`` for ``value``: one of its members, or a member of
+    another enum with the same name (the engine's ``State``, whose values are ints)."""
+    if isinstance(value, State):
+        return value
+    if isinstance(value, enum.Enum) and value.name in State.__members__:
+        return State[value.name]
+    raise RuntimeError(f"{value!r} is not a State")
+
+
+class ProcessingState:
+    """A state that threads can read, set and wait on.
+
+    ``lock`` (re-entrant) lets a caller check and set without another thread
+    setting in between, as the engine's reaper does.
+    """
+
+    def __init__(self, state=State.BOOT):
+        self._state = as_state(state)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def get(self) -> State:
+        return self._state
+
+    def set(self, state) -> None:
+        state = as_state(state)
+        with self._changed:
+            self._state = state
+            self._changed.notify_all()
+
+    def has_value(self, state) -> bool:
+        if isinstance(state, (list, tuple, set, frozenset)):
+            return any(self.has_value(s) for s in state)
+        return self._state is as_state(state)
+
+    def wait_until(self, state, timeout: float | None = None) -> bool:
+        """Wait until the state is ``state`` (or one of several); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.has_value(state), timeout)
+
+    def wait_while(self, state, timeout: float | None = None) -> bool:
+        """Wait while the state is ``state`` (or one of several); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self.has_value(state), timeout)
+
+    def set_unless_stopping(self, state) -> bool:
+        """Set ``state`` unless a stop was asked for (a stopping state stands)."""
+        with self._changed:
+            if self.should_stop():
+                return False
+            self.set(state)
+            return True
+
+    def probably_running(self) -> bool:
+        return self.has_value(RUNNING_CONDITIONS)
+
+    def should_stop(self) -> bool:
+        return self.has_value(STOPPING_CONDITIONS)
+
+    def inactive(self) -> bool:
+        return self.has_value(INACTIVE_CONDITIONS)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ProcessingState):
+            return self._state is other._state
+        if isinstance(other, enum.Enum):
+            return other.name == self._state.name
+        return NotImplemented
+
+    __hash__ = None  # mutable: not a dict key
+
+    def __repr__(self) -> str:
+        return f"ProcessingState({self._state.name})"
+
+
+__all__ = [
+    "INACTIVE_CONDITIONS",
+    "RUNNING_CONDITIONS",
+    "STOPPING_CONDITIONS",
+    "ProcessingState",
+    "State",
+]
