@@ -196,6 +196,7 @@ class NullSource:
     """A datasource that subclasses nothing of this package (like the engine's own)."""
 
     reaped: list = []
+    inserted: list = []
 
     def __init__(self, config):
         self.config = config
@@ -209,13 +210,15 @@ class NullSource:
     def delete_data_older_than(self, days):
         NullSource.reaped.append(days)
 
+    def insert(self, taskmanager_id, generation_id, key, value, header, metadata):
+        NullSource.inserted.append((taskmanager_id, generation_id, key, value))
+
 
 for _name in (
     "store_taskmanager",
     "get_taskmanager",
     "get_taskmanagers",
     "get_last_generation_id",
-    "insert",
     "update",
     "get_dataproduct",
     "get_dataproducts",
@@ -250,6 +253,10 @@ def test_any_datasource_class_with_the_api_is_accepted():
     assert space.datasource.config == {"key": "value"}
     with pytest.raises(NotImplementedError, match="NullSource does not implement delete"):
         space.delete(1)
+    with space.producer() as producer:  # no publish(): each write applied at once
+        assert producer.insert(1, 1, "k", b"v", {}, {}) is None
+        assert producer.pending == 0
+    assert NullSource.inserted[-1] == (1, 1, "k", b"v")
 
 
 def test_a_datasource_class_without_the_api_is_refused_naming_what_lacks():
@@ -262,17 +269,12 @@ def test_a_datasource_class_without_the_api_is_refused_naming_what_lacks():
 
 
 # -- Reaper.state as the engine's ProcessingState ----------------------------------------------
-class EngineState(enum.Enum):
-    """The engine's State: the same names, int values."""
-
-    BOOT = 0
-    IDLE = 1
-    ACTIVE = 2
-    STEADY = 3
-    SHUTTINGDOWN = 4
-    SHUTDOWN = 5
-    OFFLINE = 6
-    ERROR = 7
+#: The engine's State: the same names, int values (its class is named State too).
+EngineState = enum.Enum(
+    "State",
+    "BOOT IDLE ACTIVE STEADY SHUTTINGDOWN SHUTDOWN OFFLINE ERROR".split(),
+    start=0,
+)
 
 
 @pytest.fixture
@@ -291,6 +293,9 @@ def test_reaper_state_has_the_engines_accessors(reaper):
     assert state.get() is State.BOOT
     assert state == State.BOOT and state != State.IDLE
     assert state == EngineState.BOOT  # compared by name with the engine's enum
+    assert state.get() == EngineState.BOOT and EngineState.BOOT == state.get()
+    assert state.get() in (EngineState.IDLE, EngineState.BOOT)
+    assert state.get() != EngineState.IDLE and State.BOOT != EngineState.IDLE
     assert state.probably_running() and not state.should_stop() and not state.inactive()
     with state.lock:
         state.set(EngineState.IDLE)  # the engine's members are taken by name

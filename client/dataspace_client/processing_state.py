@@ -23,6 +23,17 @@ class State(enum.Enum):
     OFFLINE = "OFFLINE"
     ERROR = "ERROR"
 
+    # Equal to the member of the same name of another enum named State (the
+    # engine's, whose values are ints), so that code comparing a reaper's state
+    # with the engine's members keeps working either way round.
+    def __eq__(self, other):
+        if isinstance(other, enum.Enum) and type(other).__name__ == "State":
+            return self.name == other.name
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self.name)
+
 
 RUNNING_CONDITIONS = (State.BOOT, State.IDLE, State.ACTIVE, State.STEADY)
 STOPPING_CONDITIONS = (State.SHUTTINGDOWN, State.SHUTDOWN, State.OFFLINE, State.ERROR)

@@ -34,6 +34,9 @@ class Producer:
 
     def __init__(self, datasource: DataSource):
         self.datasource = datasource
+        if not callable(getattr(datasource, "publish", None)):
+            # A datasource class from elsewhere (the engine's): apply each write at once.
+            self.datasource = _Applying(datasource)
 
     def insert(self, taskmanager_id, generation_id, key, value, header, metadata) -> str | None:
         return self.datasource.publish("insert", locals())
@@ -73,3 +76,18 @@ class Producer:
     def __exit__(self, exc_type, *_exc) -> None:
         if exc_type is None:
             self.flush()
+
+
+class _Applying:
+    """Fire-and-forget on a datasource without ``publish``: each write applied at once."""
+
+    pending = 0
+
+    def __init__(self, datasource):
+        self._datasource = datasource
+
+    def publish(self, operation: str, args: dict) -> None:
+        return DataSource.publish(self._datasource, operation, args)
+
+    def flush(self, timeout: float | None = None) -> None:
+        return None
