@@ -20,9 +20,13 @@ def test_every_operation_is_a_datasource_method_with_the_same_parameters():
 
     from dataspace_worker.postgres import PostgresDataSource
 
+    # store_taskmanager takes the name as the engine's datasources do (name=, with
+    # taskmanager_name= as a keyword-only alias); on the wire it is taskmanager_name.
+    wire_name = {("store_taskmanager", "name"): "taskmanager_name"}
     for name, op in OPERATIONS.items():
-        params = list(inspect.signature(getattr(PostgresDataSource, name)).parameters)[1:]
-        assert params == list(op.params), name
+        signature = inspect.signature(getattr(PostgresDataSource, name)).parameters.values()
+        params = [p.name for p in signature if p.kind is p.POSITIONAL_OR_KEYWORD][1:]
+        assert [wire_name.get((name, p), p) for p in params] == list(op.params), name
 
 
 def test_request_roundtrip_keeps_bytes_exact():
