@@ -18,16 +18,27 @@ docs/scaling.md).
 Arguments are checked here with the same checks the worker applies, so a bad call
 raises TypeError/ValueError without a round trip; the worker's errors come back
 as the same exception types the in-process store raises.
+
+Processes: a RemoteDataSource made before a fork works in the child. The
+child's copy forgets the parent's connection (its socket and I/O thread are the
+parent's: nothing is said on it) and connects anew on its first call; the
+parent's connection, and its unconfirmed fire-and-forget writes, stay the
+parent's. A RemoteDataSource dropped without ``close()`` closes its connection
+and stops its I/O thread when it is collected, after flushing its writes (up to
+``timeout``; a WARNING says how many were left unconfirmed).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import weakref
 from typing import Any
 
 from . import validate
 from .datasource import DataSource, demented_arguments, taskmanager_arguments
-from .errors import DataSpaceConfigurationError
+from .errors import DataSpaceConfigurationError, DataSpaceError, DataSpacePublishError
 from .protocol import LANES_EXCHANGE, OPERATIONS, decode_reply, encode_request
 from .rpc import RpcClient
 from .urls import split_urls
@@ -35,6 +46,8 @@ from .urls import split_urls
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_REAP_TIMEOUT = 3600.0
+
+log = logging.getLogger(__name__)
 
 
 def _positive(config: dict, name: str, default: float) -> float:
@@ -44,6 +57,103 @@ def _positive(config: dict, name: str, default: float) -> float:
             f"RemoteDataSource setting '{name}' must be a positive number of seconds, got {value!r}"
         )
     return float(value)
+
+
+def _shut(client: RpcClient, timeout: float) -> None:
+    """Flush ``client`` (up to ``timeout``), then close it; raises as ``close`` does."""
+    try:
+        # A thread still holding the client may publish: refused from here on,
+        # so the flush covers everything publish ever accepted.
+        client.stop_publishing()
+        if client.unsettled:
+            client.flush(timeout)
+    finally:
+        client.close()
+
+
+def _shut_dropped(client: RpcClient, timeout: float) -> None:
+    """``_shut`` for a RemoteDataSource collected without ``close()``: nobody is
+    left to raise to, so what was not confirmed is said in one WARNING line."""
+    try:
+        _shut(client, timeout)
+    except DataSpacePublishError as exc:
+        log.warning(
+            "RemoteDataSource dropped without close(): %d fire-and-forget writes refused "
+            "by the broker were lost: %s",
+            len(exc.failures),
+            exc,
+        )
+    except DataSpaceError as exc:
+        log.warning(
+            "RemoteDataSource dropped without close(): %d fire-and-forget writes not "
+            "confirmed by the broker within %g s may be lost (%s)",
+            client.pending,
+            timeout,
+            exc,
+        )
+    except Exception:  # a finalizer must not raise
+        log.exception("RemoteDataSource dropped without close(): closing its client failed")
+
+
+class _Link:
+    """A RemoteDataSource's client and the process it belongs to.
+
+    Its finalizer holds this, never the datasource (which could then never be
+    collected); nothing the client's I/O thread holds refers to the datasource.
+    """
+
+    __slots__ = ("client", "pid", "timeout")
+
+    def __init__(self, timeout: float):
+        self.client: RpcClient | None = None
+        self.pid = os.getpid()
+        self.timeout = timeout
+
+    def forget_inherited(self) -> None:
+        """In a forked child: forget the parent's client without a word on the wire
+        (``RpcClient.abandon``); its unconfirmed writes stay the parent's."""
+        client, self.client = self.client, None
+        self.pid = os.getpid()
+        if client is not None:
+            client.close()  # in a forked child: abandon()
+
+    def release(self) -> None:
+        """The finalizer: close the client of a RemoteDataSource that was collected.
+
+        In a forked child whose copy never ran, the client is the parent's: forgotten, not closed.
+        """
+        if self.pid != os.getpid():
+            self.forget_inherited()
+            return
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if client.on_io_thread():
+            # collected on the I/O thread (a cyclic collection can run anywhere):
+            # it cannot wait there for the confirms it alone receives
+            threading.Thread(
+                target=_shut_dropped,
+                args=(client, self.timeout),
+                name="dataspace-rpc-release",
+                daemon=True,
+            ).start()
+        else:
+            _shut_dropped(client, self.timeout)
+
+
+#: every live RemoteDataSource of this process, for the after-fork hook
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for source in list(_LIVE):
+        try:
+            source._check_process()
+        except Exception:  # pragma: no cover - never let one break the others
+            log.exception("RemoteDataSource: forgetting the parent's connection failed")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RemoteDataSource(DataSource):
@@ -71,42 +181,63 @@ class RemoteDataSource(DataSource):
             raise DataSpaceConfigurationError(
                 "RemoteDataSource setting 'lanes' must be true or false"
             )
-        self._client: RpcClient | None = None
+        self._link = _Link(self.timeout)
         self._connect_lock = threading.Lock()
+        weakref.finalize(self, self._link.release)
+        _LIVE.add(self)
         self.connect()
 
     # -- lifecycle ------------------------------------------------------------
+    @property
+    def _client(self) -> RpcClient | None:
+        """The client of this process (None until connected): in a forked child,
+        never the parent's."""
+        self._check_process()
+        return self._link.client
+
+    @_client.setter
+    def _client(self, client: RpcClient | None) -> None:
+        self._check_process()
+        self._link.client = client
+
+    def _check_process(self) -> None:
+        """In a child forked since the client was made: forget the parent's client
+        (not closed: its connection is the parent's) and take fresh locks (one
+        held by a parent thread at the fork stays held here); the next call connects."""
+        if self._link.pid != os.getpid():
+            self._connect_lock = threading.Lock()
+            self._link.forget_inherited()
+
     def connect(self):
+        self._check_process()
         with self._connect_lock:
-            if self._client is None:
-                self._client = RpcClient(
+            if self._link.client is None:
+                self._link.client = RpcClient(
                     self.url,
                     app_id=self.app_id,
                     timeout=self.timeout,
                     connect_timeout=self.connect_timeout,
                 )
-            return self._client
+            return self._link.client
 
     def close(self):
         """Wait (up to ``timeout``) for published writes to be confirmed, then close.
 
         Raises DataSpaceTimeoutError or DataSpacePublishError, after closing, if
         some published writes were not confirmed or were refused: they may be lost.
+        In a forked child it closes only what the child opened: the parent's
+        connection is left alone.
         """
+        self._check_process()
         with self._connect_lock:
-            client, self._client = self._client, None
-        if client is None:
-            return
-        try:
-            # A thread still holding the client may publish: refused from here on,
-            # so the flush covers everything publish ever accepted.
-            client.stop_publishing()
-            if client.unsettled:
-                client.flush(self.timeout)
-        finally:
-            client.close()
+            client, self._link.client = self._link.client, None
+        if client is not None:
+            _shut(client, self.timeout)
 
     def reset_connections(self):
+        """Close the connection and open a new one. In a forked child (the engine
+        calls this on a cached datasource, as it may be one) the parent's
+        connection is only forgotten, and the child connects anew."""
         self.close()
         self.connect()
 

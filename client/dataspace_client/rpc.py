@@ -16,6 +16,12 @@ each call in flight is sent again, with the same message_id (so the worker
 applies a write once), until the call's timeout; calls made while disconnected
 wait for the reconnection up to their own timeout.
 
+A client belongs to the process that made it: in a child forked from that
+process its I/O thread does not exist, and its socket is the parent's. There
+``call``, ``publish`` and ``flush`` raise DataSpaceConnectionError at once, and
+``close`` forgets the client without a word on the wire (``RemoteDataSource``
+makes a new client in the child instead).
+
 ``publish`` is the fire-and-forget path for decoupled producers: the request
 goes out without ``reply_to`` and the caller goes on at once. The client keeps
 each such request until the broker confirms it (on a quorum queue: stored on a
@@ -136,6 +142,7 @@ class RpcClient:
         self.app_id = app_id
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
+        self._pid = os.getpid()  # the process this client (and its I/O thread) belongs to
 
         def configure(params) -> None:
             params.connection_attempts = 1
@@ -206,6 +213,7 @@ class RpcClient:
         None), until the call's timeout: the worker applies a write once
         whatever the number of copies.
         """
+        self._check_process(operation)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         message_id = message_id or uuid.uuid4().hex
@@ -270,6 +278,7 @@ class RpcClient:
         ``timeout``, then DataSpaceTimeoutError). The request is kept and sent
         again until the broker confirms it; ``flush`` waits for that.
         """
+        self._check_process(operation)
         timeout = self.timeout if timeout is None else timeout
         _check_sendable(operation, body, message_id or "")
         publication = _Publication(
@@ -303,13 +312,14 @@ class RpcClient:
 
     @property
     def pending(self) -> int:
-        """Fire-and-forget requests published and not yet confirmed by the broker."""
-        return len(self._pending)
+        """Fire-and-forget requests published and not yet confirmed by the broker
+        (none in a forked child: those are the parent's)."""
+        return 0 if self.forked else len(self._pending)
 
     @property
     def unsettled(self) -> bool:
         """Whether ``flush`` has anything to wait for or to report."""
-        return bool(self._pending or self._failures)
+        return not self.forked and bool(self._pending or self._failures)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker confirmed every request given to ``publish``.
@@ -319,6 +329,7 @@ class RpcClient:
         DataSpaceTimeoutError if some are still unconfirmed after ``timeout``
         (they stay pending and are still being sent).
         """
+        self._check_process("flush")
         timeout = self.timeout if timeout is None else timeout
         with self._state:
             self._state.wait_for(lambda: not self._pending or self._closing, timeout)
@@ -352,7 +363,13 @@ class RpcClient:
             self._connection.ioloop.add_callback_threadsafe(self._drain_outbox)
 
     def close(self) -> None:
-        """Close the connection; calls in flight fail with DataSpaceConnectionError."""
+        """Close the connection; calls in flight fail with DataSpaceConnectionError.
+
+        In a forked child: forget the client instead (``abandon``).
+        """
+        if self.forked:
+            self.abandon()
+            return
         with self._state:
             self._closing = True
             self._state.notify_all()
@@ -365,6 +382,49 @@ class RpcClient:
                 connection.ioloop.add_callback_threadsafe(self._close_connection)
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
+
+    # -- processes -----------------------------------------------------------------
+    @property
+    def forked(self) -> bool:
+        """Whether this is a copy of the client in a child forked from its process."""
+        return os.getpid() != self._pid
+
+    def on_io_thread(self) -> bool:
+        """Whether the calling thread is this client's I/O thread."""
+        return threading.current_thread() is self._thread
+
+    def _check_process(self, operation: str) -> None:
+        if self.forked:
+            raise DataSpaceConnectionError(
+                f"{operation}: this broker client belongs to process {self._pid}, not to "
+                f"this one ({os.getpid()}), forked from it: make a new client here "
+                "(RemoteDataSource does so by itself)"
+            )
+
+    def abandon(self) -> None:
+        """Forget this client in a child forked from its process, without a word on
+        the wire: its connection is the parent's, which a Connection.Close (or a
+        socket shutdown) from here would end under the parent. Nothing here takes
+        the client's lock, which a parent thread may have held at the fork.
+
+        The child's copy of the socket is pointed at /dev/null, so the child keeps
+        no hold on the parent's TCP connection; the rest (the loop's own
+        descriptors, the parent's unconfirmed writes) stays the parent's.
+        """
+        if not self.forked:
+            raise RuntimeError("abandon() is for a forked child: close() the client instead")
+        self._closing = True
+        self._refusing = True
+        transport = getattr(self._connection, "_transport", None)
+        sock = getattr(transport, "_sock", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fd = sock.fileno()
+            if fd >= 0:
+                devnull = os.open(os.devnull, os.O_RDWR)
+                try:
+                    os.dup2(devnull, fd)
+                finally:
+                    os.close(devnull)
 
     # -- I/O thread ----------------------------------------------------------------
     def _run(self) -> None:

@@ -18,13 +18,20 @@ Database errors come out as the Python exceptions the API documents:
 KeyError for missing rows, ValueError for values the database refuses,
 DataSpaceExistsError for duplicates, DataSpaceConnectionError when the database
 stays unreachable.
+
+Processes: a PostgresDataSource made before a fork works in the child, which
+drops the parent's sessions without ending them (``pool.drop_inherited``) and
+opens its own on demand; the parent's sessions carry on. One dropped without
+``close()`` closes its connections when it is collected.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -46,7 +53,7 @@ from dataspace_client.errors import (
 )
 
 from . import idempotency, operations, schema, sql
-from .pool import ConnectionPool
+from .pool import ConnectionPool, drop_inherited
 from .retry import connection_retry, is_connection_error
 
 log = logging.getLogger(__name__)
@@ -193,6 +200,61 @@ def _apply_all(cur, prepared: list) -> list[tuple[bytes, bool]]:
     return results
 
 
+class _HealthConnection:
+    """The connection ``ping`` keeps, outside the pool, and the process it belongs to."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.conn = None
+        _HEALTH.add(self)
+
+    def check_process(self) -> None:
+        """In a forked child: drop the parent's connection without ending its session
+        (in use if a parent thread held the lock at the fork), and take a fresh lock."""
+        if self.pid == os.getpid():
+            return
+        conn, self.conn = self.conn, None
+        busy = self.lock.locked()
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        if conn is not None:
+            drop_inherited(conn, busy)
+
+    def close(self) -> None:
+        self.check_process()
+        with self.lock:
+            conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
+#: every live _HealthConnection of this process, for the after-fork hook
+_HEALTH: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for health in list(_HEALTH):
+        try:
+            health.check_process()
+        except Exception:  # pragma: no cover - never let one break the others
+            log.exception("dropping the parent's health connection failed")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _release(pool: ConnectionPool, health: _HealthConnection) -> None:
+    """The finalizer of a PostgresDataSource collected without ``close()``: holds
+    its pool and health connection, never the datasource. Both are fork-aware: in
+    a forked child only the child's own connections are closed."""
+    try:
+        pool.close()
+        health.close()
+    except Exception:  # a finalizer must not raise
+        log.exception("PostgresDataSource dropped without close(): closing its connections failed")
+
+
 class PostgresDataSource(DataSource):
     """The DataSource on PostgreSQL; thread-safe, one pool of connections."""
 
@@ -210,33 +272,39 @@ class PostgresDataSource(DataSource):
         self.reap_batch = _setting(config, "reap_batch", 5000, (int,), minimum=1)
         self._stop_event = stop_event
         self._pool: ConnectionPool | None = None
-        self._ping_lock = threading.Lock()
-        self._ping_conn = None
+        self._health = _HealthConnection()
+        self._new_pool()
         self.connect()
 
     # -- lifecycle ------------------------------------------------------------
+    def _new_pool(self) -> None:
+        self._pool = ConnectionPool(
+            self.dsn,
+            self.pool_size,
+            connect_timeout=self.connect_timeout,
+            application_name="dataspace",
+            **KEEPALIVES,
+        )
+        # closes the pool (and the health connection) of a datasource dropped without close()
+        weakref.finalize(self, _release, self._pool, self._health)
+
     def connect(self):
         if self._pool is None:
-            self._pool = ConnectionPool(
-                self.dsn,
-                self.pool_size,
-                connect_timeout=self.connect_timeout,
-                application_name="dataspace",
-                **KEEPALIVES,
-            )
+            self._new_pool()
         if self._create:
             self._retrying(lambda: schema.ensure_database(self.dsn, self.connect_timeout))
             self.create_tables()
 
     def close(self):
+        """Close the connections; those in use are closed when given back. In a
+        forked child only the child's own: the parent's sessions are left alone."""
         if self._pool is not None:
             self._pool.close()
-        with self._ping_lock:
-            if self._ping_conn is not None:
-                self._ping_conn.close()
-                self._ping_conn = None
+        self._health.close()
 
     def reset_connections(self):
+        """Drop the idle connections and open new ones on demand (in a forked child:
+        the parent's are dropped without ending their sessions)."""
         if self._pool is not None:
             self._pool.reopen()
 
@@ -417,20 +485,22 @@ class PostgresDataSource(DataSource):
 
         For health checks: no retry, no wait for a pooled connection.
         """
-        with self._ping_lock:
+        health = self._health
+        health.check_process()
+        with health.lock:
             try:
-                if self._ping_conn is None or self._ping_conn.closed:
-                    self._ping_conn = psycopg2.connect(
+                if health.conn is None or health.conn.closed:
+                    health.conn = psycopg2.connect(
                         self.dsn, connect_timeout=timeout, application_name="dataspace-health"
                     )
-                    self._ping_conn.autocommit = True
-                with self._ping_conn.cursor() as cur:
+                    health.conn.autocommit = True
+                with health.conn.cursor() as cur:
                     cur.execute("SELECT 1")
                 return True
             except psycopg2.Error:
-                if self._ping_conn is not None:
-                    self._ping_conn.close()
-                self._ping_conn = None
+                if health.conn is not None:
+                    health.conn.close()
+                health.conn = None
                 return False
 
     @property
