@@ -7,7 +7,12 @@ VALUES (%(taskmanager_name)s, %(taskmanager_id)s, coalesce(%(datestamp)s::timest
 RETURNING sequence_id
 """
 
-_TASKMANAGER_COLUMNS = "sequence_id, taskmanager_id, name, datestamp"
+# datestamp is timestamptz in a database this package made, but timestamp without
+# time zone (the engine's naive local time) in one adopted from the decision engine
+# (migrations/adopt_engine.sql): the cast gives callers an aware datetime from both
+# (read in the session's TimeZone; a no-op on timestamptz). Comparisons with
+# timestamptz parameters below need no cast: PostgreSQL converts the column the same way.
+_TASKMANAGER_COLUMNS = "sequence_id, taskmanager_id, name, datestamp::timestamptz AS datestamp"
 
 GET_TASKMANAGER = f"""
 SELECT {_TASKMANAGER_COLUMNS} FROM taskmanager
