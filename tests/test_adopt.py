@@ -27,6 +27,7 @@ import psycopg2.errors
 import pytest
 from psycopg2 import extensions
 
+from dataspace_client import values
 from dataspace_client.errors import DataSpaceExistsError
 from dataspace_client.remote import RemoteDataSource
 from dataspace_worker import schema
@@ -359,23 +360,30 @@ def test_the_worker_adopts_an_engine_database_in_place(engine, engine_db, own_vh
                 engine.update(a, 1, "resources", {"site": "café ü", "cpus": 5})
                 c = engine.store_taskmanager("tm_c", dt.datetime.now())
                 engine.insert(c, 1, "fresh", {"n": 1})
+                # a value as this package's client encodes it (the engine's format)
+                remote.insert(
+                    b, 1, "from_client", values.encode_value({"by": "client"}), HEADER, METADATA
+                )
                 written = {
                     (b, 1, "from_service"): {"by": "service", "s": "café"},
                     (b, 1, "from_worker"): ["worker", 1],
                     (b, 1, "from_engine"): {"by": "engine", "s": "ü"},
                     (a, 1, "resources"): {"site": "café ü", "cpus": 5},
                     (c, 1, "fresh"): {"n": 1},
+                    (b, 1, "from_client"): {"by": "client"},
                 }
                 for (tm, gen, key), obj in written.items():
                     stored = engine.value(tm, gen, key)  # the engine's view
                     assert engine_read(stored) == obj
                     assert ds.get_dataproduct(tm, gen, key) == stored  # the service's view
                     assert remote.get_dataproduct(tm, gen, key) == stored
+                    assert values.decode_value(stored) == obj  # as this package's client reads it
                 assert ds.get_header(b, 1, "from_worker")[7] == "adopt_test"
                 assert remote.get_metadata(a, 1, "resources")[4] == "METADATA_UPDATE"
                 assert remote.get_taskmanager("tm_c")["datestamp"].tzinfo is not None
                 assert set(remote.get_datablock(b, 1)) == {
                     "jobs",
+                    "from_client",
                     "from_service",
                     "from_worker",
                     "from_engine",
