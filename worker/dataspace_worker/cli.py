@@ -143,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             },
             stop_event=stop,
         )
+    except DataSpaceConfigurationError as exc:
+        # a database this worker must not touch (e.g. tables it cannot adopt):
+        # retrying cannot help, so say what and stop, as for a bad setting
+        if server is not None:
+            server.shutdown()
+        log.error("dataspace-worker stopped, nothing was changed: %s", exc)
+        return 2
     except DataSpaceConnectionError as exc:
         if server is not None:
             server.shutdown()

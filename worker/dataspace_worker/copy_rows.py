@@ -19,14 +19,44 @@ TRAILER = struct.pack("!h", -1)
 CHUNK = 1024 * 1024
 
 
-class ProductRowStream:
-    """The binary COPY stream of one ``(taskmanager_id, generation_id, key, value)`` row."""
+#: struct formats of the integer widths a binary COPY field may have (typlen)
+_INTEGER_FORMATS = {2: "h", 4: "i", 8: "q"}
 
-    def __init__(self, taskmanager_id: int, generation_id: int, key: str, value: bytes):
+
+def integer_field(value: int, width: int) -> bytes:
+    """One integer field of a binary COPY row, at its column's width.
+
+    Binary COPY does no conversion: an 8-byte value for an ``integer`` column is
+    refused ("incorrect binary data format"), so the width comes from the
+    catalogue. A value outside the column's range raises the ValueError
+    PostgreSQL would ("integer out of range"), not a struct.error.
+    """
+    code = _INTEGER_FORMATS[width]
+    try:
+        return struct.pack(f"!i{code}", width, int(value))
+    except struct.error:
+        raise ValueError(f"integer out of range: {value} for a {width * 8}-bit column") from None
+
+
+class ProductRowStream:
+    """The binary COPY stream of one ``(taskmanager_id, generation_id, key, value)`` row.
+
+    ``widths`` gives the byte widths of the two id columns (``ID_COLUMN_WIDTHS``
+    in sql.py reads them); the default is this package's own BIGINT schema.
+    """
+
+    def __init__(
+        self,
+        taskmanager_id: int,
+        generation_id: int,
+        key: str,
+        value: bytes,
+        widths: tuple[int, int] = (8, 8),
+    ):
         key_bytes = key.encode("utf-8")
         head = struct.pack("!h", 4)
-        head += struct.pack("!iq", 8, int(taskmanager_id))
-        head += struct.pack("!iq", 8, int(generation_id))
+        head += integer_field(taskmanager_id, widths[0])
+        head += integer_field(generation_id, widths[1])
         head += struct.pack("!i", len(key_bytes)) + key_bytes
         head += struct.pack("!i", len(value))
         self._parts = [memoryview(SIGNATURE + head), memoryview(value), memoryview(TRAILER)]

@@ -92,12 +92,25 @@ COPY_FROM_BYTES = 256 * 1024
 def insert(cur, args: Args) -> None:
     if len(args["value"]) >= COPY_FROM_BYTES:
         stream = ProductRowStream(
-            args["taskmanager_id"], args["generation_id"], args["key"], args["value"]
+            args["taskmanager_id"],
+            args["generation_id"],
+            args["key"],
+            args["value"],
+            widths=_id_column_widths(cur),
         )
         cur.copy_expert(sql.COPY_PRODUCT, stream, size=CHUNK)
         cur.execute(sql.INSERT_HEADER_METADATA, {**args, **args["header"], **args["metadata"]})
         return
     cur.execute(sql.INSERT, _write_params(args))
+
+
+def _id_column_widths(cur) -> tuple[int, int]:
+    """The byte widths of dataproduct's id columns, asked for each large insert:
+    one catalogue read is nothing beside a value of 256 KiB or more, and a cache
+    would have to know when a migration changes them."""
+    cur.execute(sql.ID_COLUMN_WIDTHS)
+    widths = dict(cur.fetchall())
+    return widths["taskmanager_id"], widths["generation_id"]
 
 
 def insert_many(cur, many: list[Args]) -> None:

@@ -88,6 +88,12 @@ COPY_PRODUCT = (
     "COPY dataproduct (taskmanager_id, generation_id, key, value) FROM STDIN (FORMAT binary)"
 )
 INSERT_HEADER_METADATA = f"WITH {_HEADER_AND_METADATA}"
+# Binary COPY sends each integer at its column's own width: 8 bytes for this
+# schema's BIGINT, 4 for the INTEGER generation_id of an adopted engine database.
+ID_COLUMN_WIDTHS = """
+SELECT attname, typlen FROM pg_attribute JOIN pg_type ON pg_type.oid = atttypid
+WHERE attrelid = 'dataproduct'::regclass AND attname IN ('taskmanager_id', 'generation_id')
+"""
 
 _WHERE_PRODUCT = (
     "taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s AND key = %(key)s"
