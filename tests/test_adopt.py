@@ -552,28 +552,80 @@ def test_the_worker_command_refuses_in_one_line_and_exits_2(engine, engine_db, o
     for _ in range(2):
         engine.insert(made["a"], 2, "resources", {"site": "again"})
     before = snapshot(engine_db)
-    worker = shutil.which("dataspace-worker", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [worker],
-        env={
-            **os.environ,
-            "DATASPACE_AMQP_URL": own_vhost,
-            "DATASPACE_PG_DSN": engine_db,
-            "DATASPACE_METRICS_PORT": "0",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    output = result.stdout + result.stderr
+    code, output = _run_worker(own_vhost, engine_db)
     print(f"\n{output}")
-    assert result.returncode == 2
+    assert code == 2
     assert "Traceback" not in output
     refusal = [line for line in output.splitlines() if "nothing was changed" in line]
     assert len(refusal) == 1, output
     assert "ERROR" in refusal[0]
     assert "occur more than once" in refusal[0]
     assert snapshot(engine_db) == before
+
+
+def _run_worker(own_vhost: str, dsn: str) -> tuple[int, str]:
+    worker = shutil.which("dataspace-worker", path=str(Path(sys.executable).parent))
+    result = subprocess.run(
+        [worker],
+        env={
+            **os.environ,
+            "DATASPACE_AMQP_URL": own_vhost,
+            "DATASPACE_PG_DSN": dsn,
+            "DATASPACE_METRICS_PORT": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_tables_restored_from_a_backup_without_their_indexes_are_refused(engine, engine_db):
+    """``pg_restore --clean`` of a pre-adoption backup rebuilds the engine's tables
+    without the unique indexes and leaves dataspace_schema_version: the worker must
+    not take "migration 1 applied" for granted and accept duplicate products."""
+    fill_as_the_engine(engine)
+    adopt(engine_db).close()
+    # what the restore leaves: the engine's tables as they were, dataspace_* kept
+    _execute(
+        engine_db,
+        f"DROP INDEX {', '.join(sorted(ADDED_INDEXES))};"
+        " ALTER TABLE taskmanager DROP CONSTRAINT taskmanager_datestamp_range",
+    )
+    with pytest.raises(schema.SchemaAdoptionError) as refused:
+        adopt(engine_db)
+    message = str(refused.value)
+    print(f"\n{message}")
+    assert "\n" not in message
+    assert "dataproduct, header, metadata have no unique index" in message
+    assert "drop the tables dataspace_schema_version, dataspace_request and" in message
+    # what the message says to do works: the tables are adopted anew
+    _execute(engine_db, "DROP TABLE dataspace_schema_version, dataspace_request, dataspace_reap")
+    adopt(engine_db).close()
+    assert [n for _v, n, _ in versions(engine_db)][:1] == ["initial_adopted"]
+
+
+def test_a_role_that_does_not_own_the_tables_gets_one_line_and_exit_2(engine, engine_db, own_vhost):
+    fill_as_the_engine(engine)
+    role = f"dataspace_test_{uuid.uuid4().hex[:8]}"
+    _execute(engine_db, f"CREATE ROLE {role} LOGIN")
+    try:
+        _execute(
+            engine_db,
+            f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
+            f" GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+            f" GRANT CREATE ON SCHEMA public TO {role}",
+        )
+        before = snapshot(engine_db)
+        code, output = _run_worker(own_vhost, extensions.make_dsn(engine_db, user=role))
+        print(f"\n{output}")
+        assert code == 2
+        assert "Traceback" not in output
+        lines = [line for line in output.splitlines() if "refused its schema step" in line]
+        assert len(lines) == 1 and "must be owner" in lines[0], output
+        assert snapshot(engine_db) == before
+    finally:
+        _execute(engine_db, f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 # -- 3. tables this package cannot use: refused ------------------------------------------

@@ -18,7 +18,11 @@ import threading
 
 import pika
 
-from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceConnectionError
+from dataspace_client.errors import (
+    DataSpaceConfigurationError,
+    DataSpaceConnectionError,
+    DataSpaceError,
+)
 from dataspace_client.urls import mask_password, split_urls
 
 from . import __version__, config, logs, memory, metrics
@@ -158,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         log.error("stopped before the database was reached: %s", exc)
         return 1
+    except DataSpaceError as exc:
+        # the database answered but refused the schema step (e.g. not the tables'
+        # owner, no right to create the database): a setting or a grant to fix
+        if server is not None:
+            server.shutdown()
+        log.error("dataspace-worker stopped, the database refused its schema step: %s", exc)
+        return 2
     parts["datasource"] = datasource
     topo = topology(settings.delivery_limit, settings.lanes)
     schedule = None

@@ -84,7 +84,43 @@ def migrate(cur) -> list[int]:
         cur.execute(migration.sql)
         _record(cur, migration.version, migration.name)
         applied.append(migration.version)
+    check_unique_indexes(cur)
     return applied
+
+
+#: the product tables whose (taskmanager_id, generation_id, key) has no valid unique index
+_WITHOUT_UNIQUE_TRIPLE = """
+SELECT t.name FROM unnest(%s::text[]) AS t(name)
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_index i
+    WHERE i.indrelid = to_regclass(t.name) AND i.indisunique AND i.indisvalid
+      AND i.indnatts = 3 AND i.indpred IS NULL
+      AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
+           WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey))
+          = ARRAY['generation_id', 'key', 'taskmanager_id']
+)
+"""
+
+
+def check_unique_indexes(cur) -> None:
+    """Refuse to serve tables without the unique index every write relies on.
+
+    Migration 1 creates them, and a database that lists it has them, unless
+    something removed them since: ``pg_restore --clean`` of a backup taken before
+    the adoption rebuilds the engine's tables as they were and leaves the
+    ``dataspace_*`` tables, so the worker would find "version 1 applied" and
+    silently accept duplicate products.
+    """
+    cur.execute(_WITHOUT_UNIQUE_TRIPLE, (list(_PRODUCT_TABLES),))
+    missing = [row[0] for row in cur.fetchall()]
+    if missing:
+        raise SchemaAdoptionError(
+            f"table(s) {', '.join(missing)} have no unique index on (taskmanager_id, "
+            f"generation_id, key) although {VERSION_TABLE} lists migration 1: if a backup "
+            "was restored over this database, drop the tables "
+            f"{VERSION_TABLE}, dataspace_request and dataspace_reap and start the worker "
+            "again to adopt it anew (docs/migrating.md, 'Roll back')"
+        )
 
 
 def _record(cur, version: int, name: str) -> None:
