@@ -361,3 +361,63 @@ def test_stop_from_another_thread_while_waiting(reaper):
     stopper.join(5)
     assert not stopper.is_alive()
     assert reaper.state.get() is State.SHUTDOWN
+
+
+# -- what the engine's task manager relies on: found running its own suite --------------
+def test_keys_are_read_from_the_store_as_the_engines(dataspace):
+    """Another DataBlock (a channel worker in another process, say) puts a key: this
+    one sees it, in ``keys()`` and ``in``, as the engine's DataBlock does."""
+    first = DataBlock(dataspace, fresh())
+    first.put("first", {"n": 1}, Header(first.taskmanager_id))
+    second = DataBlock(
+        dataspace,
+        first.name,
+        taskmanager_id=first.taskmanager_id,
+        generation_id=first.generation_id,
+        sequence_id=first.sequence_id,
+    )
+    assert second.keys() == ("first",)
+    first.put("second", {"n": 2}, Header(first.taskmanager_id))
+    assert second.keys() == ("first", "second")
+    assert "second" in second
+    second.put("first", {"n": 3}, Header(first.taskmanager_id))  # exists: an update
+    assert first["first"] == {"n": 3}
+
+
+def test_a_mapping_that_is_not_a_dict_configures_dataspace_and_reaper(pg_dsn):
+    """The engine hands its configuration over as a ``UserDict`` (``ValidConfig``)."""
+    from collections import UserDict
+
+    from tests.conftest import inprocess_config
+
+    config = UserDict(inprocess_config(pg_dsn))
+    with DataSpace(config) as space:
+        assert space.get_taskmanagers(fresh()) == []
+    settings = {**config["dataspace"], "retention_interval_in_days": 365}
+    reaper = Reaper(UserDict({"dataspace": UserDict(settings)}))
+    assert reaper.retention_interval == 365
+
+
+def test_processing_state_is_shared_with_a_forked_process():
+    """The engine's task manager forks a channel worker that sets the state the parent
+    waits on; its ProcessingState lives in shared memory, and so does this one."""
+    import multiprocessing
+    import os
+
+    state = ProcessingState(State.BOOT)
+    pid = os.fork()
+    if pid == 0:  # the child: what a channel worker does
+        try:
+            state.set(State.STEADY)
+            state.wait_until(State.OFFLINE, timeout=10)
+        finally:
+            os._exit(0)
+    try:
+        assert state.wait_until(State.STEADY, timeout=10), state
+        with state.lock:  # held across the processes
+            assert state.get() is State.STEADY
+        state.set(State.OFFLINE)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert multiprocessing.active_children() == []

@@ -161,22 +161,16 @@ class DataBlock:
             except KeyError:
                 generation_id = FIRST_GENERATION
         self.generation_id = generation_id
-        self._keys: list[str] | None = None
 
     # -- keys -----------------------------------------------------------------
-    def _known_keys(self) -> list[str]:
-        """Keys of this generation, read from the store once, then kept up to date."""
-        with self.lock:
-            if self._keys is None:
-                products = self.dataspace.get_datablock(self.sequence_id, self.generation_id)
-                self._keys = list(products)
-            return self._keys
-
     def keys(self) -> tuple[str, ...]:
-        return tuple(self._known_keys())
+        """The generation's keys, read from the store at each call (as the engine's:
+        another DataBlock, process or producer may have put some since)."""
+        with self.lock:
+            return tuple(self.dataspace.get_datablock(self.sequence_id, self.generation_id))
 
     def __contains__(self, key) -> bool:
-        return key in self._known_keys()
+        return key in self.keys()
 
     # -- values ---------------------------------------------------------------
     @property
@@ -192,16 +186,11 @@ class DataBlock:
         stored = encode_value(value, self._allow_pickle)
         if metadata is None:
             metadata = Metadata(self.taskmanager_id, generation_id=self.generation_id)
-        with self.lock:
-            keys = self._known_keys()
-            if key in keys:
-                self._update(key, stored, header, metadata)
-                return
+        with self.lock:  # insert, or update what exists: no read of every key first
             try:
                 self._insert(key, stored, header, metadata)
             except DataSpaceExistsError:
                 self._update(key, stored, header, metadata)
-            keys.append(key)
 
     def _insert(self, key, stored, header, metadata) -> None:
         self.dataspace.insert(self.sequence_id, self.generation_id, key, stored, header, metadata)
@@ -272,7 +261,6 @@ class DataBlock:
         transaction, so the store never shows half a generation.
         """
         with self.lock:
-            keys = list(self._known_keys())
             copy = DataBlock(
                 self.dataspace,
                 self.name,
@@ -280,11 +268,9 @@ class DataBlock:
                 generation_id=self.generation_id,
                 sequence_id=self.sequence_id,
             )
-            copy._keys = list(keys)
             new_generation = self.generation_id + 1
             self.dataspace.duplicate_datablock(self.sequence_id, self.generation_id, new_generation)
             self.generation_id = new_generation
-            self._keys = keys
             return copy
 
     def mark_expired(self, expiration_time) -> None:
@@ -308,13 +294,16 @@ class DataBlock:
         return False
 
     def __str__(self):
+        products = self.dataspace.get_datablock(self.sequence_id, self.generation_id)
         return str(
             {
                 "taskmanager_id": self.taskmanager_id,
                 "generation_id": self.generation_id,
                 "sequence_id": self.sequence_id,
-                "keys": self.keys(),
-                "dataproducts": {k: self.get(k) for k in self.keys()},
+                "keys": tuple(products),
+                "dataproducts": {
+                    k: decode_value(v, self._allow_pickle) for k, v in products.items()
+                },
             }
         )
 

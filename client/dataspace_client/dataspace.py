@@ -8,6 +8,7 @@ lives: in process on PostgreSQL, or behind RabbitMQ.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from .datasource import DataSource, missing_methods
@@ -29,15 +30,15 @@ __all__ = [
 
 
 def _datasource_settings(config: Any) -> dict:
-    if not isinstance(config, dict) or "dataspace" not in config:
+    if not isinstance(config, Mapping) or "dataspace" not in config:
         raise DataSpaceConfigurationError("Configuration is missing dataspace information")
     dataspace = config["dataspace"]
-    if not isinstance(dataspace, dict):
+    if not isinstance(dataspace, Mapping):
         raise DataSpaceConfigurationError(
             "Invalid dataspace configuration: dataspace key must correspond to a dictionary"
         )
     source = dataspace.get("datasource")
-    if not isinstance(source, dict) or not {"module", "name", "config"} <= set(source):
+    if not isinstance(source, Mapping) or not {"module", "name", "config"} <= set(source):
         raise DataSpaceConfigurationError(
             "Invalid dataspace configuration: datasource needs 'module', 'name' and 'config'"
         )

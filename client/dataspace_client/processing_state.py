@@ -10,7 +10,7 @@ earlier bare ``State`` value did.
 from __future__ import annotations
 
 import enum
-import threading
+import multiprocessing
 
 
 class State(enum.Enum):
@@ -50,35 +50,46 @@ def as_state(value) -> State:
     raise RuntimeError(f"{value!r} is not a State")
 
 
-class ProcessingState:
-    """A state that threads can read, set and wait on.
+#: a state's number in the shared value (the members in their order)
+_MEMBERS = tuple(State)
 
-    ``lock`` (re-entrant) lets a caller check and set without another thread
-    setting in between, as the engine's reaper does.
+
+class ProcessingState:
+    """A state that threads and forked processes can read, set and wait on.
+
+    Held in shared memory with process-shared locks, as the engine's: its task
+    manager forks a channel worker that sets the state the parent waits on.
+    ``lock`` (re-entrant) lets a caller check and set without another thread or
+    process setting in between, as the engine's reaper does.
     """
 
     def __init__(self, state=State.BOOT):
-        self._state = as_state(state)
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
+        self._lock = multiprocessing.RLock()
+        self._changed = multiprocessing.Condition(self._lock)
+        self._value = multiprocessing.RawValue("i", _MEMBERS.index(as_state(state)))
 
     @property
-    def lock(self) -> threading.RLock:
+    def _state(self) -> State:
+        return _MEMBERS[self._value.value]
+
+    @property
+    def lock(self):
         return self._lock
 
     def get(self) -> State:
-        return self._state
+        with self._lock:
+            return self._state
 
     def set(self, state) -> None:
         state = as_state(state)
         with self._changed:
-            self._state = state
+            self._value.value = _MEMBERS.index(state)
             self._changed.notify_all()
 
     def has_value(self, state) -> bool:
         if isinstance(state, (list, tuple, set, frozenset)):
             return any(self.has_value(s) for s in state)
-        return self._state is as_state(state)
+        return self.get() is as_state(state)
 
     def wait_until(self, state, timeout: float | None = None) -> bool:
         """Wait until the state is ``state`` (or one of several); False on timeout."""
@@ -109,15 +120,15 @@ class ProcessingState:
 
     def __eq__(self, other) -> bool:
         if isinstance(other, ProcessingState):
-            return self._state is other._state
+            return self.get() is other.get()
         if isinstance(other, enum.Enum):
-            return other.name == self._state.name
+            return other.name == self.get().name
         return NotImplemented
 
     __hash__ = None  # mutable: not a dict key
 
     def __repr__(self) -> str:
-        return f"ProcessingState({self._state.name})"
+        return f"ProcessingState({self.get().name})"
 
 
 __all__ = [

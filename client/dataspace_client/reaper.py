@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 from .dataspace import DataSpace
 from .errors import DataSpaceConfigurationError
@@ -40,7 +41,7 @@ class Reaper:
     MIN_SECONDS_BETWEEN_RUNS = 2 * 60 * 59
 
     def __init__(self, config: dict):
-        if not isinstance(config, dict) or not isinstance(config.get("dataspace"), dict):
+        if not isinstance(config, Mapping) or not isinstance(config.get("dataspace"), Mapping):
             raise DataSpaceConfigurationError(
                 "Reaper configuration is missing dataspace information"
             )

@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from . import validate
@@ -160,7 +161,7 @@ class RemoteDataSource(DataSource):
     """A DataSource that sends each call through RabbitMQ to a dataspace worker."""
 
     def __init__(self, config: dict):
-        if not isinstance(config, dict):
+        if not isinstance(config, Mapping):
             raise DataSpaceConfigurationError("RemoteDataSource config must be a dict")
         super().__init__(config)
         self.url = config.get("url", DEFAULT_URL)

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -259,7 +259,7 @@ class PostgresDataSource(DataSource):
     """The DataSource on PostgreSQL; thread-safe, one pool of connections."""
 
     def __init__(self, config: dict, stop_event: threading.Event | None = None):
-        if not isinstance(config, dict):
+        if not isinstance(config, Mapping):
             raise DataSpaceConfigurationError("PostgresDataSource config must be a dict")
         super().__init__(config)
         self.dsn = _setting(config, "dsn", DEFAULT_DSN, (str,))
