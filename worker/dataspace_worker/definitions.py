@@ -2,19 +2,20 @@
 
 A definitions document is what ``rabbitmqctl import_definitions``, the
 management API (``POST /api/definitions``) and a node's boot-time import
-(``definitions.local.path`` in rabbitmq.conf) accept.  It is made from the
-same ``Topology`` the worker declares, so a broker set up from it and a worker
-can never disagree about a queue's arguments (406 ``inequivalent arg``).
+(``load_definitions`` in rabbitmq.conf) accept.  It is made from the same
+``Topology`` the worker declares, so a broker set up from it and a worker can
+never disagree about a queue's arguments (406 ``inequivalent arg``).
 
 Two parts, kept apart on purpose:
 
-- the **topology** (vhost, exchanges, queues, bindings): public, committed as
-  ``deploy/rabbitmq/definitions.json``::
+- the **topology** (vhost, exchanges, queues, bindings, policies): public,
+  committed as ``deploy/rabbitmq/definitions.json``::
 
       python -m dataspace_worker.definitions > deploy/rabbitmq/definitions.json
 
-- the **accounts** (users, their permissions): secret, made per deployment
-  from passwords in the environment, never committed::
+- the **accounts** (users, their permissions, topic permissions and limits):
+  secret, made per deployment from passwords in the environment, never
+  committed::
 
       DATASPACE_BROKER_WORKER_PASSWORD=... DATASPACE_BROKER_CLIENT_PASSWORD=... \\
           python -m dataspace_worker.definitions --accounts | rabbitmqctl import_definitions
@@ -23,23 +24,39 @@ Two parts, kept apart on purpose:
   accounts that the broker re-imports at every boot would undo any password
   changed since, which is why the committed file holds none.
 
-Permissions (regular expressions on exchange and queue names, checked by
-experiment on RabbitMQ 3.10):
+Accounts (one password variable each; an account whose variable is unset is
+left out).  The routing key names the operation (``data.<op>``, ``lane.<op>``
+through the ordering lanes, ``admin.reap``) and a worker refuses a body that
+names another, so the **topic permissions** on exchange ``dataspace`` are the
+per-operation access control, enforced by the broker (a publish outside them:
+channel closed, 403 ``ACCESS_REFUSED``):
 
-- worker (``dataspace``): configure and read ``^dataspace(\\..+)?$``; write the
-  same and ``amq.default``.  It declares every exchange and queue (configure),
-  binds queues (write on the queue, read on the exchange), consumes
-  ``dataspace.requests`` and ``dataspace.reaper`` (read), publishes replies and
-  the next scheduled reap through the default exchange (write on
-  ``amq.default``) and dead letters to ``dataspace.dead`` (write).  Declaring a
-  queue with a dead-letter exchange also needs read on the queue and write on
-  that exchange (``dataspace.reaper.schedule`` -> ``dataspace``).
-- client (``dataspace-client``): write ``^(dataspace|dataspace\\.lanes)$``, nothing
-  else.  It publishes requests to exchange ``dataspace`` (or, with ordering lanes,
-  ``dataspace.lanes``) and reads replies through direct
-  reply-to, which needs no permission; it declares nothing.  It keeps the
-  right to send ``admin.reap``: the seed's ``Reaper`` API, which client
-  programs use unchanged, sends it.  So no topic permission narrows it.
+- **reader** (``dataspace-reader``): the read operations;
+- **writer** (``dataspace-client``, the historical client account): reads and
+  writes, no deletes and no reap;
+- **maintainer** (``dataspace-maintainer``): reads, the deletes,
+  ``create_tables`` and ``admin.reap``;
+- **worker** (``dataspace``): configure and read ``^dataspace(\\..+)?$``, write
+  the same and ``amq.default``: the only account that may publish through the
+  default exchange (replies to direct reply-to, the next scheduled reap) or to
+  ``dataspace.dead``.  It declares every exchange and queue, binds them (write
+  on the destination, read on the source), consumes, and dead-letters.
+  Declaring a queue with a dead-letter exchange also needs read on the queue
+  and write on that exchange (``dataspace.reaper.schedule`` -> ``dataspace``);
+- **ops** (``dataspace-ops``): tags ``management`` and ``policymaker`` (not
+  ``administrator``), permissions on this vhost only: read on
+  ``dataspace.dead`` and ``dataspace.reaper.schedule`` (``dataspace status``,
+  ``dataspace dead list``, the management UI's "Get messages" and "Purge"),
+  configure and write nothing: it cannot publish a request.
+
+The three client accounts have write on ``^dataspace$`` only (the request
+exchange; not ``dataspace.lanes``, nor ``amq.default``, nor ``dataspace.dead``),
+configure and read nothing: replies come through direct reply-to, which needs
+no permission.  Their topic permission on ``dataspace``: write = their
+routing-key expression, read = ``^$``.  Each also gets per-user limits
+(``max-connections``, ``max-channels``): RabbitMQ 3.10.8 imports ``limits`` on
+a user (checked), and re-importing changes them, but a limit taken out of the
+document stays on the broker until ``rabbitmqctl clear_user_limits``.
 """
 
 from __future__ import annotations
@@ -52,14 +69,14 @@ import os
 import re
 import secrets
 import sys
+from dataclasses import dataclass
 
-from dataspace_client.protocol import LANES_EXCHANGE
+from dataspace_client.protocol import DEAD_LETTER_QUEUE, EXCHANGE, SCHEDULE_QUEUE
 
 from .topology import Topology, topology
 
-WORKER_USER = "dataspace"
-CLIENT_USER = "dataspace-client"
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
+NOTHING = "^$"
 
 #: Names the worker may configure, write and read: the protocol's namespace.
 NAMESPACE = r"dataspace(\..+)?"
@@ -68,13 +85,116 @@ WORKER_PERMISSIONS = {
     "write": rf"^({NAMESPACE}|amq\.default)$",
     "read": rf"^{NAMESPACE}$",
 }
-NOTHING = "^$"
 
-#: Environment variables ``--accounts`` takes the passwords from.
+# -- operations, by what they may do ----------------------------------------------
+READ_OPS = (
+    "get_taskmanager",
+    "get_taskmanagers",
+    "get_last_generation_id",
+    "get_dataproduct",
+    "get_dataproducts",
+    "get_datablock",
+    "get_header",
+    "get_metadata",
+    "get_schema",
+)
+WRITE_OPS = (
+    "store_taskmanager",
+    "insert",
+    "update",
+    "duplicate_datablock",
+    "mark_expired",
+    "mark_demented",
+)
+#: deletes and maintenance (``admin.reap`` apart: its own routing key)
+DELETE_OPS = ("delete_data_older_than", "delete", "create_tables")
+REAP_KEY = "admin.reap"
+#: a data operation travels as ``data.<op>``, or ``lane.<op>`` through the ordering lanes
+OPERATION_PREFIXES = ("data", "lane")
+
+
+def operation_keys(ops: tuple[str, ...], reap: bool = False) -> str:
+    """The topic-permission expression matching exactly the routing keys of ``ops``
+    (as ``data.<op>`` and ``lane.<op>``), and ``admin.reap`` if ``reap``."""
+    prefixes = "|".join(OPERATION_PREFIXES)
+    names = "|".join(re.escape(op) for op in ops)
+    keys = rf"({prefixes})\.({names})"
+    if reap:
+        keys = rf"({keys}|{re.escape(REAP_KEY)})"
+    return f"^{keys}$"
+
+
+# -- accounts ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Account:
+    """One generated account: its role, default user name and where its password is."""
+
+    role: str
+    user: str
+    password_env: str
+    #: older variable names still read (the first set one wins, after ``password_env``)
+    legacy_envs: tuple[str, ...] = ()
+    tags: str = ""
+    #: the routing keys it may publish to exchange ``dataspace``; None: a client of
+    #: no request at all (ops), "" : no topic permission (the worker: any key)
+    keys: str | None = None
+    #: default per-user limits (``max-connections``, ``max-channels``); None: none
+    limits: tuple[int, int] | None = None
+
+
 WORKER_PASSWORD_ENV = "DATASPACE_BROKER_WORKER_PASSWORD"
 CLIENT_PASSWORD_ENV = "DATASPACE_BROKER_CLIENT_PASSWORD"
+READER_PASSWORD_ENV = "DATASPACE_BROKER_READER_PASSWORD"
+MAINTAINER_PASSWORD_ENV = "DATASPACE_BROKER_MAINTAINER_PASSWORD"
+OPS_USER_ENV = "DATASPACE_BROKER_OPS_USER"
+OPS_PASSWORD_ENV = "DATASPACE_BROKER_OPS_PASSWORD"
+#: the names the ops account had when it was an ``admin`` (still read)
 ADMIN_USER_ENV = "DATASPACE_BROKER_ADMIN_USER"
 ADMIN_PASSWORD_ENV = "DATASPACE_BROKER_ADMIN_PASSWORD"
+
+WORKER_USER = "dataspace"
+CLIENT_USER = "dataspace-client"
+READER_USER = "dataspace-reader"
+MAINTAINER_USER = "dataspace-maintainer"
+OPS_USER = "dataspace-ops"
+OPS_TAGS = "management,policymaker"
+
+ACCOUNTS: tuple[Account, ...] = (
+    Account("worker", WORKER_USER, WORKER_PASSWORD_ENV, keys=""),
+    Account(
+        "reader", READER_USER, READER_PASSWORD_ENV, keys=operation_keys(READ_OPS), limits=(100, 400)
+    ),
+    Account(
+        "writer",
+        CLIENT_USER,
+        CLIENT_PASSWORD_ENV,
+        keys=operation_keys(READ_OPS + WRITE_OPS),
+        limits=(100, 400),
+    ),
+    Account(
+        "maintainer",
+        MAINTAINER_USER,
+        MAINTAINER_PASSWORD_ENV,
+        keys=operation_keys(READ_OPS + DELETE_OPS, reap=True),
+        limits=(10, 40),
+    ),
+    Account(
+        "ops",
+        OPS_USER,
+        OPS_PASSWORD_ENV,
+        legacy_envs=(ADMIN_PASSWORD_ENV,),
+        tags=OPS_TAGS,
+        limits=(10, 40),
+    ),
+)
+ROLES = tuple(a.role for a in ACCOUNTS)
+ACCOUNT = {a.role: a for a in ACCOUNTS}
+
+#: ``dataspace.dead`` is bounded by a policy (queue arguments cannot change on an
+#: existing queue; a policy can).  Over the bound the oldest dead letters go.
+DEAD_LETTER_POLICY = "dataspace-dead-bound"
+DEAD_LETTER_MAX_BYTES = 1024**3
+DEAD_LETTER_OVERFLOW = "drop-head"
 
 ACCOUNT_KEYS = ("vhosts", "users", "permissions", "topic_permissions")
 
@@ -90,11 +210,24 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 
 
 def client_permissions(topo: Topology) -> dict:
-    """Write on the request exchange and the ordering lanes' exchange only (a client
-    with ``lanes`` publishes there); direct reply-to needs no permission."""
+    """Write on the request exchange only; direct reply-to needs no permission."""
     exchange = topo.exchanges[0][0]
-    write = f"^({re.escape(exchange)}|{re.escape(LANES_EXCHANGE)})$"
-    return {"configure": NOTHING, "write": write, "read": NOTHING}
+    return {"configure": NOTHING, "write": f"^{re.escape(exchange)}$", "read": NOTHING}
+
+
+def ops_permissions() -> dict:
+    """Look at (and purge) dead letters and the pending scheduled reap; nothing else."""
+    queues = "|".join(re.escape(q) for q in (DEAD_LETTER_QUEUE, SCHEDULE_QUEUE))
+    return {"configure": NOTHING, "write": NOTHING, "read": f"^({queues})$"}
+
+
+def permissions(role: str, topo: Topology) -> dict:
+    """The configure/write/read expressions of ``role`` on the vhost."""
+    if role == "worker":
+        return dict(WORKER_PERMISSIONS)
+    if role == "ops":
+        return ops_permissions()
+    return client_permissions(topo)
 
 
 def _check_namespace(topo: Topology) -> None:
@@ -106,28 +239,36 @@ def _check_namespace(topo: Topology) -> None:
         raise RuntimeError(f"names outside the worker's permissions: {', '.join(outside)}")
 
 
+def dead_letter_policy(vhost: str, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> dict:
+    return {
+        "vhost": vhost,
+        "name": DEAD_LETTER_POLICY,
+        "pattern": f"^{re.escape(DEAD_LETTER_QUEUE)}$",
+        "apply-to": "queues",
+        "definition": {"max-length-bytes": max_bytes, "overflow": DEAD_LETTER_OVERFLOW},
+        "priority": 0,
+    }
+
+
 def definitions(
     delivery_limit: int = 10,
     vhost: str = "/",
-    user: str = WORKER_USER,
-    password_hash: str | None = None,
+    accounts: dict[str, tuple[str, str]] | None = None,
     *,
-    client_user: str = CLIENT_USER,
-    client_password_hash: str | None = None,
-    admin_user: str | None = None,
-    admin_password_hash: str | None = None,
+    limits: dict[str, tuple[int, int] | None] | None = None,
+    dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
 ) -> dict:
     """The definitions document for one vhost.
 
-    Without password hashes (the default) it has no users and no permissions:
-    the topology only, which is safe to commit and to import at every boot.
-    Each account whose hash is given (see ``hash_password``) is added with its
-    permissions on ``vhost``: the worker ``user``, the ``client_user``, and an
-    optional ``admin_user`` (tag ``administrator``, every permission on the
-    vhost: the management UI and operator commands).
+    ``accounts`` maps a role (``ROLES``) to ``(user name, password hash)`` (see
+    ``hash_password``); without it (the default) the document has no users and
+    no permissions: the topology only, safe to commit and to import at every
+    boot.  ``limits`` overrides a role's ``(max-connections, max-channels)``
+    (None: no limit).
     """
     topo = topology(delivery_limit)
     _check_namespace(topo)
+    exchange_arguments = getattr(topo, "exchange_arguments", {})
     doc: dict = {
         "vhosts": [{"name": vhost}],
         "users": [],
@@ -141,7 +282,7 @@ def definitions(
                 "durable": True,
                 "auto_delete": False,
                 "internal": False,
-                "arguments": {},
+                "arguments": dict(exchange_arguments.get(name) or {}),
             }
             for name, kind in topo.exchanges
         ],
@@ -166,28 +307,46 @@ def definitions(
             }
             for queue in topo.queues
             for exchange, key in queue.bindings
-        ],
-        "policies": [],
-    }
-    accounts = [
-        (user, password_hash, "", WORKER_PERMISSIONS),
-        (client_user, client_password_hash, "", client_permissions(topo)),
-    ]
-    if admin_user:
-        everything = {"configure": ".*", "write": ".*", "read": ".*"}
-        accounts.append((admin_user, admin_password_hash, "administrator", everything))
-    for name, hashed, tags, permissions in accounts:
-        if hashed is None:
-            continue
-        doc["users"].append(
+        ]
+        + [
             {
-                "name": name,
-                "password_hash": hashed,
-                "hashing_algorithm": HASHING_ALGORITHM,
-                "tags": tags,
+                "source": source,
+                "vhost": vhost,
+                "destination": destination,
+                "destination_type": "exchange",
+                "routing_key": key,
+                "arguments": {},
             }
-        )
-        doc["permissions"].append({"user": name, "vhost": vhost, **permissions})
+            for source, destination, key in getattr(topo, "exchange_bindings", ())
+        ],
+        "policies": [dead_letter_policy(vhost, dead_letter_max_bytes)],
+    }
+    limits = limits or {}
+    for account in ACCOUNTS:
+        if account.role not in (accounts or {}):
+            continue
+        name, hashed = accounts[account.role]
+        user = {
+            "name": name,
+            "password_hash": hashed,
+            "hashing_algorithm": HASHING_ALGORITHM,
+            "tags": account.tags,
+        }
+        limit = limits.get(account.role, account.limits)
+        if limit is not None:
+            user["limits"] = {"max-connections": limit[0], "max-channels": limit[1]}
+        doc["users"].append(user)
+        doc["permissions"].append({"user": name, "vhost": vhost, **permissions(account.role, topo)})
+        if account.keys != "":  # the worker: no topic permission, any routing key
+            doc["topic_permissions"].append(
+                {
+                    "user": name,
+                    "vhost": vhost,
+                    "exchange": EXCHANGE,
+                    "write": account.keys or NOTHING,
+                    "read": NOTHING,
+                }
+            )
     return doc
 
 
@@ -196,11 +355,57 @@ def accounts_only(doc: dict) -> dict:
     return {key: doc[key] for key in ACCOUNT_KEYS}
 
 
+def limit_commands(doc: dict) -> list[str]:
+    """The ``rabbitmqctl`` commands that set the document's user limits (for a broker
+    loaded another way, or to check them with ``rabbitmqctl list_user_limits``)."""
+    return [
+        f"rabbitmqctl set_user_limits {_shell_word(u['name'])} "
+        f"{_shell_word(json.dumps(u['limits'], separators=(',', ':')))}"
+        for u in doc.get("users", [])
+        if u.get("limits")
+    ]
+
+
+def _shell_word(text: str) -> str:
+    return (
+        text
+        if re.fullmatch(r"[A-Za-z0-9_.@%+=:,/-]+", text)
+        else "'" + text.replace("'", "'\\''") + "'"
+    )
+
+
+def _limit(text: str) -> tuple[str, tuple[int, int] | None]:
+    """``ROLE=CONNECTIONS,CHANNELS`` or ``ROLE=none``."""
+    role, sep, value = text.partition("=")
+    if not sep or role not in ROLES:
+        raise argparse.ArgumentTypeError(f"ROLE=CONNECTIONS,CHANNELS with ROLE one of {ROLES}")
+    if value == "none":
+        return role, None
+    try:
+        connections, channels = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: CONNECTIONS,CHANNELS as two integers"
+        ) from None
+    if connections < 1 or channels < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: limits are at least 1")
+    return role, (connections, channels)
+
+
 def _parser() -> argparse.ArgumentParser:
+    table = "\n".join(
+        f"  {a.role:<11} {a.user:<21} {a.password_env}"
+        + (f" (or {', '.join(a.legacy_envs)})" if a.legacy_envs else "")
+        + (f"  limits {a.limits[0]} connections, {a.limits[1]} channels" if a.limits else "")
+        for a in ACCOUNTS
+    )
     parser = argparse.ArgumentParser(
         prog="python -m dataspace_worker.definitions",
         description="Print the service's RabbitMQ definitions (JSON), made from its topology.",
         epilog=(
+            "accounts (--accounts; one whose password variable is unset is left out):\n"
+            f"{table}\n"
+            f"  the ops account's name: {OPS_USER_ENV} (or {ADMIN_USER_ENV})\n\n"
             "examples:\n"
             "  python -m dataspace_worker.definitions > deploy/rabbitmq/definitions.json\n"
             f"  {WORKER_PASSWORD_ENV}=... {CLIENT_PASSWORD_ENV}=... \\\n"
@@ -212,17 +417,58 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--delivery-limit", type=int, default=10, help="as the workers' (10)")
     parser.add_argument("--vhost", default="/", help="virtual host (/)")
     parser.add_argument(
+        "--dead-letter-max-bytes",
+        type=int,
+        default=DEAD_LETTER_MAX_BYTES,
+        help=f"bound of queue {DEAD_LETTER_QUEUE} (policy {DEAD_LETTER_POLICY}; "
+        f"{DEAD_LETTER_MAX_BYTES}, 1 GiB): beyond it the oldest dead letters are dropped",
+    )
+    parser.add_argument(
         "--accounts",
         action="store_true",
-        help=f"print users and permissions instead, passwords from {WORKER_PASSWORD_ENV}, "
-        f"{CLIENT_PASSWORD_ENV} and optionally {ADMIN_USER_ENV} with {ADMIN_PASSWORD_ENV}",
+        help="print users, permissions, topic permissions and limits instead",
     )
     parser.add_argument("--user", default=WORKER_USER, help=f"the worker's user ({WORKER_USER})")
     parser.add_argument(
-        "--client-user", default=CLIENT_USER, help=f"the clients' user ({CLIENT_USER})"
+        "--client-user", default=CLIENT_USER, help=f"the writer's user ({CLIENT_USER})"
+    )
+    parser.add_argument(
+        "--reader-user", default=READER_USER, help=f"the reader's user ({READER_USER})"
+    )
+    parser.add_argument(
+        "--maintainer-user",
+        default=MAINTAINER_USER,
+        help=f"the maintainer's user ({MAINTAINER_USER})",
+    )
+    parser.add_argument(
+        "--ops-user",
+        help=f"the ops user (env {OPS_USER_ENV} or {ADMIN_USER_ENV}, else {OPS_USER})",
+    )
+    parser.add_argument(
+        "--prefix", default="", help="put this before every user name (scratch accounts)"
+    )
+    parser.add_argument(
+        "--limit",
+        action="append",
+        type=_limit,
+        default=[],
+        metavar="ROLE=CONNECTIONS,CHANNELS",
+        help="per-user limits of a role instead of its default ('ROLE=none': no limit)",
+    )
+    parser.add_argument(
+        "--limit-commands",
+        action="store_true",
+        help="with --accounts: print the rabbitmqctl set_user_limits commands on stderr too",
     )
     parser.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     return parser
+
+
+def _password(account: Account, environ) -> str | None:
+    for name in (account.password_env, *account.legacy_envs):
+        if environ.get(name):
+            return environ[name]
+    return None
 
 
 def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
@@ -231,29 +477,44 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
     if args.delivery_limit < 1:
         print("definitions: --delivery-limit must be at least 1", file=sys.stderr)
         return 2
+    if args.dead_letter_max_bytes < 1:
+        print("definitions: --dead-letter-max-bytes must be at least 1", file=sys.stderr)
+        return 2
     if not args.accounts:
-        doc = definitions(args.delivery_limit, args.vhost)
-    else:
-        missing = [v for v in (WORKER_PASSWORD_ENV, CLIENT_PASSWORD_ENV) if not environ.get(v)]
-        admin_user = environ.get(ADMIN_USER_ENV) or None
-        if admin_user and not environ.get(ADMIN_PASSWORD_ENV):
-            missing.append(ADMIN_PASSWORD_ENV)
-        if missing:
-            print(f"definitions: --accounts needs {', '.join(missing)} set", file=sys.stderr)
-            return 2
-        admin_password = environ.get(ADMIN_PASSWORD_ENV)
-        doc = accounts_only(
-            definitions(
-                args.delivery_limit,
-                args.vhost,
-                args.user,
-                hash_password(environ[WORKER_PASSWORD_ENV]),
-                client_user=args.client_user,
-                client_password_hash=hash_password(environ[CLIENT_PASSWORD_ENV]),
-                admin_user=admin_user,
-                admin_password_hash=hash_password(admin_password) if admin_user else None,
-            )
+        doc = definitions(
+            args.delivery_limit, args.vhost, dead_letter_max_bytes=args.dead_letter_max_bytes
         )
+    else:
+        names = {
+            "worker": args.user,
+            "writer": args.client_user,
+            "reader": args.reader_user,
+            "maintainer": args.maintainer_user,
+            "ops": args.ops_user
+            or environ.get(OPS_USER_ENV)
+            or environ.get(ADMIN_USER_ENV)
+            or OPS_USER,
+        }
+        accounts = {}
+        for account in ACCOUNTS:
+            password = _password(account, environ)
+            if password is None:
+                print(
+                    f"definitions: {account.password_env} is not set: no {account.role} "
+                    f"account ({names[account.role]})",
+                    file=sys.stderr,
+                )
+                continue
+            accounts[account.role] = (args.prefix + names[account.role], hash_password(password))
+        if not accounts:
+            print("definitions: --accounts needs at least one password set", file=sys.stderr)
+            return 2
+        doc = accounts_only(
+            definitions(args.delivery_limit, args.vhost, accounts, limits=dict(args.limit))
+        )
+        if args.limit_commands:
+            for command in limit_commands(doc):
+                print(command, file=sys.stderr)
     text = json.dumps(doc, indent=2) + "\n"
     if args.output:
         tmp = f"{args.output}.tmp"
