@@ -450,3 +450,34 @@ def test_dead_letter_queue_is_bounded_by_its_policy(scratch):
         }
     finally:
         api.call("DELETE", f"/vhosts/{path}", ok=(204, 404))
+
+
+def test_ops_runs_the_operator_commands_but_cannot_replay(scratch, capsys):
+    """`dataspace status` and `dataspace dead list` work as ops; `dataspace dead replay`
+    (which republishes requests) is refused by the broker, and the dead letter stays."""
+    from dataspace_client import cli
+
+    worker = _connect(scratch.urls["worker"])
+    try:
+        channel = worker.channel()
+        channel.confirm_delivery()
+        channel.queue_purge("dataspace.dead")
+        props = pika.BasicProperties(
+            message_id="ops-probe", headers={"x-original-routing-key": "data.get_schema"}
+        )
+        channel.basic_publish("", "dataspace.dead", b'{"v": 1}', props)
+    finally:
+        worker.close()
+    url = scratch.urls["ops"]
+    assert cli.main(["--url", url, "status"]) in (0, 1)  # 1: no worker consumes here
+    assert cli.main(["--url", url, "dead", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["message_id"] for m in listed["messages"]] == ["ops-probe"]
+    assert cli.main(["--url", url, "dead", "replay", "--yes"]) == 1
+    assert "ACCESS_REFUSED" in capsys.readouterr().err
+    worker = _connect(scratch.urls["worker"])
+    try:
+        count = worker.channel().queue_declare("dataspace.dead", passive=True).method.message_count
+    finally:
+        worker.close()
+    assert count == 1
