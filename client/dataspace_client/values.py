@@ -22,12 +22,23 @@ reads both, so databases written by them stay readable.
 Reading a pickled product unpickles it, which runs code chosen by whoever wrote
 it. Deployments whose writers are not trusted set
 ``dataspace.allow_pickle: false``; then pickled products are refused both ways.
+
+Reading is bounded, whoever wrote the bytes: decompression stops at
+``max_value_bytes()`` (256 MiB, or env ``DATASPACE_MAX_VALUE_BYTES``), and a
+literal holding more than ``max_value_items()`` items (1,000,000, or env
+``DATASPACE_MAX_VALUE_ITEMS``; the ``,`` and ``:`` outside string literals are
+counted before evaluating) is refused: ``ast.literal_eval`` takes about 1 KB of
+memory per item, so reading one product stays near 1 GB at worst. Both raise
+``ValueTooLargeError`` (a DataSpaceError) naming the limit to raise; a literal
+nested too deeply to evaluate raises DataSpaceError too.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import pickle
+import re
 import zlib
 from typing import Any
 
@@ -41,8 +52,69 @@ PICKLED, VALUE = "pickled", "value"
 LEGACY_PICKLE_FIELD = "pickled_obj"
 
 
+#: decompressed bytes of one value, unless env DATASPACE_MAX_VALUE_BYTES says otherwise
+DEFAULT_MAX_VALUE_BYTES = 256 * 1024 * 1024
+#: items (separators outside strings) of one literal, unless DATASPACE_MAX_VALUE_ITEMS
+DEFAULT_MAX_VALUE_ITEMS = 1_000_000
+INFLATE_CHUNK = 4 * 1024 * 1024
+
+
 class PickleRefusedError(DataSpaceError):
     """A pickled product was met while the configuration forbids pickles."""
+
+
+class ValueTooLargeError(DataSpaceError):
+    """A stored value exceeds a reading limit (decompressed bytes, or literal items)."""
+
+
+def _limit(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataSpaceError(f"{name} must be a positive integer, got {text!r}")
+    return value
+
+
+def max_value_bytes() -> int:
+    """The most bytes one stored value may decompress to (env DATASPACE_MAX_VALUE_BYTES)."""
+    return _limit("DATASPACE_MAX_VALUE_BYTES", DEFAULT_MAX_VALUE_BYTES)
+
+
+def max_value_items() -> int:
+    """The most items one stored literal may hold (env DATASPACE_MAX_VALUE_ITEMS)."""
+    return _limit("DATASPACE_MAX_VALUE_ITEMS", DEFAULT_MAX_VALUE_ITEMS)
+
+
+def _inflate(data: bytes) -> bytearray | None:
+    """``zlib.decompress(data)``, stopping at ``max_value_bytes()`` (then
+    ValueTooLargeError); None when ``data`` is not a whole zlib stream (then it is
+    read as uncompressed, as the engine does)."""
+    limit = max_value_bytes()
+    inflater = zlib.decompressobj()
+    # a bytearray grown in place: no second copy of the whole value on the way
+    raw = bytearray()
+    pending = data
+    try:
+        # in chunks: refusing a bomb takes the limit plus one chunk, not twice the limit
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            if len(raw) + len(chunk) > limit:
+                raise ValueTooLargeError(
+                    f"stored value decompresses to more than {limit:,} bytes ({len(data):,} "
+                    "bytes compressed): refused; set DATASPACE_MAX_VALUE_BYTES higher to read it"
+                )
+            raw += chunk
+            if not chunk and not pending:
+                return None  # truncated: zlib.decompress would have raised
+    except zlib.error:
+        return None
+    return raw
 
 
 def zdumps(obj: Any) -> bytes:
@@ -65,9 +137,8 @@ def zloads(zbytes: bytes | str) -> Any:
     """
     if isinstance(zbytes, str):
         return pickle.loads(zbytes.encode(ENCODING), encoding=ENCODING)  # noqa: S301
-    try:
-        raw = zlib.decompress(zbytes)
-    except zlib.error:
+    raw = _inflate(zbytes)
+    if raw is None:
         raw = zbytes
     return pickle.loads(raw)  # noqa: S301 - documented: callers opt in to pickles
 
@@ -91,9 +162,8 @@ def decompress(zbytes: bytes) -> str:
     :param zbytes: byte stream
     :return: uncompressed string
     """
-    try:
-        raw = zlib.decompress(zbytes)
-    except zlib.error:
+    raw = _inflate(zbytes)
+    if raw is None:
         raw = bytes(zbytes)
     return raw.decode(ENCODING)
 
@@ -125,10 +195,55 @@ def encode_value(value: Any, allow_pickle: bool = True) -> bytes:
     return compress({PICKLED: True, VALUE: pickle.dumps(value, pickle.HIGHEST_PROTOCOL)})
 
 
+# What Python's tokenizer reads as one string literal (any prefix, triple-quoted first)
+# or as a comment: separators in there are not items.
+_NOT_ITEMS = re.compile(
+    rb"(?:"
+    rb"'''[^'\\]*(?:(?:\\.|'(?!''))[^'\\]*)*'''"
+    rb'|"""[^"\\]*(?:(?:\\.|"(?!""))[^"\\]*)*"""'
+    rb"|'[^'\\\n]*(?:\\.[^'\\\n]*)*'"
+    rb'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"'
+    rb")|#[^\n]*",
+    re.DOTALL,
+)
+
+
+_QUOTE_OR_COMMENT = re.compile(rb"['\"#]")
+
+
+def _count_items(raw: bytes, limit: int) -> int:
+    """The ``,`` and ``:`` outside string literals and comments (what the memory
+    ``ast.literal_eval`` takes grows with), counted until past ``limit``."""
+    items = raw.count(b",") + raw.count(b":")
+    if items <= limit:
+        return items  # the usual case: no need to tell strings apart
+    items = start = 0
+    while True:
+        found = _QUOTE_OR_COMMENT.search(raw, start)
+        end = found.start() if found else len(raw)
+        items += raw.count(b",", start, end) + raw.count(b":", start, end)
+        if items > limit or found is None:
+            return items
+        literal = _NOT_ITEMS.match(raw, end)
+        start = literal.end() if literal else end + 1  # unterminated: literal_eval refuses it
+
+
 def _evaluate(raw: bytes, encoding: str) -> Any:
+    limit = max_value_items()
+    if _count_items(raw, limit) > limit:
+        raise ValueTooLargeError(
+            f"stored product holds more than {limit:,} items ({len(raw):,} bytes): refused, "
+            "as reading it takes about 1 KB of memory per item; set DATASPACE_MAX_VALUE_ITEMS "
+            "higher to read it"
+        )
     try:
         return ast.literal_eval(raw.decode(encoding))
-    except (UnicodeDecodeError, ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+    except (MemoryError, RecursionError) as exc:
+        raise DataSpaceError(
+            "stored product is not in DataBlock format: its literal is nested too deeply "
+            f"to read ({type(exc).__name__})"
+        ) from None
+    except (UnicodeDecodeError, ValueError, SyntaxError) as exc:
         raise DataSpaceError(
             f"stored product is not in DataBlock format: {type(exc).__name__}: {exc}"
         ) from None
@@ -152,9 +267,8 @@ def _unpickle(data: Any, allow_pickle: bool) -> Any:
 def decode_value(stored: bytes, allow_pickle: bool = True) -> Any:
     """Turn stored bytes back into the DataBlock value: the engine's format, or
     either format of earlier releases of this package."""
-    try:
-        raw = zlib.decompress(stored)
-    except zlib.error:
+    raw = _inflate(stored)
+    if raw is None:
         raw = bytes(stored)  # the engine reads uncompressed text too
     value = _evaluate(raw, ENCODING)
     if _is_engine_wrapper(value):
