@@ -41,6 +41,7 @@ from psycopg2 import extensions
 from dataspace_client import DataSpace
 from dataspace_client.protocol import (
     EXCHANGE,
+    LANE_HEADER,
     LANE_QUEUE_PREFIX,
     LANE_WORKERS_QUEUE,
     LANES_EXCHANGE,
@@ -486,10 +487,10 @@ def test_a_client_with_lanes_routes_by_task_manager(own_vhost):
             for operation, args in LANE_CALLS.items():
                 op = OPERATIONS[operation]
                 route = source._route(op, {**args, "taskmanager_id": 7})
-                assert route == ((LANES_EXCHANGE, "7") if lanes else (None, op.routing_key))
+                assert route == ((f"lane.{operation}", "7") if lanes else (op.routing_key, None))
             for operation, args in PLAIN_CALLS.items():
                 op = OPERATIONS[operation]
-                assert source._route(op, args) == (None, op.routing_key)
+                assert source._route(op, args) == (op.routing_key, None)
 
     # one lane for task manager 7, the same for every operation that names it
     lane_of_7 = landed[True, "insert"]
@@ -505,8 +506,13 @@ def test_a_client_with_lanes_routes_by_task_manager(own_vhost):
     before = message_counts(channel, lane_names)
     channel.confirm_delivery()
     sequence_ids = range(1, 2001)
-    for sequence_id in sequence_ids:
-        channel.basic_publish(LANES_EXCHANGE, str(sequence_id), b"{}")
+    for sequence_id in sequence_ids:  # as clients do: to the topic exchange, lane in a header
+        channel.basic_publish(
+            EXCHANGE,
+            "lane.insert",
+            b"{}",
+            pika.BasicProperties(headers={LANE_HEADER: str(sequence_id)}),
+        )
     after = message_counts(channel, lane_names)
     connection.close()
     counts = {q: after[q] - before[q] for q in lane_names}

@@ -191,7 +191,14 @@ class RawClient:
     def _on_reply(self, _ch, _method, props, body):
         self.replies[props.correlation_id] = (props, body)
 
-    def request(self, body: bytes, routing_key="data.get_schema", timeout=10.0, message_id=None):
+    def request(self, body: bytes, routing_key=None, timeout=10.0, message_id=None):
+        """Publish ``body``; by default with the routing key of the operation it names
+        (the routing key decides: see test_routing_keys.py), else data.get_schema."""
+        if routing_key is None:
+            try:
+                routing_key = "data." + str(orjson.loads(body)["op"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                routing_key = "data.get_schema"
         cid = uuid.uuid4().hex
         self.channel.basic_publish(
             "dataspace",

@@ -497,11 +497,25 @@ def reaper_vhost(amqp_url):
         yield url
 
 
-def _scheduled(days: float) -> tuple[bytes, dict]:
-    from dataspace_client.protocol import OPERATIONS, encode_request
+def _scheduled(days: float, user: str = "guest", **changes):
+    """The schedule's message as the reaper queue delivers it: flagged, published
+    by the service's account, dead-lettered by the schedule queue's expiry."""
+    from dataspace_client.protocol import OPERATIONS, SCHEDULE_QUEUE, encode_request
+    from dataspace_worker.dispatch import Request
     from dataspace_worker.reaper import SCHEDULED_HEADER
 
-    return encode_request(OPERATIONS["reap"], {"days": days}), {SCHEDULED_HEADER: True}
+    headers = {
+        SCHEDULED_HEADER: True,
+        "x-death": [{"queue": SCHEDULE_QUEUE, "reason": "expired", "count": 1}],
+    }
+    fields = {
+        "body": encode_request(OPERATIONS["reap"], {"days": days}),
+        "message_id": uuid.uuid4().hex,
+        "headers": headers,
+        "routing_key": "admin.reap",
+        "user_id": user,
+    }
+    return Request(**{**fields, **changes})
 
 
 def test_scheduled_reaps_that_piled_up_run_once(pg_dsn, reaper_vhost):
@@ -516,10 +530,7 @@ def test_scheduled_reaps_that_piled_up_run_once(pg_dsn, reaper_vhost):
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM dataspace_reap")  # no recent reap: the first one is due
     try:
-        body, headers = _scheduled(30)
-        replies = [orjson.loads(handler.handle(body, uuid.uuid4().hex, None, headers).body)]
-        replies += [orjson.loads(handler.handle(body, uuid.uuid4().hex, None, headers).body)]
-        replies += [orjson.loads(handler.handle(body, uuid.uuid4().hex, None, headers).body)]
+        replies = [orjson.loads(handler.handle_request(_scheduled(30)).body) for _ in range(3)]
     finally:
         source.close()
     assert [r["result"]["skipped"] for r in replies] == [False, True, True]
@@ -532,20 +543,19 @@ def test_a_scheduled_reap_uses_this_workers_retention_not_the_armers(pg_dsn, rea
     from dataspace_worker.reaper import ReaperDispatcher, Schedule
 
     seq = _old_taskmanager(pg_dsn, 2, days_old=40)
-    body, headers = _scheduled(7)  # armed by a worker that kept 7 days
+    scheduled = _scheduled(7)  # armed by a worker that kept 7 days
     source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2})
     try:
         with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
             cur.execute("DELETE FROM dataspace_reap")  # no recent reap: this one is due
-        off = ReaperDispatcher(source, None, 1 << 20)  # retention_days 0 on this worker
-        reply = orjson.loads(off.handle(body, uuid.uuid4().hex, None, headers).body)
+        # retention_days 0 on this worker
+        off = ReaperDispatcher(source, None, 1 << 20, service_user="guest")
+        reply = orjson.loads(off.handle_request(scheduled).body)
         assert reply["result"]["skipped"] is True
         assert _rows(pg_dsn, seq)["taskmanager"] == 1
         keep_90 = Schedule(pika.URLParameters(reaper_vhost), 90, interval=3600)
         reply = orjson.loads(
-            ReaperDispatcher(source, keep_90, 1 << 20)
-            .handle(body, uuid.uuid4().hex, None, headers)
-            .body
+            ReaperDispatcher(source, keep_90, 1 << 20).handle_request(scheduled).body
         )
         assert reply["ok"] and reply["result"]["skipped"] is False
         assert _rows(pg_dsn, seq)["taskmanager"] == 1, "40-day-old data went with 90 days kept"
@@ -558,3 +568,73 @@ def test_the_worker_refuses_a_retention_below_the_minimum(remote_space):
 
     with pytest.raises(DataSpaceRequestError, match="at least 7"):
         remote_space.datasource.reap(3)
+
+
+# -- a client cannot pass for the schedule, nor reap below the minimum --------------------
+def _framed_reap(days: float) -> bytes:
+    """A reap body in the frame encoding (a value-less frame is valid too)."""
+    import orjson
+
+    from dataspace_client.protocol import FRAME_MAGIC
+
+    text = orjson.dumps({"v": 1, "op": "reap", "args": {"days": days}})
+    return FRAME_MAGIC + len(text).to_bytes(4, "big") + text
+
+
+@pytest.mark.parametrize("encoding", ["json", "frame"])
+def test_a_reap_under_the_minimum_is_refused_whatever_its_encoding(pg_dsn, encoding):
+    import orjson
+
+    from dataspace_client.protocol import FRAME_CONTENT_TYPE
+    from dataspace_worker.dispatch import Request
+    from dataspace_worker.reaper import ReaperDispatcher
+
+    seq = _old_taskmanager(pg_dsn, 2, days_old=40)
+    if encoding == "frame":
+        body, content_type = _framed_reap(0.00001), FRAME_CONTENT_TYPE
+    else:
+        body, content_type = orjson.dumps({"v": 1, "op": "reap", "args": {"days": 0.00001}}), None
+    source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2})
+    try:
+        handler = ReaperDispatcher(source, None, 1 << 20, service_user="dataspace")
+        outcome = handler.handle_request(
+            Request(body, uuid.uuid4().hex, content_type, None, "admin.reap", "client")
+        )
+        assert outcome.code == "bad_request", outcome
+        assert "at least 7" in outcome.reason
+        assert _rows(pg_dsn, seq)["taskmanager"] == 1
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"user_id": "client"},  # the flag and x-death, from a client's account
+        {"user_id": None},
+        {"headers": {"x-dataspace-scheduled": True}},  # the flag alone, as the service
+    ],
+    ids=["client-account", "no-user-id", "no-x-death"],
+)
+def test_a_client_cannot_pass_for_the_schedule(pg_dsn, forged, caplog):
+    """The scheduled reap runs with the worker's retention and skips days checks
+    of its own body: only the schedule's own message may claim it."""
+    import orjson
+
+    from dataspace_worker.reaper import ReaperDispatcher
+
+    seq = _old_taskmanager(pg_dsn, 2, days_old=40)
+    source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2})
+    try:
+        with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM dataspace_reap")
+        # retention off on this worker: the real schedule's message would be skipped
+        handler = ReaperDispatcher(source, None, 1 << 20, service_user="dataspace")
+        genuine = orjson.loads(handler.handle_request(_scheduled(90, user="dataspace")).body)
+        assert genuine["result"]["skipped"] is True
+        outcome = handler.handle_request(_scheduled(0.00001, **forged))
+        assert outcome.code == "bad_request" and "at least 7" in outcome.reason, outcome
+        assert "claims to be the scheduled one" in caplog.text
+        assert _rows(pg_dsn, seq)["taskmanager"] == 1
+    finally:
+        source.close()

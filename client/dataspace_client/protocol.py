@@ -51,8 +51,18 @@ REAP_ROUTING_KEY = "admin.reap"
 REAPER_QUEUE = "dataspace.reaper"
 SCHEDULE_QUEUE = "dataspace.reaper.schedule"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-#: ordering lanes (docs/scaling.md): a consistent-hash exchange keyed by task manager
-LANES_EXCHANGE = "dataspace.lanes"
+#: ordering lanes (docs/scaling.md): a client publishes a request that names a task
+#: manager to exchange ``dataspace`` with routing key ``lane.<op>`` and the task
+#: manager in LANE_HEADER; the topic exchange passes ``lane.#`` on to this
+#: consistent-hash exchange, which hashes that header. Clients publish to
+#: ``dataspace`` only, so topic permissions there cover every operation.
+LANES_EXCHANGE = "dataspace.lanes.hash"
+LANE_HEADER = "x-dataspace-lane"
+LANE_ROUTING_PREFIX = "lane."
+LANE_BINDING = "lane.#"
+#: protocol 1's lanes exchange, which clients published to with the task manager as
+#: routing key (no operation in it); no longer declared (docs/protocol.md)
+OLD_LANES_EXCHANGE = "dataspace.lanes"
 LANE_QUEUE_PREFIX = "dataspace.lane."
 #: no messages: every worker with lanes consumes it, so its consumer count is theirs
 LANE_WORKERS_QUEUE = "dataspace.lanes.workers"
@@ -199,6 +209,11 @@ class Operation:
         return REAP_ROUTING_KEY if self.name == "reap" else ROUTING_PREFIX + self.name
 
     @property
+    def lane_routing_key(self) -> str:
+        """The routing key of this operation through the ordering lanes."""
+        return LANE_ROUTING_PREFIX + self.name
+
+    @property
     def params(self) -> tuple[str, ...]:
         """Parameter names in call order (validate.SIGNATURES is the one source)."""
         return tuple(SIGNATURES[self.name])
@@ -251,6 +266,21 @@ OPERATIONS: dict[str, Operation] = {
         Operation("reap", True, transactional=False),
     )
 }
+
+
+def operation_named_by(routing_key: str | None) -> str | None:
+    """The operation a routing key names (``data.<op>``, ``lane.<op>``,
+    ``admin.reap``), or None. The routing key, which broker topic permissions
+    check, decides what a request may do: a body naming another is refused."""
+    if not isinstance(routing_key, str):
+        return None
+    if routing_key == REAP_ROUTING_KEY:
+        return "reap"
+    for prefix in (ROUTING_PREFIX, LANE_ROUTING_PREFIX):
+        if routing_key.startswith(prefix):
+            name = routing_key[len(prefix) :]
+            return name if name in OPERATIONS and name != "reap" else None
+    return None
 
 
 # -- errors -----------------------------------------------------------------------
@@ -317,7 +347,8 @@ def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
         raise ProtocolError(
             f"unsupported protocol version {version!r:.40}; this worker speaks {PROTOCOL_VERSION}"
         )
-    op = OPERATIONS.get(message.get("op"))  # type: ignore[arg-type]
+    name = message.get("op")
+    op = OPERATIONS.get(name) if isinstance(name, str) else None
     if op is None:
         raise ProtocolError(f"unknown operation {message.get('op')!r:.80}")
     args = message.get("args", {})

@@ -40,7 +40,7 @@ from typing import Any
 from . import validate
 from .datasource import DataSource, demented_arguments, taskmanager_arguments
 from .errors import DataSpaceConfigurationError, DataSpaceError, DataSpacePublishError
-from .protocol import LANES_EXCHANGE, OPERATIONS, decode_reply, encode_request
+from .protocol import OPERATIONS, decode_reply, encode_request
 from .rpc import RpcClient
 from .urls import split_urls
 
@@ -248,17 +248,17 @@ class RemoteDataSource(DataSource):
         checked = validate.check(operation, args)
         body = encode_request(op, checked)
         client = self._client or self.connect()
-        exchange, routing_key = self._route(op, checked)
-        reply = client.call(operation, routing_key, body, timeout=timeout, exchange=exchange)
+        routing_key, lane = self._route(op, checked)
+        reply = client.call(operation, routing_key, body, timeout=timeout, lane=lane)
         return decode_reply(op, reply)
 
-    def _route(self, op, checked: dict) -> tuple[str | None, str]:
-        """Exchange and routing key: by task manager through the ordering lanes when
-        ``lanes`` is on and the request names one, else the operation's own."""
+    def _route(self, op, checked: dict) -> tuple[str, str | None]:
+        """Routing key and lane: by task manager through the ordering lanes when
+        ``lanes`` is on and the request names one, else the operation's own key."""
         key = op.lane_argument
         if self.lanes and key and checked.get(key) is not None:
-            return LANES_EXCHANGE, str(checked[key])
-        return None, op.routing_key
+            return op.lane_routing_key, str(checked[key])
+        return op.routing_key, None
 
     # -- fire-and-forget ------------------------------------------------------
     def publish(self, operation: str, args: dict) -> str:
@@ -267,9 +267,9 @@ class RemoteDataSource(DataSource):
         op = OPERATIONS[operation]
         checked = validate.check(operation, args)
         body = encode_request(op, checked)
-        exchange, routing_key = self._route(op, checked)
+        routing_key, lane = self._route(op, checked)
         client = self._client or self.connect()
-        return client.publish(operation, routing_key, body, exchange=exchange)
+        return client.publish(operation, routing_key, body, lane=lane)
 
     def flush(self, timeout: float | None = None) -> None:
         client = self._client

@@ -59,6 +59,7 @@ from .protocol import (
     DIRECT_REPLY_TO,
     EXCHANGE,
     FRAMES_HEADER,
+    LANE_HEADER,
     PROTOCOL_VERSION,
     VERSION_HEADER,
     content_type,
@@ -101,6 +102,7 @@ class _Publication:
     body: bytes
     message_id: str
     exchange: str
+    lane: str | None = None
 
 
 #: RabbitMQ 3.10's default max_message_size: a larger message closes the channel
@@ -119,6 +121,14 @@ def _check_sendable(operation: str, body: bytes, message_id: str) -> None:
         )
     if len(message_id.encode("utf-8")) > MAX_SHORT_STRING:
         raise ValueError(f"{operation}: message_id is over {MAX_SHORT_STRING} bytes")
+
+
+def _headers(lane: str | None) -> dict:
+    """A request's headers: the protocol version, frames read, and its lane key."""
+    headers = {VERSION_HEADER: PROTOCOL_VERSION, FRAMES_HEADER: 1}
+    if lane is not None:
+        headers[LANE_HEADER] = lane
+    return headers
 
 
 class RpcClient:
@@ -203,10 +213,12 @@ class RpcClient:
         timeout: float | None = None,
         message_id: str | None = None,
         exchange: str | None = None,
+        lane: str | None = None,
     ) -> bytes:
         """Send one request and return the reply body; raises DataSpace*Error on failure.
 
-        ``exchange``: where to publish it (default the client's: ``dataspace``).
+        ``exchange``: where to publish it (default the client's: ``dataspace``);
+        ``lane``: the task manager an ordering lane is chosen by (LANE_HEADER).
 
         If the connection drops while the call waits, the request is sent again
         on the new connection, with the same ``message_id`` (a fresh one when
@@ -222,7 +234,7 @@ class RpcClient:
             try:
                 return self._attempt(
                     operation,
-                    (exchange or self.exchange, routing_key),
+                    (exchange or self.exchange, routing_key, lane),
                     body,
                     message_id,
                     deadline,
@@ -271,6 +283,7 @@ class RpcClient:
         message_id: str | None = None,
         timeout: float | None = None,
         exchange: str | None = None,
+        lane: str | None = None,
     ) -> str:
         """Send a request that expects no reply; return its message_id at once.
 
@@ -282,7 +295,12 @@ class RpcClient:
         timeout = self.timeout if timeout is None else timeout
         _check_sendable(operation, body, message_id or "")
         publication = _Publication(
-            operation, routing_key, body, message_id or uuid.uuid4().hex, exchange or self.exchange
+            operation,
+            routing_key,
+            body,
+            message_id or uuid.uuid4().hex,
+            exchange or self.exchange,
+            lane,
         )
         with self._state:
             room = self._state.wait_for(
@@ -542,7 +560,7 @@ class RpcClient:
             call.fail(error_cls(f"{call.operation}: {reason} (broker {self.masked_url})"))
 
     def _publish(self, correlation_id, message_id, operation, route, body) -> None:
-        exchange, routing_key = route
+        exchange, routing_key, lane = route
         with self._state:
             call = self._calls.get(correlation_id)
             channel = self._channel
@@ -560,7 +578,7 @@ class RpcClient:
             app_id=self.app_id,
             timestamp=int(time.time()),
             expiration=str(remaining_ms),
-            headers={VERSION_HEADER: PROTOCOL_VERSION, FRAMES_HEADER: 1},
+            headers=_headers(lane),
         )
         try:
             channel.basic_publish(
@@ -591,7 +609,7 @@ class RpcClient:
                 type=publication.operation,
                 app_id=self.app_id,
                 timestamp=timestamp,
-                headers={VERSION_HEADER: PROTOCOL_VERSION, FRAMES_HEADER: 1},
+                headers=_headers(publication.lane),
             )
             try:
                 channel.basic_publish(

@@ -187,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         prefetch=settings.prefetch,
         connect_timeout=settings.connect_timeout,
         stop_event=stop,
-        reaper=ReaperDispatcher(datasource, schedule, settings.max_body),
+        reaper=ReaperDispatcher(
+            datasource,
+            schedule,
+            settings.max_body,
+            # the account the schedule's messages carry as user_id: only those are
+            # trusted as the scheduled reap
+            service_user=pika.URLParameters(split_urls(settings.amqp_url)[0]).credentials.username,
+        ),
     )
     log.info(
         "dataspace-worker %s starting: %d consumers, broker %s, database %s",

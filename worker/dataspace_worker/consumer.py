@@ -186,16 +186,12 @@ class Consumer:
 
     def _handle(self, batch: list[Delivery]) -> list[Outcome]:
         requests = [
-            Request(d.body, p.message_id, p.content_type, p.headers)
+            Request(
+                d.body, p.message_id, p.content_type, p.headers, d.routing_key, p.user_id
+            )
             for d, p in ((d, d.properties) for d in batch)
         ]
-        handle_batch = getattr(self.dispatcher, "handle_batch", None)
-        if handle_batch is not None:
-            return handle_batch(requests)
-        return [
-            self.dispatcher.handle(r.body, r.message_id, r.content_type, r.headers)
-            for r in requests
-        ]
+        return self.dispatcher.handle_batch(requests)
 
     def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
         props = delivery.properties

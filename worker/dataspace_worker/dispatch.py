@@ -20,7 +20,8 @@ from dataspace_client import protocol
 from dataspace_client.errors import DataSpaceConnectionError, DataSpaceError
 from dataspace_client.protocol import ProtocolError
 
-from .idempotency import MAX_ID_LENGTH
+from . import admission
+from .admission import ArgumentCheck
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class Request:
     message_id: str | None = None
     content_type: str | None = None
     headers: dict | None = None
+    #: what it was published with: None for a request handed over in process
+    routing_key: str | None = None
+    #: the publishing account, when the message says (the broker checks it)
+    user_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,18 +71,29 @@ class Outcome:
 class Dispatcher:
     """Runs requests against a PostgresDataSource."""
 
-    def __init__(self, datasource, max_body: int = DEFAULT_MAX_BODY, operations=None):
+    def __init__(
+        self,
+        datasource,
+        max_body: int = DEFAULT_MAX_BODY,
+        operations=None,
+        checks: dict[str, ArgumentCheck] | None = None,
+    ):
         """``operations``: the names this dispatcher accepts (default: every data
-        operation; the reaper's dispatcher takes only ``reap``)."""
+        operation; the reaper's dispatcher takes only ``reap``). ``checks``: more
+        checks of an operation's decoded arguments (admission.ArgumentCheck)."""
         self.datasource = datasource
         self.max_body = max_body
+        self._checks = dict(checks or {})
         if operations is None:
             operations = [n for n in protocol.OPERATIONS if n != "reap"]
         self._signatures = {
             name: inspect.signature(getattr(datasource, name)) for name in operations
         }
 
-    def _parse(self, body: bytes, content_type: str | None):
+    def _parse(self, request: Request):
+        """The operation and bound arguments of a request, every check passed: the
+        one place where what a client wrote is checked, whatever the encoding."""
+        body, content_type = request.body, request.content_type
         if len(body) > self.max_body:
             raise ProtocolError(f"body of {len(body)} bytes is over the limit of {self.max_body}")
         if content_type not in (None, "", protocol.CONTENT_TYPE, protocol.FRAME_CONTENT_TYPE):
@@ -86,6 +102,7 @@ class Dispatcher:
                 f"or {protocol.FRAME_CONTENT_TYPE!r}"
             )
         op, args = protocol.decode_request(body)
+        admission.operation_of(request.routing_key, op.name)
         if op.name not in self._signatures:
             raise ProtocolError(f"operation {op.name!r} is not served on this queue")
         try:
@@ -93,6 +110,9 @@ class Dispatcher:
         except TypeError as exc:
             raise ProtocolError(f"{op.name}: {exc}") from None
         bound.apply_defaults()
+        check = self._checks.get(op.name)
+        if check is not None:
+            check(op.name, bound.arguments)
         return op, bound.arguments
 
     @staticmethod
@@ -100,10 +120,10 @@ class Dispatcher:
         """A write's idempotency key (its message_id, required); None for a read."""
         if not op.write:
             return None
-        if not message_id or len(message_id) > MAX_ID_LENGTH:
+        if message_id is None:
             raise ProtocolError(
                 f"{op.name}: a write request needs a message_id of 1 to "
-                f"{MAX_ID_LENGTH} characters (its idempotency key)"
+                f"{admission.MAX_ID_LENGTH} bytes (its idempotency key)"
             )
         return message_id
 
@@ -111,6 +131,9 @@ class Dispatcher:
         self, body: bytes, message_id: str | None = None, content_type=None, headers=None
     ) -> Outcome:
         return self.handle_batch([Request(body, message_id, content_type, headers)])[0]
+
+    def handle_request(self, request: Request) -> Outcome:
+        return self.handle_batch([request])[0]
 
     def handle_batch(self, requests: list[Request]) -> list[Outcome]:
         """Run requests in order and return their outcomes, in the same order.
@@ -125,9 +148,10 @@ class Dispatcher:
         for index, request in enumerate(requests):
             operation = "?"
             try:
-                op, args = self._parse(request.body, request.content_type)
+                message_id = admission.identifier("message_id", request.message_id)
+                op, args = self._parse(request)
                 operation = op.name
-                request_id = self._request_id(op, request.message_id)
+                request_id = self._request_id(op, message_id)
                 frames = protocol.accepts_frames(request.headers)
                 if op.transactional:
                     pending.append((index, op, args, request_id, frames))

@@ -33,9 +33,6 @@ DELETE FROM dataspace_request WHERE message_id IN (
 )
 """
 
-#: longest accepted message_id (AMQP short strings are at most 255 bytes)
-MAX_ID_LENGTH = 255
-
 
 class ReusedMessageId(ProtocolError):
     """A message_id already used by a request of another operation."""

@@ -23,7 +23,6 @@ import logging
 import time
 import uuid
 
-import orjson
 import pika
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
@@ -34,13 +33,11 @@ from dataspace_client.protocol import (
     SCHEDULE_QUEUE,
     VERSION_HEADER,
     ProtocolError,
-    encode_error,
     encode_request,
     encode_result,
-    error_message,
 )
 
-from .dispatch import Dispatcher, Outcome
+from .dispatch import Dispatcher, Outcome, Request
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +69,9 @@ class Schedule:
         self.retention_days = retention_days
         self.interval = interval
         self.queue_arguments = queue_arguments
+        #: the account the schedule message is published as (its ``user_id``, which
+        #: the broker checks): what makes a scheduled reap trusted (ReaperDispatcher)
+        self.user = self.params[0].credentials.username
 
     def arm(self, redeclare: bool = True) -> bool:
         """Publish the next run; False when one is pending already (the broker refuses).
@@ -88,6 +88,7 @@ class Schedule:
             type="reap",
             app_id="dataspace-worker schedule",
             timestamp=int(now),
+            user_id=self.user,
             expiration=str(int(self.interval * 1000)),
             headers={
                 VERSION_HEADER: PROTOCOL_VERSION,
@@ -134,13 +135,31 @@ class ReaperDispatcher:
     Every reap's ``days`` must be at least MIN_RETENTION_DAYS.
     """
 
-    def __init__(self, datasource, schedule: Schedule | None, max_body: int):
+    def __init__(
+        self,
+        datasource,
+        schedule: Schedule | None,
+        max_body: int,
+        service_user: str | None = None,
+    ):
+        """``service_user``: the workers' broker account, the one the schedule's
+        messages are published as (default: ``schedule``'s)."""
         self.datasource = datasource
-        self.dispatcher = Dispatcher(datasource, max_body, operations=["reap"])
+        self.service_user = service_user or (schedule.user if schedule else None)
+        self.dispatcher = Dispatcher(
+            datasource, max_body, operations=["reap"], checks={"reap": check_days}
+        )
         self.schedule = schedule
 
     def handle(self, body, message_id=None, content_type=None, headers=None) -> Outcome:
-        scheduled = bool((headers or {}).get(SCHEDULED_HEADER))
+        return self.handle_batch([Request(body, message_id, content_type, headers)])[0]
+
+    def handle_batch(self, requests: list[Request]) -> list[Outcome]:
+        return [self.handle_request(request) for request in requests]
+
+    def handle_request(self, request: Request) -> Outcome:
+        scheduled = self._scheduled(request)
+        body = request.body
         if scheduled:
             skip = self._skip_reason()
             if skip:
@@ -150,14 +169,37 @@ class ReaperDispatcher:
                 reply = encode_result(OPERATIONS["reap"], {**result, "skipped": True})
                 return Outcome(reply, "ok", "reap")
             body = encode_request(OPERATIONS["reap"], {"days": self.schedule.retention_days})
-        try:
-            _check_days(body)
-        except ProtocolError as exc:
-            return Outcome(encode_error(exc), exc.code, "reap", reason=error_message(exc))
-        outcome = self.dispatcher.handle(body, message_id, content_type)
+            request = Request(body, request.message_id, CONTENT_TYPE, None, request.routing_key)
+        outcome = self.dispatcher.handle_request(request)
         if scheduled and not outcome.retry:
             self._arm()
         return outcome
+
+    def _scheduled(self, request: Request) -> bool:
+        """Whether this is the schedule's message, which runs with this worker's own
+        retention: flagged, published by the service's account (the broker checks
+        ``user_id``) and dead-lettered by the schedule queue's expiry. A client's
+        flag alone makes it an ordinary reap, its ``days`` checked as any other's."""
+        headers = request.headers or {}
+        if not headers.get(SCHEDULED_HEADER):
+            return False
+        deaths = headers.get("x-death")
+        first = deaths[0] if isinstance(deaths, list) and deaths else {}
+        trusted = (
+            self.service_user is not None
+            and request.user_id == self.service_user
+            and isinstance(first, dict)
+            and first.get("queue") == SCHEDULE_QUEUE
+            and first.get("reason") == "expired"
+        )
+        if not trusted:
+            log.warning(
+                "reap %s claims to be the scheduled one but was not published by the "
+                "schedule (user_id %r): run as a requested reap",
+                request.message_id or "-",
+                request.user_id,
+            )
+        return trusted
 
     def _skip_reason(self) -> str | None:
         if self.schedule is None:
@@ -172,11 +214,10 @@ class ReaperDispatcher:
             self.schedule.try_arm()
 
 
-def _check_days(body: bytes) -> None:
-    """A retention below the floor is refused here too, not only by clients."""
-    try:
-        days = orjson.loads(body)["args"]["days"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return  # malformed: the dispatcher says what is wrong
-    if isinstance(days, (int, float)) and not isinstance(days, bool) and days < MIN_RETENTION_DAYS:
-        raise ProtocolError(f"reap: days must be at least {MIN_RETENTION_DAYS}, got {days}")
+def check_days(operation: str, args: dict) -> None:
+    """A retention below the floor is refused here too, not only by clients: on the
+    decoded arguments, so a framed body is checked as a JSON one is."""
+    days = args.get("days")
+    number = isinstance(days, (int, float)) and not isinstance(days, bool)
+    if number and not days >= MIN_RETENTION_DAYS:  # NaN too
+        raise ProtocolError(f"{operation}: days must be at least {MIN_RETENTION_DAYS}, got {days}")

@@ -16,6 +16,8 @@ from dataspace_client.protocol import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     EXCHANGE,
+    LANE_BINDING,
+    LANE_HEADER,
     LANE_QUEUE_PREFIX,
     LANE_WORKERS_QUEUE,
     LANES_EXCHANGE,
@@ -41,6 +43,10 @@ class Queue:
 class Topology:
     exchanges: tuple[tuple[str, str], ...]  # (name, type)
     queues: tuple[Queue, ...]
+    #: exchange name -> its arguments (exchanges not named here have none)
+    exchange_arguments: dict = field(default_factory=dict)
+    #: exchange-to-exchange bindings: (source, destination, routing key)
+    exchange_bindings: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def request_queue(self) -> Queue:
@@ -119,8 +125,15 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
         for i in range(lanes)
     )
     exchanges = [(EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "topic")]
+    exchange_arguments: dict = {}
+    exchange_bindings: tuple = ()
     if lanes:
+        # Clients publish lane requests to the topic exchange too (``lane.<op>``,
+        # which topic permissions check); it passes them on to the hash exchange,
+        # which picks the lane by the task manager in the LANE_HEADER header.
         exchanges.append((LANES_EXCHANGE, "x-consistent-hash"))
+        exchange_arguments[LANES_EXCHANGE] = {"hash-header": LANE_HEADER}
+        exchange_bindings = ((EXCHANGE, LANES_EXCHANGE, LANE_BINDING),)
         # A lane's consumer count is 1 (its active consumer): workers count
         # themselves by consuming this queue, which receives nothing. Classic and
         # transient: a classic queue forgets the consumers of a node that went down
@@ -131,6 +144,8 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
     return Topology(
         exchanges=tuple(exchanges),
         queues=(requests, dead, reaper, schedule, *lane_queues),
+        exchange_arguments=exchange_arguments,
+        exchange_bindings=exchange_bindings,
     )
 
 
@@ -143,7 +158,11 @@ def declare_blocking(channel, topo: Topology) -> None:
     skipped, with a warning, and declared again at the next reconnection.
     """
     for name, kind in topo.exchanges:
-        channel.exchange_declare(name, kind, durable=True)
+        channel.exchange_declare(
+            name, kind, durable=True, arguments=topo.exchange_arguments.get(name)
+        )
+    for source, destination, key in topo.exchange_bindings:
+        channel.exchange_bind(destination, source, key)
     for queue in topo.queues:
         try:
             channel.queue_declare(queue.name, durable=queue.durable, arguments=queue.arguments)
