@@ -3,7 +3,8 @@
 RabbitMQ 3.10 crashes the connection that publishes to a direct reply-to address
 of a node that is not running. On one node the same address is made by hand: a
 real reply-to address with another node hash in it. The cluster version of this
-(a node killed under load) is tests/faults/test_cluster.py.
+(a node killed under load) is tests/faults/test_cluster.py; forged addresses in a
+flood are tests/test_reply_to.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataspace_client.protocol import (
     encode_request,
 )
 from dataspace_worker import guarded_replies, metrics
-from dataspace_worker.guarded_replies import DIRECT_REPLY_TO_PREFIX, needs_guard
+from dataspace_worker.guarded_replies import DIRECT_REPLY_TO_PREFIX
+from dataspace_worker.reply_addresses import parse
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
 
@@ -87,6 +89,13 @@ def address_of_a_node_that_is_down(address: str) -> str:
     return f"{DIRECT_REPLY_TO_PREFIX}{base64.b64encode(forged).decode()}.{key}"
 
 
+def elsewhere(key: str) -> str:
+    """A well-formed direct reply-to address of a pid on node ``rabbit@elsewhere``."""
+    node = b"rabbit@elsewhere"
+    term = b"\x83Xv" + len(node).to_bytes(2, "big") + node + bytes(11) + b"\x01"
+    return f"{DIRECT_REPLY_TO_PREFIX}{base64.b64encode(term).decode()}.{key}"
+
+
 def store_request(url: str, reply_to: str, name: str) -> str:
     """Publish a store_taskmanager request as a client would; its correlation id."""
     op = OPERATIONS["store_taskmanager"]
@@ -127,12 +136,40 @@ def _queue_empty(url: str, name: str) -> bool:
         connection.close()
 
 
-def test_which_replies_are_guarded():
-    live = f"{DIRECT_REPLY_TO_PREFIX}abc.def"
-    assert needs_guard(live, redelivered=True)
-    assert not needs_guard(live, redelivered=False)  # first deliveries keep the fast path
-    assert not needs_guard("my-reply-queue", redelivered=True)  # a queue never crashes it
-    assert not needs_guard(None, redelivered=True)
+def test_which_replies_are_guarded(own_vhost):
+    """On the consumer's channel: a first delivery whose node is known to run (the
+    guard's own, learnt when the consumer connection opens, or one it published to);
+    through the guard: a redelivery, or a node not known to run; dropped at once: a
+    node the broker failed on."""
+    client = ReplyClient(own_vhost)
+    live = parse(client.address())
+    down = parse(address_of_a_node_that_is_down(live.address))
+    guard = guarded_replies.GuardedReplies(
+        lambda: pika.URLParameters(own_vhost), threading.Event(), "test guard"
+    )
+    try:
+        assert guard.route(live, redelivered=False) == "guard"  # nothing known yet
+        guard.start()
+        guard.connected()  # as the pool does when its connection opens
+        learnt, _ = services.poll(lambda: guard.route(live, redelivered=False) == "direct", 10)
+        assert learnt, "the guard did not learn its own node"
+        assert guard.route(live, redelivered=True) == "guard"
+        assert guard.route(down, redelivered=False) == "guard"
+        results: list[str] = []
+        guard.put(
+            guarded_replies.GuardedReply(
+                down.address, b"", pika.BasicProperties(), results.append, address=down
+            )
+        )
+        services.poll(lambda: results, 10)
+        assert results == ["dropped"]
+        assert guard.route(down, redelivered=False) == "drop"
+        assert guard.route(live, redelivered=False) == "direct"  # its node still runs
+        guard.connected()  # a new consumer connection: known nodes are tried again
+        assert guard.route(parse(client.address()), redelivered=False) in ("guard", "direct")
+    finally:
+        guard.stop()
+        client.close()
 
 
 def test_a_forged_address_is_refused_by_this_broker_as_a_node_that_is_down(own_vhost):
@@ -157,7 +194,7 @@ def test_a_forged_address_is_refused_by_this_broker_as_a_node_that_is_down(own_v
             publisher.close()
 
 
-def test_a_reply_to_a_node_that_is_down_costs_one_reconnect_not_a_dead_letter(
+def test_a_reply_to_a_node_that_is_down_costs_no_reconnect_and_no_dead_letter(
     own_vhost, pool_factory, pg_dsn
 ):
     pool = pool_factory(own_vhost, consumers=2)
@@ -166,8 +203,8 @@ def test_a_reply_to_a_node_that_is_down_costs_one_reconnect_not_a_dead_letter(
         dropped = _guarded("dropped")
         name = f"guard-{uuid.uuid4().hex[:8]}"
         store_request(own_vhost, address_of_a_node_that_is_down(client.address()), name)
-        # The first delivery costs the consumer connection (the broker's crash); the
-        # redelivery's reply goes through the guard, which takes the crash instead.
+        # A node not known to run: even the first delivery's reply goes through the
+        # guard, which takes the broker's crash instead of the consumer connection.
         seen, _ = services.poll(lambda: _guarded("dropped") > dropped, 30)
         if not seen:
             dead = services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=1)
@@ -187,13 +224,13 @@ def test_a_reply_to_a_node_that_is_down_costs_one_reconnect_not_a_dead_letter(
         )
         assert settled, f"request not settled {seconds:.0f} s after its reply was dropped"
         assert _guarded("dropped") == dropped + 1
-        assert pool.connections_opened == 2
+        assert pool.connections_opened == 1
         assert services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=1) == []
         # And the worker answers the next client at once.
         answer = store_request(own_vhost, client.address(), f"{name}-next")
         reply = client.wait_for(answer, 10)
         assert reply is not None and orjson.loads(reply)["ok"] is True
-        assert pool.connections_opened == 2
+        assert pool.connections_opened == 1
     finally:
         client.close()
 
@@ -302,7 +339,7 @@ def test_the_guard_keeps_trying_while_the_reply_is_wanted_and_stops_with_the_wor
         for name, still in [("requeued", wanted.is_set), ("stopping", lambda: True)]:
             guard.put(
                 guarded_replies.GuardedReply(
-                    f"{DIRECT_REPLY_TO_PREFIX}x.{name}",
+                    elsewhere(name),
                     b"",
                     pika.BasicProperties(),
                     results.append,

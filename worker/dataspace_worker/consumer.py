@@ -45,18 +45,23 @@ from pika.exceptions import (
 )
 
 from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
+from dataspace_client.errors import DataSpaceRequestError
 from dataspace_client.pika_patches import close_select_connection, close_without_cancel
 from dataspace_client.protocol import (
+    BAD_REPLY_TO,
     DEAD_LETTER_EXCHANGE,
+    OPERATIONS,
     PROTOCOL_VERSION,
     VERSION_HEADER,
     content_type,
+    encode_error,
 )
 from dataspace_client.urls import BrokerAddresses, mask_password
 
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
-from .guarded_replies import GuardedReplies, GuardedReply, Result, needs_guard
+from .guarded_replies import GuardedReplies, GuardedReply, Result
+from .reply_addresses import BadReplyTo, ReplyAddress, check, parse
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
@@ -185,10 +190,13 @@ class Consumer:
         return batch
 
     def _handle(self, batch: list[Delivery]) -> list[Outcome]:
+        refused = [_refused_reply_to(d) for d in batch]
+        if any(refused):  # not run, not answered: only the others run
+            kept = [d for d, r in zip(batch, refused, strict=True) if r is None]
+            outcomes = iter(self._handle(kept) if kept else [])
+            return [r or next(outcomes) for r in refused]
         requests = [
-            Request(
-                d.body, p.message_id, p.content_type, p.headers, d.routing_key, p.user_id
-            )
+            Request(d.body, p.message_id, p.content_type, p.headers, d.routing_key, p.user_id)
             for d, p in ((d, d.properties) for d in batch)
         ]
         return self.dispatcher.handle_batch(requests)
@@ -499,6 +507,7 @@ class WorkerPool:
             connection.close()
             return
         self.connections_opened += 1
+        self._guard.connected()  # which nodes run: learnt again on this connection
         connection.channel(on_open_callback=self._on_dead_channel_open)
 
     def _on_dead_channel_open(self, channel, with_consumers: bool = True) -> None:
@@ -771,19 +780,25 @@ class WorkerPool:
             if outcome.retry:
                 channel.basic_nack(delivery.tag, requeue=True)
                 continue
-            reply_to = delivery.properties.reply_to
-            if needs_guard(reply_to, delivery.redelivered):
-                self._reply_guarded(consumer, delivery, outcome)
+            # Only to a direct reply-to address (any other was refused before it ran),
+            # on this channel only if its node is known to run (guarded_replies.py).
+            address = check(delivery.properties.reply_to)
+            route = self._guard.route(address, delivery.redelivered) if address else "drop"
+            if route == "guard":
+                self._reply_guarded(consumer, delivery, outcome, address)
                 continue
-            if reply_to:  # direct reply-to replies must not be mandatory on RabbitMQ 3.x
-                channel.basic_publish("", reply_to, outcome.body, _reply(delivery, outcome))
+            if route == "direct":  # direct reply-to replies must not be mandatory on 3.x
+                channel.basic_publish("", address.address, outcome.body, _reply(delivery, outcome))
+            reply_to = address.address if address else None
             if outcome.dead_letter(reply_to):
                 self._publish_dead_letter(consumer, delivery, outcome)
             else:
                 ackable.append(delivery.tag)
         self._ack(consumer, channel, ackable, len(handled))
 
-    def _reply_guarded(self, consumer: Consumer, delivery: Delivery, outcome: Outcome) -> None:
+    def _reply_guarded(
+        self, consumer: Consumer, delivery: Delivery, outcome: Outcome, address: ReplyAddress
+    ) -> None:
         """Reply through the guard (guarded_replies.py); settle the request after it."""
         consumer.held += 1
 
@@ -794,11 +809,12 @@ class WorkerPool:
 
         self._guard.put(
             GuardedReply(
-                delivery.properties.reply_to,
+                address.address,
                 outcome.body,
                 _reply(delivery, outcome),
                 done,
                 wanted=lambda: delivery.channel is consumer.channel and delivery.channel.is_open,
+                address=address,
             )
         )
 
@@ -907,6 +923,36 @@ class WorkerPool:
 
     def _close_connection(self) -> None:
         close_select_connection(self._connection)
+
+
+@dataclass(frozen=True)
+class _Unanswerable(Outcome):
+    """A request refused for its ``reply_to``: dead-lettered, never answered."""
+
+    @property
+    def poison(self) -> bool:
+        return True
+
+
+def _refused_reply_to(delivery: Delivery) -> Outcome | None:
+    """The outcome of a request whose ``reply_to`` is given but no direct reply-to
+    address (reply_addresses.py): refused before it runs, no reply published
+    anywhere (the name could be any queue); None for the others."""
+    reply_to = delivery.properties.reply_to
+    if not reply_to:
+        return None
+    try:
+        parse(reply_to)
+        return None
+    except BadReplyTo as exc:
+        reason = str(exc)
+    operation = str(delivery.routing_key).rsplit(".", 1)[-1]
+    return _Unanswerable(
+        encode_error(DataSpaceRequestError(BAD_REPLY_TO, reason)),
+        BAD_REPLY_TO,
+        operation if operation in OPERATIONS else "?",
+        reason=reason,
+    )
 
 
 def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:

@@ -1,22 +1,41 @@
 """Replies that may crash the channel that publishes them, published apart.
 
 RabbitMQ 3.10 (3.10.8 here) crashes a channel that publishes to a direct
-reply-to address of a node that is not running (``case_clause`` in
-``rabbit_channel:deliver_reply``), and a crashed channel takes its whole
-connection down with 541 INTERNAL_ERROR. A request whose client was connected
-to a cluster node that went down therefore took the worker's consumer
-connection with it, again on every redelivery, until the delivery limit
+reply-to address it cannot decode, or of a node that is not running
+(``case_clause`` in ``rabbit_channel:deliver_reply``), and a crashed channel
+takes its whole connection down with 541 INTERNAL_ERROR. A request whose client
+was connected to a cluster node that went down therefore took the worker's
+consumer connection with it, again on every redelivery, until the delivery limit
 dead-lettered it: seconds in which the worker served nothing and a lane stood
-still (docs/reliability.md, guarantee 17). A forged ``reply_to`` did the same.
+still (docs/reliability.md, guarantee 17). A forged ``reply_to`` did the same, on
+every first delivery: 10 forged requests a second cost 106 reconnections in 30 s.
 
-Such an address reaches a worker in a request published before its node went
-down; when that node also held the worker's connection, or a first delivery
-crashed it, the request comes back *redelivered*. So replies to redelivered
-requests with a direct reply-to address go through ``GuardedReplies``: a
-thread with a connection of its own that publishes one reply at a time and
-waits for the broker's confirm. When the broker closes that connection with
-541 on a reply, the reply's address is dead (no client can receive it): the
-reply is dropped and its request settled. The worker's consumers never notice.
+So no address a client can write is published on a consumer's connection unless
+it is known to be safe there:
+
+- ``reply_addresses.parse`` refuses, from the string alone, whatever is not a
+  direct reply-to address as the broker writes it (the consumer refuses such a
+  request before it runs, dead-lettered as ``bad_reply_to``);
+- ``GuardedReplies.route`` sends a reply on the consumer's channel (as fast as
+  ever) only when its node is known to run and the request is a first delivery;
+  it drops it at once when its node (or client channel) was found dead within
+  ``DEAD_FOR``; anything else goes through the guard: a thread with a connection
+  of its own that publishes one reply at a time and waits for the broker's
+  confirm. When the broker closes that connection with 541 on a reply, the
+  reply's address is dead (no client can receive it): the reply is dropped, its
+  request settled, its node remembered as dead. The worker's consumers never
+  notice.
+
+Nodes known to run: the guard's own (its own direct reply-to address, learnt on
+each connection it opens, and when the consumer connection opens), and the
+nodes of replies it published and had confirmed, for ``ALIVE_FOR``; a node seen
+running before is tried again through the guard when that runs out, and when the
+consumer connection opens again. A node never seen running costs the guard its
+connection when it is not running: after such a failure no other unknown node is
+tried for ``PROBE_PAUSE`` seconds, and replies to unknown nodes are dropped
+meanwhile (a WARNING every ``WARN_EVERY`` seconds at most), so a flood of forged
+addresses costs the guard at most one reconnection per ``PROBE_PAUSE`` and the
+consumers none. Everything remembered is bounded (``MAX_REMEMBERED`` entries).
 """
 
 from __future__ import annotations
@@ -26,19 +45,25 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import pika
-from pika.exceptions import AMQPError, ConnectionClosedByBroker
+from pika.exceptions import (
+    AMQPChannelError,
+    AMQPError,
+    ConnectionClosedByBroker,
+)
 from pika.spec import INTERNAL_ERROR  # 541
 
 from . import metrics
+from .reply_addresses import PREFIX, ReplyAddress, check
 
 log = logging.getLogger(__name__)
 
-DIRECT_REPLY_TO_PREFIX = "amq.rabbitmq.reply-to."
+DIRECT_REPLY_TO_PREFIX = PREFIX
 #: seconds between attempts at one reply when the connection fails for another
 #: reason, doubling up to the maximum; attempts go on while the reply is wanted
 ATTEMPT_PAUSE = 0.2
@@ -51,20 +76,30 @@ BLOCKED_TIMEOUT = 10.0
 #: seconds without a reply after which the connection is closed (and opened
 #: again when needed: no heartbeats to keep up on a blocking connection)
 IDLE_CLOSE = 10.0
-#: seconds an address found dead is remembered: later replies to the same client
-#: channel are dropped without costing the connection again
+#: seconds a node (or client channel) found dead is remembered: later replies to
+#: it are dropped without costing any connection again
 DEAD_FOR = 60.0
+#: seconds a node is known to run after a reply to it was confirmed: its replies
+#: go out on the consumers' channels meanwhile
+ALIVE_FOR = 60.0
+#: seconds after a node failed the guard's connection during which no node never
+#: seen running is tried (their replies are dropped)
+PROBE_PAUSE = 1.0
+#: nodes and client channels remembered, at most (each of dead and alive)
+MAX_REMEMBERED = 4096
+#: seconds between two WARNING lines about dropped replies of one kind
+WARN_EVERY = 10.0
+#: where the guard publishes to learn its own address: no queue has this name
+LEARN_ROUTING_KEY = "dataspace.reply-address-probe"
 
 #: what became of a guarded reply: published and confirmed; dropped because its
-#: address is dead; not published because the worker is stopping (the request
-#: should be tried again); or no longer wanted (its request went back to the
-#: queue meanwhile)
+#: address is dead (or its node unknown while unknown ones are not tried); not
+#: published because the worker is stopping (the request should be tried again);
+#: or no longer wanted (its request went back to the queue meanwhile)
 Result = Literal["sent", "dropped", "failed", "abandoned"]
-
-
-def needs_guard(reply_to: str | None, redelivered: bool) -> bool:
-    """Whether a reply should go through the guard rather than the consumer's channel."""
-    return bool(redelivered and reply_to and reply_to.startswith(DIRECT_REPLY_TO_PREFIX))
+#: how a reply goes out: on the consumer's channel, through the guard, or not at all
+Route = Literal["direct", "guard", "drop"]
+_LEARN = object()  # in the inbox: learn the guard's own node
 
 
 @dataclass
@@ -76,10 +111,70 @@ class GuardedReply:
     done: Callable[[Result], None]
     #: False once the reply is of no use (its request was requeued): not sent
     wanted: Callable[[], bool] = lambda: True
+    #: ``reply_to`` decoded (``reply_addresses.parse``), or None to decode it here
+    address: ReplyAddress | None = None
+
+
+class _Remembered:
+    """Keys until a time, at most ``MAX_REMEMBERED`` of them (the oldest go first)."""
+
+    def __init__(self):
+        self._until: dict = {}
+
+    def __contains__(self, key) -> bool:
+        return self._until.get(key, 0.0) > time.monotonic()
+
+    def seen(self, key) -> bool:
+        """Whether ``key`` was put, whether or not its time ran out."""
+        return key in self._until
+
+    def put(self, key, seconds: float) -> None:
+        now = time.monotonic()
+        self._until.pop(key, None)
+        self._until[key] = now + seconds
+        if len(self._until) > MAX_REMEMBERED:
+            for old in [k for k, t in self._until.items() if t <= now]:
+                if len(self._until) <= MAX_REMEMBERED // 2:
+                    break
+                del self._until[old]
+            while len(self._until) > MAX_REMEMBERED:
+                del self._until[next(iter(self._until))]
+
+    def expire(self, key) -> None:
+        if key in self._until:
+            self._until[key] = 0.0
+
+    def expire_all(self) -> None:
+        for key in self._until:
+            self._until[key] = 0.0
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+class _Warnings:
+    """One WARNING line per kind every ``WARN_EVERY`` seconds, saying how many were not."""
+
+    def __init__(self):
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -WARN_EVERY) < WARN_EVERY:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return
+        quiet = self._quiet.pop(kind, 0)
+        self._last[kind] = now
+        if quiet:
+            message += " (and %d more like it in the last %.0f s)"
+            args = (*args, quiet, WARN_EVERY)
+        log.warning(message, *args)
 
 
 class GuardedReplies:
-    """One thread publishing replies one at a time on a connection of its own."""
+    """One thread publishing replies one at a time on a connection of its own, and
+    what it learnt about which nodes run."""
 
     def __init__(
         self,
@@ -91,13 +186,24 @@ class GuardedReplies:
         self._parameters = parameters
         self._stopping = stopping
         self._name = name
-        self._inbox: queue.Queue[GuardedReply | None] = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue()
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
         self._lock = threading.Lock()
         self._pending = 0
-        #: client channels found dead (address without its key) -> until when
-        self._dead: dict[str, float] = {}
+        #: node keys (``ReplyAddress.node_key``) that run; that failed; client
+        #: channels that failed (guarded by ``_lock``: the I/O thread reads them)
+        self._alive = _Remembered()
+        self._dead = _Remembered()
+        self._dead_channels = _Remembered()
+        #: the node of the guard's current connection, once learnt
+        self._own: tuple | None = None
+        #: no node never seen running is tried before this (monotonic seconds)
+        self._probe_after = 0.0
+        #: connections the guard opened, and how many a 541 closed
+        self.connections_opened = 0
+        self.crashes = 0
+        self._warnings = _Warnings()
         self._thread = threading.Thread(
             target=self._run, name="dataspace-guarded-replies", daemon=True
         )
@@ -113,6 +219,34 @@ class GuardedReplies:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def route(self, address: ReplyAddress, redelivered: bool) -> Route:
+        """How the reply to ``address`` goes out (any thread; the pool's I/O thread).
+
+        On the consumer's channel only for a first delivery whose node is known to
+        run: a redelivered request may be from a client of a node that went down
+        meanwhile. Dropped at once when its node or client channel was found dead,
+        or its node was never seen running while unknown nodes are not tried."""
+        with self._lock:
+            if address.node_key in self._dead or address.client_channel in self._dead_channels:
+                kind = "dead"
+            elif address.node_key in self._alive:
+                return "guard" if redelivered else "direct"
+            elif self._alive.seen(address.node_key) or time.monotonic() >= self._probe_after:
+                return "guard"
+            else:
+                kind = "unprobed"
+        self._dropped(kind, address)
+        metrics.GUARDED_REPLIES.labels("dropped").inc()
+        return "drop"
+
+    def connected(self) -> None:
+        """The consumer connection opened (again): nodes known to run are tried
+        through the guard again before their replies go out directly (one of them
+        may be why it had to), and the guard learns its own node."""
+        with self._lock:
+            self._alive.expire_all()
+        self._inbox.put(_LEARN)
 
     def put(self, reply: GuardedReply) -> None:
         with self._lock:
@@ -135,10 +269,13 @@ class GuardedReplies:
                 continue
             if reply is None:
                 break
+            if reply is _LEARN:
+                self._learn_now()
+                continue
             try:
                 result = self._deliver(reply)
             except Exception:  # never let the thread die with replies waiting
-                log.exception("guarded reply to %s failed", reply.reply_to)
+                log.exception("guarded reply to %r failed", reply.reply_to)
                 self._close()
                 result = "failed"
             metrics.GUARDED_REPLIES.labels(result).inc()
@@ -150,8 +287,9 @@ class GuardedReplies:
     def _deliver(self, reply: GuardedReply) -> Result:
         """Publish until confirmed, dropped, no longer wanted, or the worker stops:
         a reply given up while its request stays held would only be redone."""
-        channel_address = reply.reply_to.rsplit(".", 1)[0]  # the key names one call
-        if self._dead.get(channel_address, 0.0) > time.monotonic():
+        address = reply.address or check(reply.reply_to)
+        if address is None:  # the consumer refuses these before they run
+            self._dropped("malformed", None, reply.reply_to)
             return "dropped"
         pause = ATTEMPT_PAUSE
         attempt = 0
@@ -160,21 +298,31 @@ class GuardedReplies:
                 return "abandoned"
             if attempt and self._stopping.is_set():
                 return "failed"
+            with self._lock:  # again at each attempt: a reconnection learns the own node
+                if address.node_key in self._dead or (
+                    address.client_channel in self._dead_channels
+                ):
+                    kind = "dead"
+                elif self._alive.seen(address.node_key):
+                    kind = None
+                elif time.monotonic() < self._probe_after:
+                    kind = "unprobed"
+                else:
+                    kind = None
+            if kind is not None:
+                self._dropped(kind, address)
+                return "dropped"
             attempt += 1
             try:
                 self._open().basic_publish("", reply.reply_to, reply.body, reply.properties)
+                with self._lock:
+                    self._alive.put(address.node_key, ALIVE_FOR)
                 return "sent"
             except ConnectionClosedByBroker as exc:
+                own = self._own  # the node of the connection that just closed
                 self._close()
                 if exc.reply_code == INTERNAL_ERROR:
-                    log.warning(
-                        "reply dropped: the broker fails on its address %s (its client's "
-                        "connection was on a node that is not running); request settled, "
-                        "and replies to that client channel dropped for %.0f s",
-                        reply.reply_to,
-                        DEAD_FOR,
-                    )
-                    self._remember_dead(channel_address)
+                    self._remember_dead(address, own)
                     return "dropped"
                 error: BaseException = exc
             except (AMQPError, OSError) as exc:
@@ -189,10 +337,92 @@ class GuardedReplies:
             self._stopping.wait(pause)
             pause = min(pause * 2, ATTEMPT_PAUSE_MAX)
 
-    def _remember_dead(self, channel_address: str) -> None:
-        now = time.monotonic()
-        self._dead = {a: t for a, t in self._dead.items() if t > now}
-        self._dead[channel_address] = now + DEAD_FOR
+    def _remember_dead(self, address: ReplyAddress, own_node: tuple | None) -> None:
+        """The broker failed on ``address``: its client channel is dead, and its node
+        is (unless it is ``own_node``, the node the guard was connected to, which ran
+        a moment ago); no unknown node is tried for ``PROBE_PAUSE`` seconds."""
+        self.crashes += 1
+        own = address.node_key == own_node
+        with self._lock:
+            self._dead_channels.put(address.client_channel, DEAD_FOR)
+            if not own:
+                self._dead.put(address.node_key, DEAD_FOR)
+                self._alive.expire(address.node_key)
+            self._probe_after = time.monotonic() + PROBE_PAUSE
+        log.warning(
+            "reply dropped: the broker fails on its address %r (node %r: its client's "
+            "connection was on a node that is not running, or the address is forged); "
+            "request settled, and replies to that %s dropped for %.0f s",
+            address.address,
+            address.node,
+            "client channel" if own else "node",
+            DEAD_FOR,
+        )
+
+    def _dropped(self, kind: str, address: ReplyAddress | None, reply_to: str = "") -> None:
+        if kind == "dead":
+            self._warnings.warn(
+                kind,
+                "reply dropped: its node %r (or client channel) was found not running "
+                "within %.0f s",
+                address.node,
+                DEAD_FOR,
+            )
+        elif kind == "unprobed":
+            self._warnings.warn(
+                kind,
+                "reply dropped: its node %r was never seen running, and no such node is "
+                "tried for %.0f s after one failed (forged reply-to addresses?)",
+                address.node,
+                PROBE_PAUSE,
+            )
+        else:
+            self._warnings.warn(kind, "reply dropped: %r is no reply-to address", reply_to[:80])
+
+    def _learn_now(self) -> None:
+        try:
+            if self._channel is not None and self._channel.is_open:
+                self._learn(self._connection)
+            else:
+                self._open()
+        except (AMQPError, OSError) as exc:
+            log.warning("guard could not connect to learn its node (%s)", exc)
+            self._close()
+
+    def _learn(self, connection) -> None:
+        """Learn the node of the guard's connection from its own direct reply-to
+        address, which the broker writes into a message it returns unroutable."""
+        returned: list[str | None] = []
+        try:
+            channel = connection.channel()
+            channel.basic_consume("amq.rabbitmq.reply-to", lambda *_: None, auto_ack=True)
+            channel.add_on_return_callback(
+                lambda _c, _m, props, _b: returned.append(props.reply_to)
+            )
+            channel.basic_publish(
+                "",
+                f"{LEARN_ROUTING_KEY}.{uuid.uuid4().hex}",
+                b"",
+                pika.BasicProperties(reply_to="amq.rabbitmq.reply-to"),
+                mandatory=True,
+            )
+            deadline = time.monotonic() + SOCKET_TIMEOUT
+            while not returned and time.monotonic() < deadline and channel.is_open:
+                connection.process_data_events(time_limit=0.05)
+            if channel.is_open:
+                channel.close()
+        except AMQPChannelError as exc:  # no permission, say: learnt by replies instead
+            log.warning("guard could not learn its node: %s", exc)
+            return
+        own = returned[0] if returned else None
+        address = check(own)
+        if address is None:
+            log.warning("guard could not learn its node: the broker wrote %r", own)
+            return
+        with self._lock:
+            self._own = address.node_key
+            self._alive.put(address.node_key, ALIVE_FOR)
+            self._dead.expire(address.node_key)
 
     def _open(self):
         """The guard's channel, in confirm mode, opened on first use."""
@@ -208,12 +438,18 @@ class GuardedReplies:
         parameters.socket_timeout = SOCKET_TIMEOUT
         parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
         self._connection = pika.BlockingConnection(parameters)
+        self.connections_opened += 1
+        try:
+            self._learn(self._connection)
+        except ConnectionClosedByBroker as exc:  # not the fault of the reply to publish
+            raise pika.exceptions.AMQPConnectionError(f"closed while learning: {exc}") from None
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
         return self._channel
 
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._own = None
         if connection is not None and connection.is_open:
             try:
                 connection.close()
