@@ -66,5 +66,13 @@ class DataSpaceRequestError(DataSpaceError):
         super().__init__(f"{code}: {message}")
 
 
+class DataSpaceTooLargeError(DataSpaceRequestError):
+    """The reply would be larger than the broker's max_message_size (code
+    ``too_large``): read the products one at a time (``get_dataproduct`` per key)."""
+
+    def __init__(self, message: str):
+        super().__init__("too_large", message)
+
+
 class InvalidMetadataError(Exception):
     """Errors due to invalid Metadata."""

@@ -32,6 +32,7 @@ from .errors import (
     DataSpaceError,
     DataSpaceExistsError,
     DataSpaceRequestError,
+    DataSpaceTooLargeError,
 )
 from .validate import SIGNATURES
 
@@ -295,6 +296,7 @@ ERROR_CODES: dict[str, type[BaseException]] = {
     "exists": DataSpaceExistsError,
     "unavailable": DataSpaceConnectionError,
     "not_implemented": NotImplementedError,
+    "too_large": DataSpaceTooLargeError,
     "internal": DataSpaceError,
 }
 

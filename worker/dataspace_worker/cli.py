@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         prefetch=settings.prefetch,
         connect_timeout=settings.connect_timeout,
         stop_event=stop,
+        max_headers=settings.max_headers,
+        max_message_size=settings.max_message_size,
+        dead_letter_body=settings.dead_letter_body,
+        max_bytes_in_hand=settings.max_bytes_in_hand,
         reaper=ReaperDispatcher(
             datasource,
             schedule,

@@ -15,6 +15,7 @@ from typing import Any
 import tomllib
 
 from dataspace_client.errors import DataSpaceConfigurationError
+from dataspace_client.rpc import MAX_MESSAGE_BYTES
 
 from .postgres import DEFAULT_DSN as DEFAULT_PG_DSN
 
@@ -70,6 +71,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reap_interval", float, 86400.0, "seconds between scheduled reaps (>= 7080)", 0),
     Setting("reap_batch", int, 5000, "rows deleted per transaction by a reap", 1),
     Setting("max_body", int, 64 * 1024 * 1024, "largest request body accepted, in bytes", 1024),
+    Setting(
+        "max_headers",
+        int,
+        16 * 1024,
+        "largest request header table accepted, in encoded bytes (larger: refused)",
+        1024,
+    ),
+    Setting(
+        "max_message_size",
+        int,
+        MAX_MESSAGE_BYTES,
+        "the broker's max_message_size: a larger reply becomes a too_large error",
+        64 * 1024,
+    ),
+    Setting(
+        "dead_letter_body",
+        int,
+        1024 * 1024,
+        "body bytes a dead letter keeps (longer: truncated, with its size and SHA-256)",
+        1024,
+    ),
+    Setting(
+        "max_bytes_in_hand",
+        int,
+        256 * 1024 * 1024,
+        "bytes of request bodies held unsettled over which the worker takes no more",
+        1024 * 1024,
+    ),
     Setting("idempotency_ttl", float, 86400.0, "seconds a write's message_id is remembered", 600),
     Setting("connect_timeout", float, 10.0, "seconds per broker or database connection attempt", 1),
     Setting("log_level", str, "INFO", "logging level", None, ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -99,6 +128,10 @@ class WorkerSettings:
     reap_interval: float
     reap_batch: int
     max_body: int
+    max_headers: int
+    max_message_size: int
+    dead_letter_body: int
+    max_bytes_in_hand: int
     idempotency_ttl: float
     connect_timeout: float
     log_level: str

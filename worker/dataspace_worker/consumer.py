@@ -28,15 +28,17 @@ finish what its channel had delivered, ack it, close, return.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import pika
+import pika.data
 from pika.exceptions import (
     AMQPError,
     ChannelClosedByBroker,
@@ -45,7 +47,7 @@ from pika.exceptions import (
 )
 
 from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
-from dataspace_client.errors import DataSpaceRequestError
+from dataspace_client.errors import DataSpaceRequestError, DataSpaceTooLargeError
 from dataspace_client.pika_patches import close_select_connection, close_without_cancel
 from dataspace_client.protocol import (
     BAD_REPLY_TO,
@@ -53,9 +55,11 @@ from dataspace_client.protocol import (
     OPERATIONS,
     PROTOCOL_VERSION,
     VERSION_HEADER,
+    ProtocolError,
     content_type,
     encode_error,
 )
+from dataspace_client.rpc import MAX_MESSAGE_BYTES
 from dataspace_client.urls import BrokerAddresses, mask_password
 
 from . import __version__, metrics
@@ -79,6 +83,37 @@ CHANNEL_REOPEN_PAUSE = 1.0
 RETRY_REOPEN_PAUSE = 0.2
 APP_ID = f"dataspace-worker/{__version__}"
 
+# -- what a client can make the worker publish or hold (issue 12) ------------------
+#: largest header table a request may carry, encoded (setting ``max_headers``)
+MAX_HEADERS = 16 * 1024
+#: body bytes a dead letter keeps; a longer body is kept truncated, with its size and
+#: SHA-256 (setting ``dead_letter_body``)
+DEAD_LETTER_BODY = 1024 * 1024
+#: encoded bytes of a request's own headers a dead letter copies (at most a quarter
+#: of the connection's frame_max): with the worker's own headers and the short-string
+#: properties, the dead letter's header frame stays far below one frame
+DEAD_LETTER_HEADERS = 8 * 1024
+#: bytes of request bodies delivered and not yet settled, across every consumer,
+#: over which the pool stops taking deliveries (setting ``max_bytes_in_hand``)
+MAX_BYTES_IN_HAND = 256 * 1024 * 1024
+#: seconds without a large delivery before the channels' prefetch goes back up from 1
+CAREFUL_FOR = 5.0
+#: the headers a dead letter's own information travels in (never copied from the request)
+DEAD_LETTER_OWN = frozenset(
+    {
+        "x-dataspace-reason",
+        "x-dataspace-error-code",
+        "x-original-exchange",
+        "x-original-routing-key",
+        "x-dead-lettered-by",
+        "x-dead-lettered-at",
+        "x-dataspace-body-size",
+        "x-dataspace-body-sha256",
+        "x-dataspace-headers-dropped",
+        PUBLISH_SEQ_HEADER,
+    }
+)
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -89,6 +124,10 @@ class Delivery:
     properties: pika.BasicProperties
     body: bytes
     redelivered: bool = False
+    #: set when ``body`` was cut to what a dead letter keeps: the original size and
+    #: SHA-256 (hex) of the body as delivered
+    body_size: int | None = None
+    body_sha256: str | None = None
 
 
 @dataclass
@@ -133,6 +172,8 @@ class Consumer:
         self.channel = None
         self.consumer_tag: str | None = None
         self.handled = 0
+        #: the prefetch its current subscription was made with (request queue consumers)
+        self.granted: int | None = None
         #: deliveries of this channel whose ack waits for a dead letter's confirm
         self.held = 0
         self._carry: Delivery | None = None  # taken from the inbox, for the next batch
@@ -147,7 +188,10 @@ class Consumer:
                 return
             started = time.monotonic()
             with metrics.IN_FLIGHT.track_inprogress():
-                outcomes = self._handle(batch)
+                outcomes = [self.pool.sendable(o) for o in self._handle_bounded(batch)]
+            # what a dead letter keeps of a large refused body: cut here, off the I/O
+            # thread, and the whole body let go of before the reply goes out
+            batch = [self.pool.keepable(d, o) for d, o in zip(batch, outcomes, strict=True)]
             elapsed = time.monotonic() - started
             if self.lane is not None and any(o.retry for o in outcomes):
                 self.given_back = batch[0].channel  # see WorkerPool.finish
@@ -188,6 +232,16 @@ class Consumer:
                 return None
             self.inbox.put(None)  # stop after this batch
         return batch
+
+    def _handle_bounded(self, batch: list[Delivery]) -> list[Outcome]:
+        """``_handle``, except that a request whose header table is over the limit
+        is refused unread (WorkerPool.oversized_headers)."""
+        outcomes = [self.pool.oversized_headers(d) for d in batch]
+        admitted = [d for d, o in zip(batch, outcomes, strict=True) if o is None]
+        if len(admitted) == len(batch):
+            return self._handle(batch)
+        handled = iter(self._handle(admitted) if admitted else [])
+        return [o if o is not None else next(handled) for o in outcomes]
 
     def _handle(self, batch: list[Delivery]) -> list[Outcome]:
         refused = [_refused_reply_to(d) for d in batch]
@@ -254,10 +308,35 @@ class WorkerPool:
         connect_timeout: float = 10.0,
         stop_event: threading.Event | None = None,
         reaper=None,
+        max_headers: int = MAX_HEADERS,
+        max_message_size: int = MAX_MESSAGE_BYTES,
+        dead_letter_body: int = DEAD_LETTER_BODY,
+        max_bytes_in_hand: int = MAX_BYTES_IN_HAND,
     ):
         """``reaper``: a dispatcher for retention messages; when given, one more
         consumer (prefetch 1) takes the reaper queue, as a single active consumer
-        among all workers."""
+        among all workers.
+
+        What a client can make the worker publish or hold (docs/security.md):
+        ``max_headers``, the largest encoded header table a request may carry;
+        ``max_message_size``, the broker's (a larger reply is replaced by a
+        ``too_large`` error); ``dead_letter_body``, body bytes a dead letter keeps;
+        ``max_bytes_in_hand``, request body bytes delivered and not yet settled
+        over which the pool stops taking deliveries."""
+        self.max_headers = max_headers
+        self.max_message_size = max_message_size
+        self.dead_letter_body = min(dead_letter_body, max_message_size)
+        self.max_bytes_in_hand = max_bytes_in_hand
+        #: request body bytes delivered and not settled, by channel and tag (I/O thread)
+        self._in_hand = _Ledger()
+        #: taking no more deliveries on the request queue while over max_bytes_in_hand
+        self.paused = False
+        #: channels' prefetch lowered to 1 (large deliveries seen) until this time
+        self._careful_until = 0.0
+        #: a new connection's channels start with prefetch 1 until a first delivery
+        #: shows the queue does not hold large bodies (a backlog of them would
+        #: otherwise come in whole prefetch windows at once)
+        self._probing = True
         self.amqp_url = amqp_url
         self.masked_url = mask_password(amqp_url)
         self.dispatcher = dispatcher
@@ -279,6 +358,9 @@ class WorkerPool:
             for i, lane in enumerate(topology.lane_queues)
         ]
         self.consumers.extend(self.lanes)
+        #: a delivery this large lowers every channel's prefetch to 1 for a while: full
+        #: prefetch windows of smaller ones hold max_bytes_in_hand at most
+        self._large = max(1, max_bytes_in_hand // (prefetch * len(self.consumers)))
         self.consuming = threading.Event()
         self.connections_opened = 0
         #: why the pool gave up for good (the broker refused it), or None
@@ -433,6 +515,10 @@ class WorkerPool:
                 # callbacks scheduled on that loop will never run; the broker has
                 # requeued their deliveries with the connection
                 self._finishing = 0
+            self._in_hand.clear()
+            self.paused = False
+            self._careful_until = 0.0
+            metrics.BYTES_IN_HAND.set(0)
             connection.ioloop.close()
             reached = self.consuming.is_set()
             self.consuming.clear()
@@ -507,6 +593,7 @@ class WorkerPool:
             connection.close()
             return
         self.connections_opened += 1
+        self._probing = True
         self._guard.connected()  # which nodes run: learnt again on this connection
         connection.channel(on_open_callback=self._on_dead_channel_open)
 
@@ -589,6 +676,13 @@ class WorkerPool:
         consumer.given_back = None  # a new channel: nothing of it was given back
         channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
         channel.add_on_cancel_callback(partial(self._on_cancelled, consumer))
+        self._track(channel)
+        if self._shared(consumer):  # subscribed as the bytes in hand allow
+            consumer.consumer_tag = None
+            if self.stopping.is_set():
+                consumer.inbox.put(None)
+            self._resubscribe()
+            return
         channel.basic_qos(
             prefetch_count=consumer.prefetch,
             callback=lambda _frame: self._consume(consumer, channel),
@@ -598,6 +692,10 @@ class WorkerPool:
         if self.stopping.is_set():
             consumer.inbox.put(None)
             return
+        if consumer.consumer_tag is not None or channel is not consumer.channel:
+            return  # consuming already (resumed while its qos was on the way), or closed
+        if self.paused and self._shared(consumer):
+            return  # over max_bytes_in_hand: _released subscribes it again
         consumer.consumer_tag = channel.basic_consume(
             consumer.queue_name,
             partial(self._on_message, consumer),
@@ -621,6 +719,8 @@ class WorkerPool:
             self.consuming.set()
 
     def _on_channel_closed(self, consumer: Consumer, channel, reason) -> None:
+        self._in_hand.drop(channel)  # its unacked deliveries went back to the queue
+        self._released()
         if consumer.channel is channel:
             consumer.channel = None
             consumer.consumer_tag = None
@@ -740,6 +840,7 @@ class WorkerPool:
         consumer.last_delivery = time.monotonic()
         if method.redelivered:
             metrics.REDELIVERED.inc()
+        self._took(consumer, channel, method.delivery_tag, len(body))
         consumer.inbox.put(
             Delivery(
                 channel,
@@ -751,6 +852,174 @@ class WorkerPool:
                 bool(method.redelivered),
             )
         )
+
+    # -- bounds on what a client can make the worker publish or hold -----------------
+    def oversized_headers(self, delivery: Delivery) -> Outcome | None:
+        """A ``bad_request`` outcome for a request whose header table encodes larger
+        than ``max_headers`` (not run; its dead letter does not copy the table), else
+        None. A table near the broker's frame_max is fine to publish, but anything
+        the worker built from it (a dead letter: the table and its own headers) would
+        not fit in a frame: the broker would close the connection at each redelivery."""
+        size = _table_size(delivery.properties.headers)
+        if size <= self.max_headers:
+            return None
+        reason = (
+            f"header table of {size if size is not None else 'unencodable'} bytes is over "
+            f"the limit of {self.max_headers}"
+        )
+        return Outcome(encode_error(ProtocolError(reason)), "bad_request", "?", reason=reason)
+
+    def sendable(self, outcome: Outcome) -> Outcome:
+        """``outcome``, or a ``too_large`` error in its place when its reply body is
+        over the broker's max_message_size: the broker would refuse that reply by
+        closing the channel, again at every redelivery. The request is settled
+        with the error reply; it is never retried."""
+        body = outcome.body
+        if body is None or len(body) <= self.max_message_size:
+            return outcome
+        reason = (
+            f"{outcome.operation}: the reply of {len(body)} bytes is over the broker's "
+            f"max_message_size ({self.max_message_size} bytes); read the products one at "
+            "a time: get_dataproduct(taskmanager_id, generation_id, key) for each key"
+        )
+        log.warning("%s", reason)
+        metrics.REPLIES_TOO_LARGE.inc()
+        error = encode_error(DataSpaceTooLargeError(reason))
+        return Outcome(error, "too_large", outcome.operation, reason=reason)
+
+    def keepable(self, delivery: Delivery, outcome: Outcome) -> Delivery:
+        """``delivery``, with its body cut to ``dead_letter_body`` bytes (and its size
+        and SHA-256 noted) when the request failed and may be dead-lettered: the dead
+        letter keeps no more, and the whole body need not be held until it is
+        confirmed. Runs on the database thread (hashing 100 MiB takes a while)."""
+        if outcome.code == "ok" or outcome.retry or delivery.body_size is not None:
+            return delivery
+        if len(delivery.body) <= self.dead_letter_body:
+            return delivery
+        return _truncated(delivery, self.dead_letter_body)
+
+    def _took(self, consumer: Consumer, channel, tag: int, size: int) -> None:
+        """Count a delivery's body in hand (I/O thread); subscribe the request queue's
+        consumers anew when that changes what they should take."""
+        self._in_hand.add(channel, tag, size)
+        metrics.BYTES_IN_HAND.set(self._in_hand.total)
+        changed = False
+        if size >= self._large:
+            changed = self._probing or time.monotonic() >= self._careful_until
+            self._probing = False
+            self._careful_until = time.monotonic() + CAREFUL_FOR
+            if changed and self._connection is not None:
+                self._connection.ioloop.call_later(
+                    CAREFUL_FOR, partial(self._end_care, self._connection)
+                )
+        elif self._probing:
+            self._probing = False
+            changed = time.monotonic() >= self._careful_until
+        if not self.paused and self._in_hand.total > self.max_bytes_in_hand:
+            self.paused = changed = True
+            metrics.CONSUMPTION_PAUSES.inc()
+            log.info(
+                "holding %d bytes of requests (max_bytes_in_hand %d): taking no more "
+                "until half of that is settled",
+                self._in_hand.total,
+                self.max_bytes_in_hand,
+            )
+        if changed:
+            self._resubscribe()
+
+    def _released(self) -> None:
+        """Bodies were settled or given back (I/O thread): take deliveries again when
+        down to half the limit."""
+        metrics.BYTES_IN_HAND.set(self._in_hand.total)
+        if self.paused and self._in_hand.total <= self.max_bytes_in_hand // 2:
+            self.paused = False
+            log.info("holding %d bytes of requests: taking deliveries again", self._in_hand.total)
+            self._resubscribe()
+
+    def _end_care(self, connection) -> None:
+        """CAREFUL_FOR seconds after a large delivery: back to the full prefetch, unless
+        another came meanwhile."""
+        if connection is not self._connection or not connection.is_open:
+            return
+        left = self._careful_until - time.monotonic()
+        if left > 0:
+            connection.ioloop.call_later(left, partial(self._end_care, connection))
+            return
+        self._resubscribe()
+
+    def _track(self, channel) -> None:
+        """Count every settlement made on a consumer channel, wherever in this module
+        it is made (ack, nack, reject: each releases its bodies from the ledger)."""
+        ledger = self._in_hand
+        ack, nack, reject = channel.basic_ack, channel.basic_nack, channel.basic_reject
+
+        def basic_ack(delivery_tag=0, multiple=False):
+            ack(delivery_tag, multiple)
+            ledger.settle(channel, delivery_tag, multiple)
+            self._released()
+
+        def basic_nack(delivery_tag=0, multiple=False, requeue=True):
+            nack(delivery_tag, multiple, requeue)
+            ledger.settle(channel, delivery_tag, multiple)
+            self._released()
+
+        def basic_reject(delivery_tag=0, requeue=True):
+            reject(delivery_tag, requeue)
+            ledger.settle(channel, delivery_tag, False)
+            self._released()
+
+        channel.basic_ack, channel.basic_nack, channel.basic_reject = (
+            basic_ack,
+            basic_nack,
+            basic_reject,
+        )
+
+    def _shared(self, consumer: Consumer) -> bool:
+        """A consumer of the request queue (not a lane, not the reaper)."""
+        return consumer.lane is None and consumer.queue_name == self.topology.request_queue.name
+
+    def _wanted_prefetch(self, consumer: Consumer) -> int | None:
+        """What a request queue consumer should be subscribed with: None (not at all)
+        while over max_bytes_in_hand; prefetch 1 on a new connection until a first
+        delivery shows the queue does not hold large bodies (a backlog of them would
+        come in whole prefetch windows at once), and for CAREFUL_FOR seconds after a
+        large one; else its prefetch."""
+        if self.paused:
+            return None
+        if self._probing or time.monotonic() < self._careful_until:
+            return 1
+        return consumer.prefetch
+
+    def _resubscribe(self) -> None:
+        """Subscribe each request queue consumer as ``_wanted_prefetch`` says.
+
+        RabbitMQ applies a channel's basic.qos to consumers subscribed after it only,
+        so a consumer is cancelled and subscribed again with the new prefetch; what it
+        holds is run and settled as usual. Lanes and the reaper are left alone: each
+        is a single active consumer, and a cancel would hand it to another worker
+        while this one still holds its earlier requests (their order would not hold);
+        they stay bounded by their prefetch count."""
+        if self.stopping.is_set():
+            return
+        for consumer in self.consumers:
+            channel = consumer.channel
+            if not self._shared(consumer) or channel is None or not channel.is_open:
+                continue
+            wanted = self._wanted_prefetch(consumer)
+            tag = consumer.consumer_tag
+            if tag is not None and consumer.granted == wanted:
+                continue
+            if tag is not None:
+                consumer.consumer_tag = None
+                channel.basic_cancel(tag, callback=lambda _frame: None)
+                # pika rejects (requeues) what arrives between a cancel and its
+                # cancel-ok; those are taken as usual instead (no redelivery, no
+                # delivery count spent); pika forgets the consumer at the cancel-ok
+                channel._cancelled.discard(tag)
+            if wanted is not None:
+                consumer.granted = wanted
+                channel.basic_qos(prefetch_count=wanted)  # pika sends it, then the consume
+                self._consume(consumer, channel)
 
     def finish(self, consumer: Consumer, handled: list[tuple[Delivery, Outcome]]) -> None:
         """Publish the replies (and dead letters) of handled requests, then settle them.
@@ -855,8 +1124,11 @@ class WorkerPool:
         if channel is None or not channel.is_open:
             delivery.channel.basic_nack(delivery.tag, requeue=True)  # try again later
             return
+        if delivery.body_size is None and len(delivery.body) > self.dead_letter_body:
+            delivery = _truncated(delivery, self.dead_letter_body)  # not cut beforehand
         self._dead_published += 1
-        properties = _dead_letter(delivery, outcome)
+        frame_max = getattr(channel.connection.params, "frame_max", 0) or 131072
+        properties = _dead_letter(delivery, outcome, min(DEAD_LETTER_HEADERS, frame_max // 4))
         # mandatory: a dead letter with no queue to go to must not be acked away
         properties.headers[PUBLISH_SEQ_HEADER] = self._dead_published
         channel.basic_publish(
@@ -965,10 +1237,18 @@ def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
     )
 
 
-def _dead_letter(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
-    """The original properties, persistent, with why and whence in the headers."""
+def _dead_letter(
+    delivery: Delivery, outcome: Outcome, budget: int = DEAD_LETTER_HEADERS
+) -> pika.BasicProperties:
+    """The original properties, persistent, with why and whence in the headers.
+
+    Of the request's own headers, only those that fit in ``budget`` encoded bytes
+    are copied (in their order; the names of the others are noted in
+    ``x-dataspace-headers-dropped``): the dead letter's header frame must fit in
+    the connection's frame_max, or the broker closes the connection. A body cut
+    to ``dead_letter_body`` (``_truncated``) carries its size and SHA-256."""
     original = delivery.properties
-    headers = dict(original.headers or {})
+    headers, dropped = _bounded_headers(original.headers, budget)
     headers.update(
         {
             "x-dataspace-reason": outcome.reason[:1000],
@@ -979,6 +1259,11 @@ def _dead_letter(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
             "x-dead-lettered-at": int(time.time()),
         }
     )
+    if dropped:
+        headers["x-dataspace-headers-dropped"] = dropped
+    if delivery.body_size is not None:
+        headers["x-dataspace-body-size"] = delivery.body_size
+        headers["x-dataspace-body-sha256"] = delivery.body_sha256
     return pika.BasicProperties(
         content_type=original.content_type,
         content_encoding=original.content_encoding,
@@ -991,3 +1276,79 @@ def _dead_letter(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
         timestamp=original.timestamp,
         headers=headers,
     )
+
+
+def _table_size(table: dict | None) -> int | None:
+    """Encoded size of an AMQP field table, None if it cannot be encoded."""
+    if not table:
+        return 4
+    try:
+        return pika.data.encode_table([], table)
+    except Exception:  # a value pika decoded but cannot encode again
+        return None
+
+
+def _bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
+    """The request's headers that fit in ``budget`` encoded bytes, in order (the
+    dead letter's own headers are never taken from it), and a note of the others."""
+    kept: dict = {}
+    dropped: list[str] = []
+    used = 4
+    for name, value in (original or {}).items():
+        size = _table_size({name: value})
+        if name in DEAD_LETTER_OWN or size is None or used + size - 4 > budget:
+            dropped.append(name)
+            continue
+        kept[name] = value
+        used += size - 4
+    if not dropped:
+        return kept, ""
+    names = ", ".join(ascii(n)[:66] for n in dropped[:20])
+    more = f" and {len(dropped) - 20} more" if len(dropped) > 20 else ""
+    return kept, f"{len(dropped)} header(s) not kept: {names}{more}"[:1000]
+
+
+def _truncated(delivery: Delivery, keep: int) -> Delivery:
+    """``delivery`` with its body cut to ``keep`` bytes, its size and SHA-256 noted."""
+    body = delivery.body
+    return replace(
+        delivery,
+        body=body[:keep],
+        body_size=len(body),
+        body_sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+class _Ledger:
+    """Request body bytes delivered and not yet settled, by channel and delivery tag
+    (I/O thread only)."""
+
+    def __init__(self):
+        self.total = 0
+        self._channels: dict[object, dict[int, int]] = {}
+
+    def add(self, channel, tag: int, size: int) -> None:
+        self._channels.setdefault(channel, {})[tag] = size
+        self.total += size
+
+    def settle(self, channel, tag: int, multiple: bool) -> None:
+        tags = self._channels.get(channel)
+        if not tags:
+            return
+        if not multiple:
+            self.total -= tags.pop(tag, 0)
+            return
+        if tag == 0:  # multiple with tag 0: everything delivered on the channel
+            settled = list(tags)
+        else:
+            settled = [t for t in tags if t <= tag]
+        for t in settled:
+            self.total -= tags.pop(t)
+
+    def drop(self, channel) -> None:
+        """The channel closed: the broker took back what it had not settled."""
+        self.total -= sum(self._channels.pop(channel, {}).values())
+
+    def clear(self) -> None:
+        self._channels.clear()
+        self.total = 0

@@ -88,6 +88,21 @@ POOL_SIZE = Gauge(
     "dataspace_database_pool_size", "Connections the pool may open", registry=REGISTRY
 )
 POOL_IN_USE = Gauge("dataspace_database_pool_in_use", "Pool connections in use", registry=REGISTRY)
+BYTES_IN_HAND = Gauge(
+    "dataspace_request_bytes_in_hand",
+    "Bytes of request bodies delivered to this worker and not yet settled",
+    registry=REGISTRY,
+)
+CONSUMPTION_PAUSES = Counter(
+    "dataspace_consumption_pauses",
+    "Times the worker stopped taking requests, holding over max_bytes_in_hand",
+    registry=REGISTRY,
+)
+REPLIES_TOO_LARGE = Counter(
+    "dataspace_replies_too_large",
+    "Replies over the broker's max_message_size, answered with a too_large error instead",
+    registry=REGISTRY,
+)
 REAPS = Counter(
     "dataspace_reaps", "Reaps run by this worker, by outcome", ["outcome"], registry=REGISTRY
 )
