@@ -369,8 +369,35 @@ def _management(args) -> ManagementClient:
     return ManagementClient.for_broker(args.url, args.management_url, timeout=timeout)
 
 
+def _safe(text: Any) -> str:
+    """``text`` fit for a terminal: every character that is not printable (C0 and C1
+    controls, DEL, so ANSI escape sequences; bidi overrides and other format
+    characters; line breaks) written as a ``\\uXXXX`` escape, which is also valid
+    inside a JSON string. Everything this command prints of what the broker, the
+    workers or other clients supplied goes through here (``_emit``)."""
+    text = text if isinstance(text, str) else str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a UTF-16 surrogate pair, as JSON writes it
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def _emit(text: Any = "", file=None) -> None:
+    """Print ``text`` line by line, each made safe (``_safe``): the only way this
+    command writes. Text that may hold line breaks of its own (a field shown
+    inside a line) must go through ``_safe`` first."""
+    print("\n".join(_safe(line) for line in str(text).split("\n")), file=file or sys.stdout)
+
+
 def _error(message: str) -> None:
-    print(f"dataspace: {message}", file=sys.stderr)
+    _emit(f"dataspace: {_safe(message)}", file=sys.stderr)
 
 
 def _iso(epoch: Any) -> str | None:
@@ -406,12 +433,12 @@ def _reap(args) -> int:
         result = source.reap(args.days, timeout=_timeout(args, REAP_TIMEOUT))
     finally:
         source.close()
-    print(
+    _emit(
         f"reaped task managers older than {args.days:g} days: "
         f"{result['taskmanagers']} task managers, {result['dataproducts']} products, "
         f"{result['batches']} batches in {result['seconds']:.1f} s"
     )
-    print(orjson.dumps(result).decode())
+    _emit(orjson.dumps(result).decode())
     return 0
 
 
@@ -563,14 +590,14 @@ def _in(iso: str | None) -> str:
 
 
 def _print_status(status: dict) -> None:
-    print(f"vhost {status['vhost']!r}, management API {status['management_url']}")
+    _emit(f"vhost {status['vhost']!r}, management API {_safe(status['management_url'])}")
     rows = [("QUEUE", "TYPE", "STATE", "READY", "UNACKED", "CONSUMERS")]
     for q in status["queues"]:
         rows.append(
             (
-                q["name"],
-                _figure(q["type"]),
-                _figure(q["state"]),
+                _safe(q["name"]),
+                _safe(_figure(q["type"])),
+                _safe(_figure(q["state"])),
                 _figure(q["messages_ready"]),
                 _figure(q["messages_unacknowledged"]),
                 _figure(q["consumers"]),
@@ -580,45 +607,47 @@ def _print_status(status: dict) -> None:
     for row in rows:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2])]
         cells += [cell.rjust(width) for cell, width in zip(row[3:], widths[3:])]
-        print("  ".join(cells).rstrip())
+        _emit("  ".join(cells).rstrip())
     if any(q["messages_ready"] is None for q in status["queues"]):
-        print("(-: no statistics from the broker yet; they come every few seconds)")
+        _emit("(-: no statistics from the broker yet; they come every few seconds)")
     reaper = next((q for q in status["queues"] if q["name"] == REAPER_QUEUE), None)
     if reaper is not None:
         active = reaper["active_consumer"]
         if active:
-            who = active["name"] or active["connection"]
-            print(
-                f"active reaper consumer: {who} (peer {active['peer']}, {active['consumer_tag']})"
+            who = _safe(active["name"] or active["connection"])
+            _emit(
+                f"active reaper consumer: {who} (peer {_safe(active['peer'])}, "
+                f"{_safe(active['consumer_tag'])})"
             )
         elif reaper["consumers"]:
-            print("active reaper consumer: not reported by the management API")
+            _emit("active reaper consumer: not reported by the management API")
     pending = status["next_reap"]
     if pending and pending["next_reap_at"]:
         days = pending["days"]
         days = f", task managers older than {days:g} days" if _is_number(days) else ""
-        print(f"next scheduled reap: {pending['next_reap_at']}{_in(pending['next_reap_at'])}{days}")
+        when = _safe(pending["next_reap_at"])
+        _emit(f"next scheduled reap: {when}{_in(pending['next_reap_at'])}{days}")
     elif pending:
-        print("next scheduled reap: a run is pending (no x-dataspace-next-reap-at header)")
+        _emit("next scheduled reap: a run is pending (no x-dataspace-next-reap-at header)")
     else:
-        print("next scheduled reap: none pending (retention_days 0, or not armed yet)")
+        _emit("next scheduled reap: none pending (retention_days 0, or not armed yet)")
     dead = status["dead_letters"]
     if dead is None:
-        print("dead letters: unknown (no statistics yet)")
+        _emit("dead letters: unknown (no statistics yet)")
     else:
-        print(f"dead letters: {dead}" + (" (dataspace dead list)" if dead else ""))
+        _emit(f"dead letters: {dead}" + (" (dataspace dead list)" if dead else ""))
     if status["problems"]:
-        print("UNHEALTHY:")
+        _emit("UNHEALTHY:")
         for problem in status["problems"]:
-            print(f"  - {problem}")
+            _emit(f"  - {_safe(problem)}")
     else:
-        print("healthy")
+        _emit("healthy")
 
 
 def _status(args) -> int:
     status = _collect_status(_management(args))
     if args.json:
-        print(orjson.dumps(status).decode())
+        _emit(orjson.dumps(status).decode())
     else:
         _print_status(status)
     return 0 if status["healthy"] else 1
@@ -651,7 +680,7 @@ def _preview(message: dict) -> str:
             text = payload
     else:
         text = payload
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
+    text = _safe(" ".join(text.split()))
     if len(text) > PREVIEW_CHARS or (message.get("payload_bytes") or 0) > len(payload):
         return text[:PREVIEW_CHARS] + "..."
     return text
@@ -708,19 +737,19 @@ def _dead_list(args) -> int:
         entries = [e for e in entries if e["message_id"] in wanted]
     if args.json:
         out = {"vhost": api.vhost, "total": total, "examined": len(messages), "messages": entries}
-        print(orjson.dumps(out).decode())
+        _emit(orjson.dumps(out).decode())
         return 0
     for e in entries:
-        print(
-            f"{e['message_id'] or '-'}  {e['operation'] or '-'}  {e['code'] or '-'}  "
-            f"{e['time'] or '-'}  {e['size']} bytes"
+        _emit(
+            f"{_safe(e['message_id'] or '-')}  {_safe(e['operation'] or '-')}  "
+            f"{_safe(e['code'] or '-')}  {_safe(e['time'] or '-')}  {_safe(e['size'])} bytes"
         )
-        print(f"    reason: {e['reason'] or '-'}")
-        print(f"    body:   {e['preview']}")
+        _emit(f"    reason: {_safe(e['reason'] or '-')}")
+        _emit(f"    body:   {_safe(e['preview'])}")
     shown = f"{len(entries)} shown" + (
         f" (of the first {len(messages)})" if len(entries) != len(messages) else ""
     )
-    print(f"{shown}; {total} dead letter(s) in {DEAD_LETTER_QUEUE} of vhost {api.vhost!r}")
+    _emit(f"{shown}; {total} dead letter(s) in {DEAD_LETTER_QUEUE} of vhost {api.vhost!r}")
     return 0
 
 
@@ -752,7 +781,7 @@ def _confirm(question: str) -> bool:
         interactive = False
     if not interactive:
         return True
-    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.write(f"{_safe(question)} [y/N] ")
     sys.stderr.flush()
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
@@ -793,14 +822,14 @@ def _dead_replay(args) -> int:
         channel.confirm_delivery()
         count = present if args.limit is None else min(args.limit, present)
         if count == 0:
-            print("replayed 0, skipped 0 (no dead letters)")
+            _emit("replayed 0, skipped 0 (no dead letters)")
             return 0
         which = "those with the message_id(s) given among " if args.message_id else ""
         if not args.yes and not _confirm(
             f"replay {which}the first {count} of {present} dead letter(s) of vhost {vhost!r} "
             f"to exchange {EXCHANGE!r}?"
         ):
-            print("not replayed: answered no", file=sys.stderr)
+            _emit("not replayed: answered no", file=sys.stderr)
             return 1
         wanted = set(args.message_id or ())
         failed = None
@@ -820,8 +849,8 @@ def _dead_replay(args) -> int:
                 routing_key = _original_routing_key(headers)
                 if not routing_key:
                     tqdm.write(
-                        f"skipped {props.message_id or '-'}: no x-original-routing-key or "
-                        "x-death routing key",
+                        f"skipped {_safe(props.message_id or '-')}: no x-original-routing-key "
+                        "or x-death routing key",
                         file=sys.stderr,
                     )
                     held.append(method.delivery_tag)
@@ -834,25 +863,25 @@ def _dead_replay(args) -> int:
                 except (UnroutableError, NackError) as exc:
                     held.append(method.delivery_tag)
                     failed = (
-                        f"the broker refused the copy of {props.message_id or '-'} "
-                        f"(routing key {routing_key}): {type(exc).__name__}; it stays dead"
+                        f"the broker refused the copy of {_safe(props.message_id or '-')} "
+                        f"(routing key {_safe(routing_key)}): {type(exc).__name__}; it stays dead"
                     )
                     break
                 channel.basic_ack(method.delivery_tag)
                 replayed += 1
         for tag in held:
             channel.basic_nack(tag, requeue=True)
-        print(f"replayed {replayed}, skipped {skipped}")
+        _emit(f"replayed {replayed}, skipped {skipped}")
         if failed:
             _error(failed)
             return 1
         return 0
     except AMQPChannelError as exc:
         _error(f"the broker closed the channel: {exc}; unconfirmed dead letters stay")
-        print(f"replayed {replayed}, skipped {skipped}")
+        _emit(f"replayed {replayed}, skipped {skipped}")
         return 1
     except AMQPConnectionError as exc:
-        print(f"replayed {replayed}, skipped {skipped}")
+        _emit(f"replayed {replayed}, skipped {skipped}")
         raise DataSpaceConnectionError(
             f"lost the broker at {masked}: {_reason(exc)}; unconfirmed dead letters stay"
         ) from None
@@ -898,16 +927,16 @@ def _get(args) -> int:
         )
         return 1
     except DataSpaceError:
-        print(
+        _emit(
             f"dataspace: not in DataBlock format: {len(stored)} raw bytes",
             file=sys.stderr,
         )
-        print(stored.hex() if args.hex else repr(stored))
+        _emit(stored.hex() if args.hex else repr(stored))
         return 0
     if _is_json(value):
-        print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+        _emit(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(pprint.pformat(value, sort_dicts=False))
+        _emit(pprint.pformat(value, sort_dicts=False))
     return 0
 
 
@@ -941,7 +970,7 @@ def _put(args) -> int:
         return 4
     finally:
         source.close()
-    print(
+    _emit(
         f"{done} product {args.key!r} of task manager {args.tm_seq}, generation "
         f"{args.generation} ({len(stored)} bytes stored)"
     )
