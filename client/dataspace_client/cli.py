@@ -89,7 +89,7 @@ from .protocol import (
     SCHEDULE_QUEUE,
 )
 from .remote import DEFAULT_URL, RemoteDataSource
-from .urls import mask_password
+from .urls import BrokerAddresses, mask_password
 from .values import PickleRefusedError, decode_value, encode_value
 
 MIN_RETENTION_DAYS = 7
@@ -790,10 +790,7 @@ def _dead_replay(args) -> int:
     timeout = _timeout(args)
     masked = mask_password(args.url)
     vhost = vhost_of(args.url)
-    try:
-        params = pika.URLParameters(args.url)
-    except Exception as exc:  # pika raises assorted errors for a bad URL
-        raise DataSpaceConfigurationError(f"invalid broker URL {masked}: {exc}") from None
+    params = BrokerAddresses(args.url, lambda _params: None).current  # checked by main
     params.connection_attempts = 1
     params.socket_timeout = min(timeout, 10.0)
     params.blocked_connection_timeout = timeout
@@ -992,6 +989,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command = COMMANDS[args.command]
     started = time.monotonic()
+    try:
+        # a URL that cannot be used is said once, without its password, for every command
+        BrokerAddresses(args.url, lambda _params: None)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
     try:
         return command(args)
     except DataSpaceConfigurationError as exc:

@@ -12,7 +12,9 @@ credentials, port 15672 (15671 for ``amqps``), the vhost of the broker URL::
 
 A given management URL may carry its own credentials (``http://user:pw@host:15672/``)
 and a path prefix (a management UI behind a reverse proxy); without credentials,
-those of the broker URL are used.
+those of the broker URL are used. Over https the API's certificate is checked as
+the broker's is: against the broker URL's ``tls_ca_file`` (see ``urls.py``), else
+the system's CAs, with its hostname.
 
 The figures the API reports are statistics the broker emits every few seconds
 (``collect_statistics_interval``, 5 s by default): a queue declared a moment ago
@@ -24,12 +26,14 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .errors import DataSpaceConfigurationError, DataSpaceConnectionError, DataSpaceError
+from .urls import _userinfo, split_urls, tls_context_of, url_problem
 
 DEFAULT_PORT = 15672
 DEFAULT_TLS_PORT = 15671
@@ -80,10 +84,13 @@ def management_url_for(amqp_url: str) -> str:
 
 
 def _display(url: str) -> str:
-    """The URL without its userinfo: what messages show."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=netloc, path=parts.path or "/", query="", fragment=""))
+    """The URL without its userinfo: what messages show (whatever the password holds)."""
+    start, _, rest = _userinfo(url)
+    try:
+        parts = urlsplit(start + rest)
+    except ValueError:
+        return "<unparseable url>"
+    return urlunsplit(parts._replace(path=parts.path or "/", query="", fragment=""))
 
 
 class ManagementClient:
@@ -97,7 +104,11 @@ class ManagementClient:
         username: str | None = None,
         password: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        context: ssl.SSLContext | None = None,
     ):
+        problem = url_problem(url)
+        if problem:
+            raise DataSpaceConfigurationError(f"invalid management URL {_display(url)}: {problem}")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise DataSpaceConfigurationError(
@@ -117,6 +128,7 @@ class ManagementClient:
             f"{self.username}:{password if password is not None else 'guest'}".encode()
         ).decode("ascii")
         self.timeout = timeout
+        self.context = context
 
     @classmethod
     def for_broker(
@@ -124,15 +136,21 @@ class ManagementClient:
     ) -> ManagementClient:
         """The client for the broker and vhost of ``amqp_url``; ``management_url`` overrides
         where the API is (its credentials, if any, override those of ``amqp_url``)."""
+        amqp_url = split_urls(amqp_url)[0]
         parts = urlsplit(amqp_url)
         username = unquote(parts.username) if parts.username is not None else None
         password = unquote(parts.password) if parts.password is not None else None
+        try:
+            context = tls_context_of(amqp_url)  # the broker's CA checks the API too
+        except ValueError as exc:
+            raise DataSpaceConfigurationError(str(exc)) from None
         return cls(
             management_url or management_url_for(amqp_url),
             vhost_of(amqp_url),
             username=username,
             password=password,
             timeout=timeout,
+            context=context,
         )
 
     # -- HTTP ------------------------------------------------------------------------
@@ -145,7 +163,9 @@ class ManagementClient:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                req, timeout=self.timeout, context=self.context
+            ) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc, path) from None

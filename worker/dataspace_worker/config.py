@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -227,6 +228,7 @@ def load(args: argparse.Namespace | None = None, environ: dict | None = None) ->
             value, source = flag_value, f"flag {s.flag}"
         values[s.name] = _coerce(s, value, source)
     _check_amqp_url(values["amqp_url"])
+    _check_pg_dsn(values["pg_dsn"])
     _check_retention(values)
     return WorkerSettings(**values)
 
@@ -245,6 +247,55 @@ def _check_retention(values: dict) -> None:
         raise DataSpaceConfigurationError(
             f"setting 'reap_interval' must be at least {reaper.MIN_INTERVAL} seconds, "
             f"got {values['reap_interval']:g}"
+        )
+
+
+#: libpq keywords an error message may name as they are (any other quoted text in
+#: libpq's message may be a piece of the password, and is masked)
+_DSN_KEYWORDS = frozenset(
+    "host hostaddr port dbname user password passfile channel_binding connect_timeout "
+    "client_encoding options application_name fallback_application_name keepalives "
+    "keepalives_idle keepalives_interval keepalives_count tcp_user_timeout replication "
+    "gssencmode sslmode requiressl sslcompression sslcert sslkey sslpassword sslrootcert "
+    "sslcrl sslcrldir sslsni requirepeer ssl_min_protocol_version ssl_max_protocol_version "
+    "krbsrvname gsslib service target_session_attrs load_balance_hosts".split()
+)
+_KEEP = _DSN_KEYWORDS | {"="}
+
+
+def _check_pg_dsn(dsn: str) -> None:
+    """libpq must read the DSN; its complaint is shown without any piece of the
+    password (libpq quotes the text it stumbled on, which may be one)."""
+    from psycopg2.extensions import parse_dsn
+
+    from dataspace_client.urls import _userinfo
+
+    where = "setting 'pg_dsn'"
+    _, userinfo, _ = _userinfo(dsn)
+    if userinfo and ":" in userinfo and "/" in userinfo:  # libpq takes '#', '?', '@' there
+        raise DataSpaceConfigurationError(
+            f"{where}: not a usable PostgreSQL URL: an unencoded '/' before the host (in the "
+            "user name or password): percent-encode it as %2F (the DSN is not shown: it may "
+            "hold a password)"
+        )
+    try:
+        parsed = parse_dsn(dsn)
+    except Exception as exc:  # psycopg2.ProgrammingError, with libpq's words
+        detail = str(exc).strip().removeprefix("invalid dsn: ")
+        detail = re.sub(
+            r'"([^"]*)"',
+            lambda m: m.group(0) if m.group(1) in _KEEP else '"***"',
+            detail,
+        )
+        raise DataSpaceConfigurationError(
+            f"{where}: not a valid PostgreSQL DSN: {detail} (the DSN is not shown: it may "
+            "hold a password)"
+        ) from None
+    port = parsed.get("port")
+    if port and not all(p.strip().isdigit() for p in port.split(",")):
+        raise DataSpaceConfigurationError(
+            f"{where}: the port is not a number (the DSN is not shown: it may hold a "
+            "password; in a URL, percent-encode '/' in the password as %2F)"
         )
 
 
