@@ -360,3 +360,38 @@ def test_the_guard_keeps_trying_while_the_reply_is_wanted_and_stops_with_the_wor
     finally:
         stopping.set()
         guard.stop()
+
+
+def test_a_reply_the_broker_refuses_for_its_size_is_answered_too_large_once():
+    """A broker whose max_message_size is below the worker's refuses the reply with
+    406 on the channel: the guard must not retry it for as long as it is wanted
+    (it would be refused every time), but answer ``too_large`` instead."""
+    from pika.exceptions import ChannelClosedByBroker
+
+    published: list[tuple[str, bytes, pika.BasicProperties]] = []
+
+    class SmallBroker:
+        is_open = True
+
+        def basic_publish(self, exchange, routing_key, body, properties):
+            if len(body) > 1000:
+                raise ChannelClosedByBroker(406, "PRECONDITION_FAILED - message size too large")
+            published.append((routing_key, body, properties))
+
+    guard = guarded_replies.GuardedReplies(
+        lambda: pika.URLParameters("amqp://127.0.0.1:1/%2F"), threading.Event()
+    )
+    guard._open = SmallBroker  # each attempt opens "a channel" on the small broker
+    guard._close = lambda: None
+    reply = guarded_replies.GuardedReply(
+        elsewhere("big"),
+        b"x" * 5000,
+        pika.BasicProperties(headers={"x-dataspace-outcome": "ok"}),
+        lambda _result: None,
+    )
+    assert guard._deliver(reply) == "sent"
+    [(address, body, properties)] = published
+    assert address == reply.reply_to
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "too_large" and "5000 bytes" in error["message"]
+    assert properties.headers["x-dataspace-outcome"] == "too_large"

@@ -70,6 +70,8 @@ LANE_WORKERS_QUEUE = "dataspace.lanes.workers"
 VERSION_HEADER = "x-dataspace-protocol"
 #: on a request: its sender reads framed replies (clients before frames do not)
 FRAMES_HEADER = "x-dataspace-frames"
+#: on a reply: "ok" or the error code, for tools that do not parse the body
+OUTCOME_HEADER = "x-dataspace-outcome"
 #: error code of a request whose ``reply_to`` is not a direct reply-to address: it
 #: is dead-lettered without running and never answered (the name could be any queue)
 BAD_REPLY_TO = "bad_reply_to"

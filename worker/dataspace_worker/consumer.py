@@ -53,6 +53,7 @@ from dataspace_client.protocol import (
     BAD_REPLY_TO,
     DEAD_LETTER_EXCHANGE,
     OPERATIONS,
+    OUTCOME_HEADER,
     PROTOCOL_VERSION,
     VERSION_HEADER,
     ProtocolError,
@@ -65,10 +66,13 @@ from dataspace_client.urls import BrokerAddresses, mask_password
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
 from .guarded_replies import GuardedReplies, GuardedReply, Result
+from .logs import Throttle, printable
 from .reply_addresses import BadReplyTo, ReplyAddress, check, parse
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
+#: dead-letter WARNING lines: a flood of bad requests is a few lines, not thousands
+DEAD_LETTER_LINES = Throttle(window=10.0, burst=5)
 
 RECONNECT_BACKOFF_MIN = 0.2
 RECONNECT_BACKOFF_MAX = 5.0
@@ -265,7 +269,7 @@ class Consumer:
                 outcome.code,
                 " (replayed)" if outcome.replayed else "",
                 elapsed * 1000,
-                props.correlation_id,
+                printable(props.correlation_id),
                 extra={
                     "operation": outcome.operation,
                     "outcome": outcome.code,
@@ -275,12 +279,18 @@ class Consumer:
                 },
             )
         if outcome.dead_letter(props.reply_to):
-            log.warning(
-                "dead-lettering %s request %s: %s",
-                outcome.operation,
-                props.message_id or "-",
-                outcome.reason,
-            )
+            allowed, left_out = DEAD_LETTER_LINES.allow()
+            if allowed:
+                log.warning(
+                    "dead-lettering %s request %s: %s%s",
+                    outcome.operation,
+                    printable(props.message_id),
+                    outcome.reason,
+                    f" (and {left_out} more not logged: dataspace_dead_lettered_total "
+                    "counts them all)"
+                    if left_out
+                    else "",
+                )
 
 
 def _count(outcome: Outcome, elapsed: float, reply_to: str | None) -> None:
@@ -1233,7 +1243,7 @@ def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
         correlation_id=delivery.properties.correlation_id,
         type=f"{outcome.operation}.reply",
         app_id=APP_ID,
-        headers={VERSION_HEADER: PROTOCOL_VERSION, "x-dataspace-outcome": outcome.code},
+        headers={VERSION_HEADER: PROTOCOL_VERSION, OUTCOME_HEADER: outcome.code},
     )
 
 

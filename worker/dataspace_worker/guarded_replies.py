@@ -54,9 +54,13 @@ import pika
 from pika.exceptions import (
     AMQPChannelError,
     AMQPError,
+    ChannelClosedByBroker,
     ConnectionClosedByBroker,
 )
-from pika.spec import INTERNAL_ERROR  # 541
+from pika.spec import INTERNAL_ERROR, PRECONDITION_FAILED  # 541, 406
+
+from dataspace_client.errors import DataSpaceTooLargeError
+from dataspace_client.protocol import CONTENT_TYPE, OUTCOME_HEADER, encode_error
 
 from . import metrics
 from .reply_addresses import PREFIX, ReplyAddress, check
@@ -325,6 +329,11 @@ class GuardedReplies:
                     self._remember_dead(address, own)
                     return "dropped"
                 error: BaseException = exc
+            except ChannelClosedByBroker as exc:
+                self._close()
+                if exc.reply_code == PRECONDITION_FAILED and _too_large_instead(reply):
+                    continue  # refused for its size: the same every time; answer that
+                error = exc
             except (AMQPError, OSError) as exc:
                 self._close()
                 error = exc
@@ -455,3 +464,25 @@ class GuardedReplies:
                 connection.close()
             except (AMQPError, OSError):
                 pass
+
+
+def _too_large_instead(reply: GuardedReply) -> bool:
+    """Put a ``too_large`` error in place of a reply the broker refused (406, over
+    its max_message_size, set lower than the worker's ``max_message_size``):
+    retried as it was, it would be refused for as long as it is wanted. False if
+    the reply is that error already (the 406 had another cause)."""
+    if reply.body[:1] == b"{" and b'"too_large"' in reply.body[:200]:
+        return False
+    size = len(reply.body)
+    message = (
+        f"the reply of {size} bytes was refused by the broker (over its max_message_size); "
+        "read the products one at a time: get_dataproduct(taskmanager_id, generation_id, "
+        "key) for each key, and set the worker's max_message_size to the broker's"
+    )
+    log.warning("guarded reply to %r: %s", reply.reply_to, message)
+    reply.body = encode_error(DataSpaceTooLargeError(message))
+    reply.properties = copy.copy(reply.properties)
+    reply.properties.content_type = CONTENT_TYPE
+    if reply.properties.headers:
+        reply.properties.headers = {**reply.properties.headers, OUTCOME_HEADER: "too_large"}
+    return True

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
 import orjson
 
@@ -41,3 +43,45 @@ def configure(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def printable(text) -> str:
+    """Client-written text (an id, a type) as a log line may show it: control
+    characters and escapes escaped, at most 255 characters, so a crafted value
+    cannot clear an operator's terminal or forge log lines."""
+    if text is None:
+        return "-"
+    if isinstance(text, bytes):
+        return repr(text)[:255]
+    text = str(text)
+    return text[:255] if text.isprintable() else ascii(text)[1:-1][:255]
+
+
+class Throttle:
+    """At most ``burst`` lines of one kind per ``window`` seconds, whoever asks.
+
+    A flood of refused requests (3,000 dead letters) must not become 3,000 WARNING
+    lines: the line that follows a quiet spell says how many were left out, and the
+    metrics count every one.
+    """
+
+    def __init__(self, window: float = 10.0, burst: int = 5):
+        self.window = window
+        self.burst = burst
+        self._lock = threading.Lock()
+        self._started = float("-inf")
+        self._lines = 0
+        self._left_out = 0
+
+    def allow(self) -> tuple[bool, int]:
+        """(whether to log this one, how many were left out since the last logged)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._started >= self.window:
+                self._started, self._lines = now, 0
+            if self._lines >= self.burst:
+                self._left_out += 1
+                return False, 0
+            self._lines += 1
+            left_out, self._left_out = self._left_out, 0
+            return True, left_out
