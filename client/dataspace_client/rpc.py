@@ -49,6 +49,7 @@ from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
 from .errors import (
+    DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpacePublishError,
@@ -64,7 +65,7 @@ from .protocol import (
     VERSION_HEADER,
     content_type,
 )
-from .urls import BrokerAddresses, mask_password
+from .urls import BrokerAddresses, mask_password, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class RpcClient:
         self._attempts = 0  # connection attempts finished
         self._reached = False  # the current connection reached consuming (I/O thread)
         self._last_error = "not connected yet"
+        self._tls_refused = False  # the last attempt failed on a certificate: configuration
         self._connection: pika.SelectConnection | None = None
         self._channel = None
         self._thread = threading.Thread(target=self._run, name="dataspace-rpc-io", daemon=True)
@@ -200,9 +202,8 @@ class RpcClient:
             connected = self._open
         if not connected:
             self.close()
-            raise DataSpaceConnectionError(
-                f"cannot reach the broker at {self.masked_url}: {self._last_error}"
-            )
+            error = DataSpaceConfigurationError if self._tls_refused else DataSpaceConnectionError
+            raise error(f"cannot reach the broker at {self.masked_url}: {self._last_error}")
 
     # -- caller side --------------------------------------------------------------
     def call(
@@ -486,7 +487,13 @@ class RpcClient:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection, error) -> None:
-        self._lost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        tls = tls_failure(error)  # pika says only AMQPConnectionWorkflowFailed
+        if tls is not None:
+            self._lost(tls[0])
+            self._tls_refused = tls[1]
+        else:
+            self._lost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+            self._tls_refused = False
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection, reason) -> None:

@@ -206,3 +206,42 @@ class BrokerAddresses:
     @property
     def masked(self) -> str:
         return mask_password(self.urls)
+
+
+def _ssl_errors(exc: BaseException | None, seen: set[int] | None = None):
+    """The ssl.SSLErrors inside ``exc`` (pika wraps them in workflow and connector
+    errors, in ``exceptions``, ``exception``, ``args`` or the chained exceptions)."""
+    seen = set() if seen is None else seen
+    if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
+        return
+    seen.add(id(exc))
+    if isinstance(exc, ssl.SSLError):
+        yield exc
+    inner = [*(getattr(exc, "exceptions", None) or ()), getattr(exc, "exception", None)]
+    inner += [a for a in exc.args if isinstance(a, BaseException)]
+    inner += [exc.__cause__, exc.__context__]
+    for item in inner:
+        yield from _ssl_errors(item, seen)
+
+
+def tls_failure(exc: BaseException) -> tuple[str, bool] | None:
+    """``(one line saying what TLS refused, whether retrying cannot help)`` for a
+    connection error that is a TLS failure; None for any other error.
+
+    A certificate that does not verify (another CA, another host name, expired),
+    a plain-AMQP port given to ``amqps`` or the broker's refusal of ours is
+    configuration: retrying cannot help. A handshake cut short may be a restart."""
+    for error in _ssl_errors(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            detail = error.verify_message or str(error)
+            return (
+                f"TLS: the broker's certificate was refused: certificate verify failed: {detail}",
+                True,
+            )
+        reason = getattr(error, "reason", None) or ""
+        if reason == "WRONG_VERSION_NUMBER":
+            return ("TLS: the broker does not speak TLS on that port (amqps to amqp?)", True)
+        if "ALERT" in reason:
+            return (f"TLS: the broker refused the connection: {reason}", True)
+        return (f"TLS: {str(error).strip() or type(error).__name__}", False)
+    return None

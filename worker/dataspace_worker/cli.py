@@ -16,14 +16,12 @@ import signal
 import sys
 import threading
 
-import pika
-
 from dataspace_client.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
 )
-from dataspace_client.urls import mask_password, split_urls
+from dataspace_client.urls import connection_parameters, mask_password, split_urls
 
 from . import __version__, config, logs, memory, metrics
 from .consumer import WorkerPool
@@ -174,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = None
     if settings.retention_days:
         schedule = Schedule(
-            [pika.URLParameters(url) for url in split_urls(settings.amqp_url)],
+            [connection_parameters(url) for url in split_urls(settings.amqp_url)],
             settings.retention_days,
             settings.reap_interval,
             queue_arguments=topo.schedule_queue.arguments,
@@ -197,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             settings.max_body,
             # the account the schedule's messages carry as user_id: only those are
             # trusted as the scheduled reap
-            service_user=pika.URLParameters(split_urls(settings.amqp_url)[0]).credentials.username,
+            service_user=connection_parameters(
+                split_urls(settings.amqp_url)[0]
+            ).credentials.username,
         ),
     )
     log.info(

@@ -61,7 +61,7 @@ from dataspace_client.protocol import (
     encode_error,
 )
 from dataspace_client.rpc import MAX_MESSAGE_BYTES
-from dataspace_client.urls import BrokerAddresses, mask_password
+from dataspace_client.urls import BrokerAddresses, mask_password, tls_failure
 
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
@@ -503,6 +503,10 @@ class WorkerPool:
                 backoff = self._next_address(backoff, reached=False)
                 continue
             except (AMQPError, OSError) as exc:
+                tls = tls_failure(exc)
+                if tls is not None and tls[1]:  # a certificate refused: configuration
+                    self._give_up(f"{tls[0]} ({self._addresses.current_url})")
+                    break
                 self._pause(exc, backoff)
                 backoff = self._next_address(backoff, reached=False)
                 continue

@@ -54,7 +54,7 @@ from dataspace_client.errors import (
 
 from . import idempotency, operations, schema, sql
 from .pool import ConnectionPool, drop_inherited
-from .retry import connection_retry, is_connection_error
+from .retry import connection_retry, is_connection_error, is_tls_refusal
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +324,11 @@ class PostgresDataSource(DataSource):
                 with attempt:
                     return action()
         except psycopg2.Error as exc:
+            if is_tls_refusal(exc):
+                raise DataSpaceConfigurationError(
+                    "database TLS: the server's certificate was refused: "
+                    f"{' '.join(str(exc).split())} (check sslrootcert and the host name)"
+                ) from None
             if is_connection_error(exc):
                 raise DataSpaceConnectionError(
                     f"database unavailable: {str(exc).strip() or type(exc).__name__}"

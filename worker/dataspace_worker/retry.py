@@ -29,6 +29,24 @@ MAX_BACKOFF = 5.0
 RETRYABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "40001", "40P01"})
 
 
+#: what libpq says when the server's certificate does not verify (another CA, another
+#: host name under sslmode=verify-full) or the root certificate cannot be read:
+#: configuration, which retrying cannot cure
+TLS_REFUSALS = (
+    "certificate verify failed",
+    "does not match host name",
+    "root certificate file",
+    "sslmode value",
+)
+
+
+def is_tls_refusal(exc: BaseException) -> bool:
+    """A connection refused over the server's certificate (see TLS_REFUSALS)."""
+    return isinstance(exc, psycopg2.OperationalError) and any(
+        marker in str(exc) for marker in TLS_REFUSALS
+    )
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """Errors after which the transaction may be retried on a fresh connection.
 
@@ -38,7 +56,7 @@ def is_connection_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, psycopg2.InterfaceError):
         return True
-    if not isinstance(exc, psycopg2.OperationalError):
+    if not isinstance(exc, psycopg2.OperationalError) or is_tls_refusal(exc):
         return False
     code = exc.pgcode
     return code is None or code.startswith("08") or code in RETRYABLE_SQLSTATES
