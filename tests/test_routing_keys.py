@@ -119,3 +119,36 @@ def test_a_body_with_a_strange_op_is_one_refusal_not_a_traceback(served, caplog)
         assert reply["error"]["code"] == "bad_request", reply
     assert "Traceback" not in caplog.text
     assert "unexpected error" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "message_id",
+    [b"\xff\xfe-not-utf8", "\x1b[2Jclear", "\u202eabc"],
+    ids=["invalid-utf8", "escape", "bidi"],
+)
+def test_a_message_id_that_is_not_short_printable_text_is_refused(served, message_id):
+    """It is a write's idempotency key (SQL), and operators read it in logs and
+    dead-letter listings: checked before anything uses it."""
+    _url, _space, raw = served
+    cid = uuid.uuid4().hex
+    body = orjson.dumps(
+        {
+            "v": 1,
+            "op": "store_taskmanager",
+            "args": {"taskmanager_name": "x", "taskmanager_id": str(uuid.uuid4())},
+        }
+    )
+    raw.channel.basic_publish(
+        EXCHANGE,
+        "data.store_taskmanager",
+        body,
+        pika.BasicProperties(
+            reply_to="amq.rabbitmq.reply-to", correlation_id=cid, message_id=message_id
+        ),
+    )
+    deadline = time.monotonic() + 20
+    while cid not in raw.replies and time.monotonic() < deadline:
+        raw.connection.process_data_events(time_limit=0.1)
+    error = raw.replies[cid]["error"]
+    assert error["code"] == "bad_request", error
+    assert "message_id" in error["message"]
