@@ -163,3 +163,38 @@ def test_reading_bombs_keeps_memory_near_the_limit():
     assert out.count("REFUSED") == 2, out
     print(out, f"peak RSS {peak:.0f} MiB")
     assert peak < 256 + 100, peak  # limit + interpreter + one chunk, not 1 GiB
+
+
+def test_dataspace_get_on_a_bomb_is_one_error_line_in_bounded_memory(amqp_url, worker_pool):
+    """The ``dataspace`` command reading bombs stored through the service: exit 1,
+    one line naming the limit, its peak RSS measured (RUSAGE_CHILDREN)."""
+    import resource
+    import uuid
+
+    from dataspace_client.datablock import Header, Metadata
+    from dataspace_client.remote import RemoteDataSource
+
+    source = RemoteDataSource({"url": amqp_url, "timeout": 60, "app_id": "dataspace-tests"})
+    try:
+        tm = source.store_taskmanager(f"bomb-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:32])
+        for key, bomb in (("gib", _string_bomb(1024)), ("items", _items_bomb(200))):
+            source.insert(tm, 1, key, bomb, Header(tm), Metadata(tm, generation_id=1))
+    finally:
+        source.close()
+    script = os.path.join(os.path.dirname(sys.executable), "dataspace")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATASPACE_")}
+    limits = {"gib": "DATASPACE_MAX_VALUE_BYTES", "items": "DATASPACE_MAX_VALUE_ITEMS"}
+    for key, limit in limits.items():
+        done = subprocess.run(
+            [script, "get", str(tm), "1", key, "--url", amqp_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 1, done.stderr
+        assert limit in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert done.stdout == ""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"dataspace get on a 1 GiB and a 200 MiB-of-items bomb: peak RSS {peak:.0f} MiB")
+    assert peak < 256 + 150, peak

@@ -90,7 +90,7 @@ from .protocol import (
 )
 from .remote import DEFAULT_URL, RemoteDataSource
 from .urls import BrokerAddresses, mask_password
-from .values import PickleRefusedError, decode_value, encode_value
+from .values import PickleRefusedError, ValueTooLargeError, decode_value, encode_value
 
 MIN_RETENTION_DAYS = 7
 REAP_TIMEOUT = 600.0
@@ -922,6 +922,9 @@ def _get(args) -> int:
             "the product is pickled; pass --allow-pickle to unpickle it (which runs code "
             "chosen by whoever wrote it)"
         )
+        return 1
+    except ValueTooLargeError as exc:  # a bomb, or a product larger than this reader allows
+        _error(f"get: {exc}")
         return 1
     except DataSpaceError:
         _emit(
