@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/flood.py                 # 3,500 msg/s for 20 s
     .venv/bin/python bench/flood.py --rate 1000 --seconds 10
+    .venv/bin/python bench/flood.py --separate-vhosts   # the victim on a vhost of its own
 
 Issue 12 asks that one account's flood of bad messages not starve another's
 calls. This starts ``dataspace-worker`` (its defaults) on a scratch database and
@@ -10,13 +11,17 @@ alone, then again while a second connection publishes malformed bodies at
 ``--rate`` messages a second (to ``data.get_schema``, no reply_to: each one is
 refused and dead-lettered), and prints the victim's p50/p99/max before and
 during the flood, the flood's achieved rate, the request queue's peak depth and
-how long the worker took to drain it. Bounded: ``--seconds`` of flood, then at
-most 120 s of draining. Prints figures only; asserts nothing about speed.
+how long the worker took to drain it. With ``--separate-vhosts`` the victim's
+account has a vhost of its own, served by a second worker process on the same
+database (the deployment docs/security.md suggests for tenants that must not
+starve each other). Bounded: ``--seconds`` of flood, then at most 120 s of
+draining. Prints figures only; asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -104,8 +109,8 @@ def percentiles(latencies: list[float]) -> dict:
     }
 
 
-def measure(url: str, rate: float, seconds: float, baseline: float) -> dict:
-    config = remote_config(url, timeout=60)
+def measure(url: str, victim_url: str, rate: float, seconds: float, baseline: float) -> dict:
+    config = remote_config(victim_url, timeout=60)
     with DataSpace(config) as space:
         tm = space.store_taskmanager(f"victim-{uuid.uuid4().hex[:6]}", str(uuid.uuid4()))
         before: list[float] = []
@@ -155,26 +160,37 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=3500.0, help="bad messages a second")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the flood")
     parser.add_argument("--baseline", type=float, default=5.0, help="seconds without flood")
+    parser.add_argument(
+        "--separate-vhosts",
+        action="store_true",
+        help="the victim on a vhost of its own, with a worker of its own",
+    )
     args = parser.parse_args()
-    with (
-        services.scratch_database(services.DEFAULT_PG_DSN) as dsn,
-        services.scratch_vhost(services.DEFAULT_AMQP_URL) as url,
-    ):
-        env = {
-            **os.environ,
-            "DATASPACE_AMQP_URL": url,
-            "DATASPACE_PG_DSN": dsn,
-            "DATASPACE_METRICS_PORT": "0",
-        }
-        log = open(os.devnull, "w")  # noqa: SIM115 (the worker's log: its defaults, unread)
-        worker = subprocess.Popen([WORKER], env=env, stdout=log, stderr=log)
+    with contextlib.ExitStack() as stack:
+        dsn = stack.enter_context(services.scratch_database(services.DEFAULT_PG_DSN))
+        url = stack.enter_context(services.scratch_vhost(services.DEFAULT_AMQP_URL))
+        victim_url = url
+        if args.separate_vhosts:
+            victim_url = stack.enter_context(services.scratch_vhost(services.DEFAULT_AMQP_URL))
+        log = stack.enter_context(open(os.devnull, "w"))  # the workers' logs, unread
+        workers = []
+        for vhost in sorted({url, victim_url}):
+            env = {
+                **os.environ,
+                "DATASPACE_AMQP_URL": vhost,
+                "DATASPACE_PG_DSN": dsn,
+                "DATASPACE_METRICS_PORT": "0",
+            }
+            workers.append(subprocess.Popen([WORKER], env=env, stdout=log, stderr=log))
         try:
             time.sleep(3)
-            result = measure(url, args.rate, min(args.seconds, 120), args.baseline)
+            result = measure(url, victim_url, args.rate, min(args.seconds, 120), args.baseline)
         finally:
-            worker.terminate()
-            worker.wait(60)
-            log.close()
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(60)
+    result["separate_vhosts"] = args.separate_vhosts
     alone, during = result["victim_alone"], result["victim_during_flood"]
     print(
         f"flood: {result['flood_sent']} bad messages at {result['flood_rate']}/s "
