@@ -452,3 +452,37 @@ def test_exit_codes_of_the_console_script(amqp_url, source):
     assert done.returncode == 0, done.stdout + done.stderr
     # a vhost the broker does not have: configuration
     assert run("status", "--url", amqp_url + "-no-such-vhost").returncode == 2
+
+
+def test_dead_replay_skips_a_dead_letter_whose_body_was_cut(capsys, amqp_url, own_dead_letters):
+    """A dead letter keeps at most dead_letter_body bytes of its request: replaying
+    the cut copy would only be refused again, so it stays, with a line saying why."""
+    message_id = f"ops-cli-cut-{uuid.uuid4().hex}"
+    own_dead_letters.add(message_id)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish(
+        "dataspace.dead",
+        "data.insert",
+        b"\x00dsf1 cut short",
+        pika.BasicProperties(
+            message_id=message_id,
+            headers={
+                "x-original-routing-key": "data.insert",
+                "x-dataspace-error-code": "bad_request",
+                "x-dataspace-body-size": 104857600,
+                "x-dataspace-body-sha256": "0" * 64,
+            },
+        ),
+        mandatory=True,
+    )
+    connection.close()
+    code, out, err = _run(
+        capsys, "dead", "replay", "--yes", "--limit", "5000", "--message-id", message_id,
+        "--url", amqp_url,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "replayed 0, skipped " in out
+    assert "its body was cut to 15 of 104857600 bytes" in err
+    assert len(_dead_entries(capsys, amqp_url, message_id)) == 1  # still there

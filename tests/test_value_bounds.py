@@ -146,23 +146,23 @@ def _peak_rss_of(code: str, env: dict | None = None) -> tuple[str, float]:
 
 
 def test_reading_bombs_keeps_memory_near_the_limit():
-    """Defaults: a 1 GiB bomb stops at 256 MiB (+ one 4 MiB chunk); 200 MiB of items
-    are refused at the cost of holding them inflated once."""
+    """Defaults: the issue's 204 KB bomb (200 MiB) and a 1 GiB one stop at 64 MiB
+    (+ one 4 MiB chunk); 8 MiB of items (4 Mi of them) are refused before evaluating."""
     out, peak = _peak_rss_of(
         """
         import zlib
         from tests.test_value_bounds import _string_bomb, _items_bomb
         from dataspace_client.values import decode_value, ValueTooLargeError
-        for bomb in (_string_bomb(1024), _items_bomb(200)):
+        for bomb in (_string_bomb(200), _string_bomb(1024), _items_bomb(8)):
             try:
                 decode_value(bomb)
             except ValueTooLargeError as exc:
                 print("REFUSED", len(bomb), exc)
         """
     )
-    assert out.count("REFUSED") == 2, out
+    assert out.count("REFUSED") == 3, out
     print(out, f"peak RSS {peak:.0f} MiB")
-    assert peak < 256 + 100, peak  # limit + interpreter + one chunk, not 1 GiB
+    assert peak < 64 + 100, peak  # limit + interpreter + one chunk, not 1 GiB
 
 
 def test_dataspace_get_on_a_bomb_is_one_error_line_in_bounded_memory(amqp_url, worker_pool):
@@ -177,7 +177,7 @@ def test_dataspace_get_on_a_bomb_is_one_error_line_in_bounded_memory(amqp_url, w
     source = RemoteDataSource({"url": amqp_url, "timeout": 60, "app_id": "dataspace-tests"})
     try:
         tm = source.store_taskmanager(f"bomb-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:32])
-        for key, bomb in (("gib", _string_bomb(1024)), ("items", _items_bomb(200))):
+        for key, bomb in (("gib", _string_bomb(1024)), ("items", _items_bomb(8))):
             source.insert(tm, 1, key, bomb, Header(tm), Metadata(tm, generation_id=1))
     finally:
         source.close()
@@ -196,5 +196,5 @@ def test_dataspace_get_on_a_bomb_is_one_error_line_in_bounded_memory(amqp_url, w
         assert limit in done.stderr and done.stderr.count("\n") == 1, done.stderr
         assert done.stdout == ""
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"dataspace get on a 1 GiB and a 200 MiB-of-items bomb: peak RSS {peak:.0f} MiB")
-    assert peak < 256 + 150, peak
+    print(f"dataspace get on a 1 GiB and an 8 MiB-of-items bomb: peak RSS {peak:.0f} MiB")
+    assert peak < 64 + 150, peak

@@ -843,6 +843,16 @@ def _dead_replay(args) -> int:
                     held.append(method.delivery_tag)
                     skipped += 1
                     continue
+                if "x-dataspace-body-size" in headers:  # kept cut: not the request any more
+                    tqdm.write(
+                        f"skipped {_safe(props.message_id or '-')}: its body was cut to "
+                        f"{len(body)} of {_safe(headers['x-dataspace-body-size'])} bytes when "
+                        "it was dead-lettered; ask its sender to send it again",
+                        file=sys.stderr,
+                    )
+                    held.append(method.delivery_tag)
+                    skipped += 1
+                    continue
                 routing_key = _original_routing_key(headers)
                 if not routing_key:
                     tqdm.write(

@@ -24,7 +24,8 @@ it. Deployments whose writers are not trusted set
 ``dataspace.allow_pickle: false``; then pickled products are refused both ways.
 
 Reading is bounded, whoever wrote the bytes: decompression stops at
-``max_value_bytes()`` (256 MiB, or env ``DATASPACE_MAX_VALUE_BYTES``), and a
+``max_value_bytes()`` (64 MiB, as the worker's ``max_body``, or env
+``DATASPACE_MAX_VALUE_BYTES``), and a
 literal holding more than ``max_value_items()`` items (1,000,000, or env
 ``DATASPACE_MAX_VALUE_ITEMS``; the ``,`` and ``:`` outside string literals are
 counted before evaluating) is refused: ``ast.literal_eval`` takes about 1 KB of
@@ -53,7 +54,7 @@ LEGACY_PICKLE_FIELD = "pickled_obj"
 
 
 #: decompressed bytes of one value, unless env DATASPACE_MAX_VALUE_BYTES says otherwise
-DEFAULT_MAX_VALUE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
 #: items (separators outside strings) of one literal, unless DATASPACE_MAX_VALUE_ITEMS
 DEFAULT_MAX_VALUE_ITEMS = 1_000_000
 INFLATE_CHUNK = 4 * 1024 * 1024
