@@ -395,3 +395,40 @@ def test_a_reply_the_broker_refuses_for_its_size_is_answered_too_large_once():
     error = orjson.loads(body)["error"]
     assert error["code"] == "too_large" and "5000 bytes" in error["message"]
     assert properties.headers["x-dataspace-outcome"] == "too_large"
+
+
+def test_a_node_found_down_is_tried_again_once_restarted():
+    """A node restarted under the same name has a new creation in its pids: replies
+    to its clients' new addresses must not be dropped as the old node's were (a
+    client on a rejoined cluster node would go unanswered for a minute)."""
+    from dataspace_worker.reply_addresses import parse
+
+    sent: list[str] = []
+
+    class Broker:
+        is_open = True
+
+        def basic_publish(self, exchange, routing_key, body, properties):
+            sent.append(routing_key)
+
+    def address(creation: int) -> str:
+        node = b"rabbit@restarted"
+        term = b"\x83Xv" + len(node).to_bytes(2, "big") + node + bytes(8)
+        term += creation.to_bytes(4, "big")
+        return f"{DIRECT_REPLY_TO_PREFIX}{base64.b64encode(term).decode()}.key"
+
+    guard = guarded_replies.GuardedReplies(
+        lambda: pika.URLParameters("amqp://127.0.0.1:1/%2F"), threading.Event()
+    )
+    guard._open = Broker
+    guard._close = lambda: None
+    old, new = address(1), address(2)
+    guard._remember_dead(parse(old), own_node=None)  # the broker failed on it: node down
+    guard._probe_after = 0.0  # past the probe pause
+
+    def deliver(reply_to: str) -> str:
+        reply = guarded_replies.GuardedReply(reply_to, b"{}", pika.BasicProperties(), print)
+        return guard._deliver(reply)
+
+    assert deliver(old) == "dropped"  # the old incarnation: still taken for down
+    assert deliver(new) == "sent" and sent == [new]  # the new one is tried

@@ -212,7 +212,12 @@ def test_what_is_a_direct_reply_to_address(term):
 
     address = parse(pid_address("rabbit@nowhere.example.org", **term))
     assert address.node == "rabbit@nowhere.example.org"
-    assert address.node_key == (term.get("pid_tag", 88), term.get("atom_tag", 118), address.node)
+    assert address.node_key == (
+        term.get("pid_tag", 88),
+        term.get("atom_tag", 118),
+        address.node,
+        address.creation,
+    )
 
 
 def test_what_parses_with_a_live_node_does_not_fail_the_broker(own_vhost):

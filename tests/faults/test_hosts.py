@@ -64,7 +64,7 @@ import psycopg2
 import pytest
 
 from dataspace_client import DataSpaceTimeoutError
-from dataspace_client.protocol import LANE_QUEUE_PREFIX, LANES_EXCHANGE
+from dataspace_client.protocol import EXCHANGE, LANE_HEADER, LANE_QUEUE_PREFIX
 from tests import services
 from tests.test_worker_cli import WorkerProcess
 
@@ -106,7 +106,7 @@ REQUEST_LINE = re.compile(r"dataspace_worker\.consumer: \w+ \w+( \(replayed\))? 
 def probe_lanes(url: str, lanes: int, keys: range = range(1, 501)) -> dict[int, int]:
     """The lane of each routing key (a sequence_id) in ``keys``: declares the workers'
     topology with ``lanes`` lanes (as the workers will: they find it declared), publishes
-    one message per key through ``dataspace.lanes`` and reads them back from the lanes.
+    one message per key through the lanes' hash exchange and reads them back from the lanes.
     Call it before any worker consumes the lanes."""
     from dataspace_worker.topology import declare_blocking, topology
 
@@ -115,8 +115,13 @@ def probe_lanes(url: str, lanes: int, keys: range = range(1, 501)) -> dict[int, 
         channel = connection.channel()
         declare_blocking(channel, topology(lanes=lanes))
         channel.confirm_delivery()
-        for key in keys:
-            channel.basic_publish(LANES_EXCHANGE, str(key), str(key).encode())
+        for key in keys:  # as a client with lanes does: its task manager in a header
+            channel.basic_publish(
+                EXCHANGE,
+                "lane.insert",
+                str(key).encode(),
+                pika.BasicProperties(headers={LANE_HEADER: str(key)}),
+            )
         lane_of: dict[int, int] = {}
         for lane in range(lanes):  # no basic.get on a single-active-consumer quorum queue
             queue = f"{LANE_QUEUE_PREFIX}{lane}"

@@ -208,6 +208,7 @@ class GuardedReplies:
         self.connections_opened = 0
         self.crashes = 0
         self._warnings = _Warnings()
+        self._heartbeat = HEARTBEAT
         self._thread = threading.Thread(
             target=self._run, name="dataspace-guarded-replies", daemon=True
         )
@@ -265,12 +266,17 @@ class GuardedReplies:
 
     # -- the guard's thread --------------------------------------------------------
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             try:
-                reply = self._inbox.get(timeout=IDLE_CLOSE)
+                reply = self._inbox.get(timeout=self._tick())
             except queue.Empty:
-                self._close()
+                if time.monotonic() - idle_since >= IDLE_CLOSE:
+                    self._close()
+                else:
+                    self._keep_alive()
                 continue
+            idle_since = time.monotonic()
             if reply is None:
                 break
             if reply is _LEARN:
@@ -287,6 +293,25 @@ class GuardedReplies:
             with self._lock:
                 self._pending -= 1
         self._close()
+
+    def _tick(self) -> float:
+        """How long to wait for a reply: up to IDLE_CLOSE, but while the connection is
+        open at most half its heartbeat, so that heartbeats are answered (a blocking
+        connection does nothing between calls) and the broker keeps it, and drops it
+        within two heartbeats when its host's link is cut."""
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            return IDLE_CLOSE
+        return max(0.2, min(IDLE_CLOSE, self._heartbeat / 2))
+
+    def _keep_alive(self) -> None:
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            return
+        try:
+            connection.process_data_events(0)
+        except (AMQPError, OSError):
+            self._close()
 
     def _deliver(self, reply: GuardedReply) -> Result:
         """Publish until confirmed, dropped, no longer wanted, or the worker stops:
@@ -443,7 +468,12 @@ class GuardedReplies:
             **(parameters.client_properties or {}),
             "connection_name": self._name,
         }
-        parameters.heartbeat = HEARTBEAT
+        # the pool's heartbeat when it is shorter (a cut link is noticed as soon on
+        # this connection as on the consumers'), else HEARTBEAT
+        configured = parameters.heartbeat
+        if not (isinstance(configured, int) and 0 < configured < HEARTBEAT):
+            configured = HEARTBEAT
+        parameters.heartbeat = self._heartbeat = configured
         parameters.socket_timeout = SOCKET_TIMEOUT
         parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
         self._connection = pika.BlockingConnection(parameters)

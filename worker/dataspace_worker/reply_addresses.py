@@ -84,10 +84,13 @@ class ReplyAddress:
     creation: int
 
     @property
-    def node_key(self) -> tuple[int, int, str]:
+    def node_key(self) -> tuple[int, int, str, int]:
         """The node as the broker decodes it: its name and how the pid is encoded
-        (the broker may decode one encoding of a running node and fail on another)."""
-        return (self.pid_tag, self.atom_tag, self.node)
+        (the broker may decode one encoding of a running node and fail on another),
+        and its creation, which a node restarted under the same name changes: a
+        node found down is not taken for down once it is back (its clients' new
+        addresses carry the new creation)."""
+        return (self.pid_tag, self.atom_tag, self.node, self.creation)
 
     @property
     def client_channel(self) -> str:
