@@ -152,3 +152,27 @@ def test_a_message_id_that_is_not_short_printable_text_is_refused(served, messag
     error = raw.replies[cid]["error"]
     assert error["code"] == "bad_request", error
     assert "message_id" in error["message"]
+
+
+def test_a_correlation_id_with_control_characters_is_refused(served):
+    _url, _space, raw = served
+    cid = "\x1b[2J\x1b]0;pwn\x07"
+    raw.channel.basic_publish(
+        EXCHANGE,
+        "data.get_schema",
+        orjson.dumps({"v": 1, "op": "get_schema", "args": {}}),
+        pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id=cid),
+    )
+    deadline = time.monotonic() + 20
+    while cid not in raw.replies and time.monotonic() < deadline:
+        raw.connection.process_data_events(time_limit=0.1)
+    error = raw.replies[cid]["error"]
+    assert error["code"] == "bad_request" and "correlation_id" in error["message"]
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_only_the_integer_1_is_version_1(version):
+    from dataspace_client.protocol import ProtocolError, decode_request
+
+    with pytest.raises(ProtocolError, match="unsupported protocol version"):
+        decode_request(orjson.dumps({"v": version, "op": "get_schema", "args": {}}))

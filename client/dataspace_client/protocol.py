@@ -350,7 +350,7 @@ def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
     if not isinstance(message, dict):
         raise ProtocolError("body must be a JSON object")
     version = message.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise ProtocolError(
             f"unsupported protocol version {version!r:.40}; this worker speaks {PROTOCOL_VERSION}"
         )

@@ -254,7 +254,15 @@ class Consumer:
             outcomes = iter(self._handle(kept) if kept else [])
             return [r or next(outcomes) for r in refused]
         requests = [
-            Request(d.body, p.message_id, p.content_type, p.headers, d.routing_key, p.user_id)
+            Request(
+                d.body,
+                p.message_id,
+                p.content_type,
+                p.headers,
+                d.routing_key,
+                p.user_id,
+                p.correlation_id,
+            )
             for d, p in ((d, d.properties) for d in batch)
         ]
         return self.dispatcher.handle_batch(requests)

@@ -40,6 +40,7 @@ class Request:
     routing_key: str | None = None
     #: the publishing account, when the message says (the broker checks it)
     user_id: str | None = None
+    correlation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class Dispatcher:
             operation = "?"
             try:
                 message_id = admission.identifier("message_id", request.message_id)
+                admission.identifier("correlation_id", request.correlation_id)
                 op, args = self._parse(request)
                 operation = op.name
                 request_id = self._request_id(op, message_id)

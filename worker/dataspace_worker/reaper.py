@@ -38,6 +38,7 @@ from dataspace_client.protocol import (
 )
 
 from .dispatch import Dispatcher, Outcome, Request
+from .logs import Throttle, printable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ MIN_RETENTION_DAYS = 7
 MIN_INTERVAL = 2 * 60 * 59
 
 SCHEDULED_HEADER = "x-dataspace-scheduled"
+#: "claims to be the scheduled one" lines: a maintainer's flood is a few lines
+CLAIM_LINES = Throttle(window=10.0, burst=5)
 NEXT_REAP_HEADER = "x-dataspace-next-reap-at"
 
 
@@ -193,12 +196,15 @@ class ReaperDispatcher:
             and first.get("reason") == "expired"
         )
         if not trusted:
-            log.warning(
-                "reap %s claims to be the scheduled one but was not published by the "
-                "schedule (user_id %r): run as a requested reap",
-                request.message_id or "-",
-                request.user_id,
-            )
+            allowed, left_out = CLAIM_LINES.allow()
+            if allowed:
+                log.warning(
+                    "reap %s claims to be the scheduled one but was not published by the "
+                    "schedule (user_id %s): run as a requested reap%s",
+                    printable(request.message_id),
+                    printable(request.user_id),
+                    f" ({left_out} more not logged)" if left_out else "",
+                )
         return trusted
 
     def _skip_reason(self) -> str | None:

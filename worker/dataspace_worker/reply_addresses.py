@@ -98,6 +98,12 @@ class ReplyAddress:
         return self.address.rsplit(".", 1)[0]
 
 
+def _shown(reply_to: object) -> str:
+    """``reply_to`` as an error message shows it: quoted whole, at most 80 characters."""
+    text = str(reply_to)
+    return repr(text[:80]) + ("..." if len(text) > 80 else "")
+
+
 def parse(reply_to: object) -> ReplyAddress:
     """The direct reply-to address ``reply_to`` is; ``BadReplyTo`` saying why not."""
     if not isinstance(reply_to, str):
@@ -105,18 +111,20 @@ def parse(reply_to: object) -> ReplyAddress:
     if len(reply_to) > MAX_LENGTH:
         raise BadReplyTo(f"reply_to of {len(reply_to)} characters (at most {MAX_LENGTH})")
     if not reply_to.startswith(PREFIX):
-        raise BadReplyTo(f"reply_to {reply_to!r:.80} is not a direct reply-to address ({PREFIX}*)")
+        raise BadReplyTo(
+            f"reply_to {_shown(reply_to)} is not a direct reply-to address ({PREFIX}*)"
+        )
     encoded, dot, key = reply_to[len(PREFIX) :].partition(".")
     if not dot or not KEY.match(key):
-        raise BadReplyTo(f"reply_to {reply_to!r:.80}: no key, or not a key")
+        raise BadReplyTo(f"reply_to {_shown(reply_to)}: no key, or not a key")
     if not ENCODED_PID.match(encoded):
-        raise BadReplyTo(f"reply_to {reply_to!r:.80}: the pid is not base64")
+        raise BadReplyTo(f"reply_to {_shown(reply_to)}: the pid is not base64")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise BadReplyTo(f"reply_to {reply_to!r:.80}: the pid is not base64") from None
+        raise BadReplyTo(f"reply_to {_shown(reply_to)}: the pid is not base64") from None
     if base64.b64encode(raw).decode("ascii") != encoded:
-        raise BadReplyTo(f"reply_to {reply_to!r:.80}: the pid is not canonical base64")
+        raise BadReplyTo(f"reply_to {_shown(reply_to)}: the pid is not canonical base64")
     node, pid_tag, atom_tag, pid_id, serial, creation = _pid(raw, reply_to)
     return ReplyAddress(reply_to, node, pid_tag, atom_tag, pid_id, serial, creation)
 
@@ -133,7 +141,7 @@ def _pid(raw: bytes, reply_to: str) -> tuple[str, int, int, int, int, int]:
     """Node, pid tag, atom tag, ID, serial, creation of an Erlang pid term."""
 
     def bad(what: str) -> BadReplyTo:
-        return BadReplyTo(f"reply_to {reply_to!r:.80}: {what}")
+        return BadReplyTo(f"reply_to {_shown(reply_to)}: {what}")
 
     if len(raw) < 3 or raw[0] != VERSION:
         raise bad("not an Erlang term")
