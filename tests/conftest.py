@@ -27,6 +27,7 @@ def _postgres_admin_dsn(stack: contextlib.ExitStack) -> str:
 def _amqp_base_url(stack: contextlib.ExitStack) -> str:
     url = os.environ.get("DATASPACE_TEST_AMQP_URL", services.DEFAULT_AMQP_URL)
     if services.amqp_reachable(url):
+        services.ensure_broker_plugins(url)
         return url
     if services.docker_available():
         from testcontainers.rabbitmq import RabbitMqContainer

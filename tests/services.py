@@ -32,6 +32,33 @@ def reachable(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
+#: the broker plugins the tests use: the management API (dataspace status, dead
+#: letters, definitions) and the consistent-hash exchange (ordering lanes)
+BROKER_PLUGINS = ("rabbitmq_management", "rabbitmq_consistent_hash_exchange")
+
+
+def ensure_broker_plugins(url: str, timeout: float = 60.0) -> None:
+    """Enable the plugins the tests use on a local broker that lacks them, as
+    .ci/run does, so that the README's test command works on a fresh machine;
+    wait for the management API when it was just enabled. Enabling an enabled
+    plugin changes nothing; a remote broker is left as it is."""
+    tool = shutil.which("rabbitmq-plugins")
+    if tool is None or urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return
+    listed = subprocess.run(
+        [tool, "-q", "list", "-e", "-m"], capture_output=True, text=True, timeout=60
+    )
+    enabled = set(listed.stdout.split())
+    missing = [p for p in BROKER_PLUGINS if p not in enabled]
+    if listed.returncode != 0 or not missing:
+        return
+    subprocess.run([tool, "-q", "enable", *missing], capture_output=True, timeout=120, check=False)
+    if "rabbitmq_management" in missing:
+        deadline = time.monotonic() + timeout
+        while not reachable("127.0.0.1", 15672) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
 def docker_available() -> bool:
     if shutil.which("docker") is None:
         return False
