@@ -486,3 +486,34 @@ def test_dead_replay_skips_a_dead_letter_whose_body_was_cut(capsys, amqp_url, ow
     assert "replayed 0, skipped " in out
     assert "its body was cut to 15 of 104857600 bytes" in err
     assert len(_dead_entries(capsys, amqp_url, message_id)) == 1  # still there
+
+
+# -- small things an operator meets first (issue 13) ----------------------------------------
+def test_version_flags():
+    bin_dir = os.path.dirname(sys.executable)
+    for command, name in (("dataspace", "dataspace"), ("dataspace-worker", "dataspace-worker")):
+        done = subprocess.run(
+            [os.path.join(bin_dir, command), "--version"], capture_output=True, text=True
+        )
+        assert done.returncode == 0 and done.stdout.strip() == f"{name} 0.1.0", done
+
+
+@pytest.mark.parametrize("url", ["http://guest:secret@127.0.0.1:15672/", "127.0.0.1:5672"])
+def test_a_url_that_is_not_amqp_is_refused_naming_the_scheme(capsys, url):
+    code, _out, err = _run(capsys, "status", "--url", url)
+    assert code == 2
+    assert "amqp://" in err and "secret" not in err and err.count("\n") == 1
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(amqp_url, worker_pool):
+    """``dataspace status | head -1``: the reader goes before the command has written
+    everything; that is not an error to report."""
+    script = os.path.join(os.path.dirname(sys.executable), "dataspace")
+    done = subprocess.run(
+        f"{script} status --url '{amqp_url}' | head -c 0",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

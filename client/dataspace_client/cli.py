@@ -66,7 +66,7 @@ from pika.exceptions import (
 )
 from tqdm import tqdm
 
-from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
+from . import __version__, pika_patches  # noqa: F401  (one bad header must not break the connection)
 from .errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
@@ -204,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         parents=[_connection_options(suppress=False)],
     )
+    parser.add_argument("--version", action="version", version=f"dataspace {__version__}")
     common = [_connection_options(suppress=True)]
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -1022,6 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error(f"interrupted after {time.monotonic() - started:.1f} s")
         return 130
+    except BrokenPipeError:  # piped into head, say: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -132,11 +132,22 @@ def _tls_context(url: str, options: dict[str, str]) -> pika.SSLOptions:
     return pika.SSLOptions(context, server_hostname=options.get("tls_server_name") or None)
 
 
+def _scheme_problem(url: str) -> str | None:
+    """A broker URL is amqp:// or amqps://: pika takes an http:// one and connects to
+    port 5672 of its host, vhost '/', whatever was meant."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        return "expected amqp://user:password@host:port/vhost"
+    if scheme.lower() not in ("amqp", "amqps"):
+        return f"the scheme must be amqp:// or amqps://, not {scheme[:20]!r}"
+    return None
+
+
 def connection_parameters(url: str) -> pika.URLParameters:
     """pika's connection parameters for one broker URL, with the TLS parameters of
     this module applied. ValueError (its text free of the password) for a URL that
     cannot be used."""
-    problem = url_problem(url)
+    problem = _scheme_problem(url) or url_problem(url)
     if problem:
         raise ValueError(f"invalid broker URL {mask_password(url)}: {problem}")
     try:

@@ -272,12 +272,15 @@ class Consumer:
         _count(outcome, elapsed, props.reply_to)
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "%s %s%s in %.1f ms (correlation %s)",
+                "%s %s%s in %.1f ms (%s)",
                 outcome.operation,
                 outcome.code,
                 " (replayed)" if outcome.replayed else "",
                 elapsed * 1000,
-                printable(props.correlation_id),
+                # a fire-and-forget request has no correlation id: its message_id
+                f"correlation {printable(props.correlation_id)}"
+                if props.correlation_id is not None
+                else f"message_id {printable(props.message_id)}",
                 extra={
                     "operation": outcome.operation,
                     "outcome": outcome.code,
