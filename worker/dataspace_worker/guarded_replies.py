@@ -63,6 +63,7 @@ from dataspace_client.errors import DataSpaceTooLargeError
 from dataspace_client.protocol import CONTENT_TYPE, OUTCOME_HEADER, encode_error
 
 from . import metrics
+from .logs import Throttle
 from .reply_addresses import PREFIX, ReplyAddress, check
 
 log = logging.getLogger(__name__)
@@ -157,19 +158,17 @@ class _Remembered:
 
 
 class _Warnings:
-    """One WARNING line per kind every ``WARN_EVERY`` seconds, saying how many were not."""
+    """One WARNING line per kind every ``WARN_EVERY`` seconds, saying how many were not
+    (a ``logs.Throttle`` of one line per window for each kind)."""
 
     def __init__(self):
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
+        self._throttles: dict[str, Throttle] = {}
 
     def warn(self, kind: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -WARN_EVERY) < WARN_EVERY:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+        throttle = self._throttles.setdefault(kind, Throttle(window=WARN_EVERY, burst=1))
+        allowed, quiet = throttle.allow()
+        if not allowed:
             return
-        quiet = self._quiet.pop(kind, 0)
-        self._last[kind] = now
         if quiet:
             message += " (and %d more like it in the last %.0f s)"
             args = (*args, quiet, WARN_EVERY)
