@@ -71,7 +71,15 @@ import secrets
 import sys
 from dataclasses import dataclass
 
-from dataspace_client.protocol import DEAD_LETTER_QUEUE, EXCHANGE, SCHEDULE_QUEUE
+from dataspace_client.protocol import (
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    LANE_ROUTING_PREFIX,
+    OPERATIONS,
+    REAP_ROUTING_KEY,
+    ROUTING_PREFIX,
+    SCHEDULE_QUEUE,
+)
 
 from .topology import Topology, topology
 
@@ -87,30 +95,18 @@ WORKER_PERMISSIONS = {
 }
 
 # -- operations, by what they may do ----------------------------------------------
-READ_OPS = (
-    "get_taskmanager",
-    "get_taskmanagers",
-    "get_last_generation_id",
-    "get_dataproduct",
-    "get_dataproducts",
-    "get_datablock",
-    "get_header",
-    "get_metadata",
-    "get_schema",
-)
-WRITE_OPS = (
-    "store_taskmanager",
-    "insert",
-    "update",
-    "duplicate_datablock",
-    "mark_expired",
-    "mark_demented",
-)
+#: the reads: what the protocol marks as not writing
+READ_OPS = tuple(name for name, op in OPERATIONS.items() if not op.write)
 #: deletes and maintenance (``admin.reap`` apart: its own routing key)
 DELETE_OPS = ("delete_data_older_than", "delete", "create_tables")
-REAP_KEY = "admin.reap"
+#: the other writes: what a writer may do beside reading
+WRITE_OPS = tuple(
+    name
+    for name, op in OPERATIONS.items()
+    if op.write and name not in DELETE_OPS and op.routing_key != REAP_ROUTING_KEY
+)
 #: a data operation travels as ``data.<op>``, or ``lane.<op>`` through the ordering lanes
-OPERATION_PREFIXES = ("data", "lane")
+OPERATION_PREFIXES = (ROUTING_PREFIX.rstrip("."), LANE_ROUTING_PREFIX.rstrip("."))
 
 
 def operation_keys(ops: tuple[str, ...], reap: bool = False) -> str:
@@ -120,7 +116,7 @@ def operation_keys(ops: tuple[str, ...], reap: bool = False) -> str:
     names = "|".join(re.escape(op) for op in ops)
     keys = rf"({prefixes})\.({names})"
     if reap:
-        keys = rf"({keys}|{re.escape(REAP_KEY)})"
+        keys = rf"({keys}|{re.escape(REAP_ROUTING_KEY)})"
     return f"^{keys}$"
 
 
