@@ -19,9 +19,10 @@ from typing import Any
 
 from dataspace_client import protocol
 from dataspace_client.protocol import ProtocolError
+from dataspace_client.rpc import MAX_SHORT_STRING
 
 #: longest accepted message_id / correlation_id (AMQP short strings: 255 bytes)
-MAX_ID_LENGTH = 255
+MAX_ID_LENGTH = MAX_SHORT_STRING
 
 #: (operation, decoded arguments) -> None, or ProtocolError
 ArgumentCheck = Callable[[str, dict[str, Any]], None]

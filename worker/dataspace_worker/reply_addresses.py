@@ -38,7 +38,9 @@ import re
 import struct
 from dataclasses import dataclass
 
-PREFIX = "amq.rabbitmq.reply-to."
+from dataspace_client.protocol import DIRECT_REPLY_TO
+
+PREFIX = DIRECT_REPLY_TO + "."
 #: an AMQP short string: no longer address can be published to
 MAX_LENGTH = 255
 #: the key is 24 characters on RabbitMQ 3.10; any base64-ish text up to this
