@@ -35,7 +35,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 
 import pika
 import pika.data
@@ -67,7 +67,7 @@ from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
 from .guarded_replies import GuardedReplies, GuardedReply, Result
 from .logs import Throttle, printable
-from .reply_addresses import BadReplyTo, ReplyAddress, check, parse
+from .reply_addresses import BadReplyTo, ReplyAddress, parse
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,19 @@ class Delivery:
     #: SHA-256 (hex) of the body as delivered
     body_size: int | None = None
     body_sha256: str | None = None
+
+    @cached_property
+    def reply_address(self) -> ReplyAddress | BadReplyTo | None:
+        """``reply_to`` decoded once (reply_addresses.py), for the refusal before the
+        request runs and for its reply after: the address, the BadReplyTo saying why
+        it is none, or None when the request has no ``reply_to``."""
+        reply_to = self.properties.reply_to
+        if not reply_to:
+            return None
+        try:
+            return parse(reply_to)
+        except BadReplyTo as exc:
+            return exc
 
 
 @dataclass
@@ -1076,7 +1089,9 @@ class WorkerPool:
                 continue
             # Only to a direct reply-to address (any other was refused before it ran),
             # on this channel only if its node is known to run (guarded_replies.py).
-            address = check(delivery.properties.reply_to)
+            address = delivery.reply_address
+            if not isinstance(address, ReplyAddress):
+                address = None
             route = self._guard.route(address, delivery.redelivered) if address else "drop"
             if route == "guard":
                 self._reply_guarded(consumer, delivery, outcome, address)
@@ -1235,14 +1250,10 @@ def _refused_reply_to(delivery: Delivery) -> Outcome | None:
     """The outcome of a request whose ``reply_to`` is given but no direct reply-to
     address (reply_addresses.py): refused before it runs, no reply published
     anywhere (the name could be any queue); None for the others."""
-    reply_to = delivery.properties.reply_to
-    if not reply_to:
+    refusal = delivery.reply_address
+    if not isinstance(refusal, BadReplyTo):
         return None
-    try:
-        parse(reply_to)
-        return None
-    except BadReplyTo as exc:
-        reason = str(exc)
+    reason = str(refusal)
     operation = str(delivery.routing_key).rsplit(".", 1)[-1]
     return _Unanswerable(
         encode_error(DataSpaceRequestError(BAD_REPLY_TO, reason)),
