@@ -4,18 +4,19 @@
     .venv/bin/python bench/flood.py --rate 1000 --seconds 10
     .venv/bin/python bench/flood.py --separate-vhosts   # the victim on a vhost of its own
 
-Issue 12 asks that one account's flood of bad messages not starve another's
-calls. This starts ``dataspace-worker`` (its defaults) on a scratch database and
-vhost, measures a victim client's synchronous insert + get for a few seconds
-alone, then again while a second connection publishes malformed bodies at
-``--rate`` messages a second (to ``data.get_schema``, no reply_to: each one is
-refused and dead-lettered), and prints the victim's p50/p99/max before and
-during the flood, the flood's achieved rate, the request queue's peak depth and
-how long the worker took to drain it. With ``--separate-vhosts`` the victim's
-account has a vhost of its own, served by a second worker process on the same
-database (the deployment docs/security.md suggests for tenants that must not
-starve each other). Bounded: ``--seconds`` of flood, then at most 120 s of
-draining. Prints figures only; asserts nothing about speed.
+Measures whether one account's flood of bad messages starves another account's
+calls (docs/security.md, "Attacks tried" and "Limits"). This starts
+``dataspace-worker`` (its defaults) on a scratch database and vhost, measures a
+victim client's synchronous insert + get for a few seconds alone, then again
+while a second connection publishes malformed bodies at ``--rate`` messages a
+second (to ``data.get_schema``, no reply_to: each one is refused and
+dead-lettered), and prints the victim's p50/p99/max before and during the flood,
+the flood's achieved rate, the request queue's peak depth and how long the
+worker took to drain it. With ``--separate-vhosts`` the victim's account has a
+vhost of its own, served by a second worker process on the same database (the
+deployment docs/security.md suggests for tenants that must not starve each
+other). Bounded: ``--seconds`` of flood, then at most 120 s of draining. Prints
+figures only; asserts nothing about speed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""The benchmark of issue 5: the remote path and the in-process store side by side,
-against the floor measured in the same run, with the ratios the issue targets.
+"""Benchmark the remote path and the in-process store against the performance targets.
+
+Both side by side, against the floor measured in the same run (pika RPC echo,
+raw publishes, raw SQL), with each of the service's performance targets
+(``targets()``: docs/performance.md lists them) and whether it is met.
 
     .venv/bin/python bench/run.py            # full counts
     .venv/bin/python bench/run.py --quick    # under a minute
@@ -83,9 +86,10 @@ def run(name: str, fn, count: int, threads: int = 1, nbytes: int = 0, bar=None) 
 class Echo:
     """A pika RPC echo server on a durable queue: the broker's round-trip floor.
 
-    ``queue_type`` "classic" is the floor issue 5 names; "quorum" is the same
-    echo through the kind of queue the service uses (replicated, and written to
-    its log before delivery), to show what that choice costs by itself.
+    ``queue_type`` "classic" is the floor the latency and throughput targets are
+    set against; "quorum" is the same echo through the kind of queue the service
+    uses (replicated, and written to its log before delivery), to show what that
+    choice costs by itself.
     """
 
     def __init__(self, url: str, queue_type: str = "classic"):
@@ -385,6 +389,8 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
     return None
 
 
+#: the original in-process implementation's figures that some targets are set from
+#: (ops/s, and MiB/s for 1 MiB values): docs/performance.md
 ORIGINAL = {"insert_1": 320, "insert_8": 460, "get_1": 1500, "duplicate": 133}
 ORIGINAL_MIBS = {"insert_1mib": 30, "get_1mib": 145}
 
@@ -395,11 +401,13 @@ def _target(name: str, measured: float, bound: float, higher_is_better: bool) ->
 
 
 def targets(floor_rows: dict, remote: dict, memory: dict) -> list[dict]:
-    """Issue 5's table: each target with its bound from this run's floor.
+    """The performance targets, each with its bound from this run's floor, from
+    the original in-process implementation's figures (ORIGINAL, ORIGINAL_MIBS)
+    or a fixed memory size.
 
-    Latency targets are computed twice: against the classic-queue echo the
-    issue names, and against the same echo through a quorum queue (what the
-    service's replicated request queue costs before any work is done).
+    Latency and throughput targets are computed twice: against the classic-queue
+    echo they are set against, and against the same echo through a quorum queue
+    (what the service's replicated request queue costs before any work is done).
     """
     out = []
     for suffix, label in (("", "classic echo"), ("_quorum", "quorum echo")):

@@ -1,4 +1,4 @@
-"""Throughput with 1, 2 and 4 workers (issue 7), with and without ordering lanes.
+"""Throughput with 1, 2 and 4 workers (docs/scaling.md), with and without ordering lanes.
 
     .venv/bin/python bench/scale.py            # 2,000 sync calls and 10,000 fire-and-forget a row
     .venv/bin/python bench/scale.py --count 500 --publishes 2000
