@@ -42,7 +42,8 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                 "DATASPACE_CONSUMERS": "2",
                 "DATASPACE_METRICS_PORT": str(port),
                 "DATASPACE_LOG_FORMAT": "json",
-                "DATASPACE_LOG_LEVEL": "info",
+                # debug: the per-request lines checked below are logged whatever their level
+                "DATASPACE_LOG_LEVEL": "debug",
             }
         )
         try:
@@ -99,3 +100,64 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
     request_lines = [e for e in lines if e.get("operation") == "store_taskmanager"]
     assert request_lines and {"correlation_id", "duration_ms", "outcome"} <= set(request_lines[0])
     assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+
+
+def test_metrics_expose_process_python_and_build_series_and_the_renamed_counters(own_vhost, pg_dsn):
+    """What a scrape shows besides the requests: process_* and python_* series,
+    dataspace_build_info, no *_created series; a write delivered twice counts in
+    dataspace_idempotent_duplicates_total (once dataspace_replays_total)."""
+    import uuid
+
+    import pika
+
+    from dataspace_worker import __version__
+    from tests.test_protocol import RawClient
+
+    port = free_port()
+    worker = WorkerProcess(
+        {
+            "DATASPACE_AMQP_URL": own_vhost,
+            "DATASPACE_PG_DSN": pg_dsn,
+            "DATASPACE_CONSUMERS": "1",
+            "DATASPACE_METRICS_PORT": str(port),
+            "DATASPACE_RETENTION_DAYS": "30",
+        }
+    )
+    try:
+        worker.wait_for("consuming 'dataspace.requests'")
+        raw = RawClient(own_vhost)
+        try:
+            message_id = uuid.uuid4().hex
+            args = {"taskmanager_name": message_id, "taskmanager_id": "M", "datestamp": None}
+            body = orjson.dumps({"v": 1, "op": "store_taskmanager", "args": args})
+            replies = [raw.request(body, message_id=message_id)[1] for _ in range(3)]
+        finally:
+            raw.close()
+        assert len(set(replies)) == 1 and orjson.loads(replies[0])["ok"] is True
+        status, body = _get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        text = body.decode()
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line}
+        names.discard("#")
+        assert _sample(text, "process_cpu_seconds_total") > 0
+        assert {"process_resident_memory_bytes", "process_start_time_seconds"} <= names
+        assert "python_gc_collections_total" in names
+        assert re.search(r'^python_info\{.*version="\d+\.\d+\.\d+".*\} 1\.0$', text, re.M)
+        build = re.search(r"^dataspace_build_info\{(.*)\} 1\.0$", text, re.M)
+        assert build, text
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', build.group(1)))
+        assert labels["version"] == __version__ and labels["pika"] == pika.__version__
+        assert set(labels) == {"version", "python", "pika", "psycopg2"}
+        assert not [line for line in text.splitlines() if "_created" in line.split(" ")[0]]
+        assert _sample(text, "dataspace_idempotent_duplicates_total") == 2
+        assert not [n for n in names if n.startswith("dataspace_replays")]
+        for table in ("dataproduct", "taskmanager"):
+            assert f'dataspace_reap_deleted_rows_total{{table="{table}"}}' in text
+        assert "dataspace_reap_last_success_timestamp_seconds" in names
+        assert "dataspace_reap_last_duration_seconds" in names
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+    # the start-up arm of the reap schedule is the one line the schedule logs at INFO
+    armed = [line for line in worker.lines if "next reap scheduled" in line]
+    assert len(armed) == 1 and " INFO " in armed[0], worker.output

@@ -12,29 +12,70 @@ One HTTP server per worker (setting ``metrics_port``; 0 turns it off) serves:
   dead thread is.
 
 The metrics are module-level, in one registry, so that any module can count
-without being handed an object: ``metrics.REQUESTS.labels(...).inc()``.
+without being handed an object: ``metrics.REQUESTS.labels(...).inc()``. The
+registry also holds the standard ``process_*`` (Linux) and ``python_*`` series
+and ``dataspace_build_info``. Counters are declared without ``_total``:
+prometheus_client appends it, so ``Counter("dataspace_requests")`` is scraped as
+``dataspace_requests_total``. No ``*_created`` series are exposed (see below).
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
+import pika
+import psycopg2
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
+from . import __version__
+
 log = logging.getLogger(__name__)
 
+# No ``<name>_created`` series: one more per counter and histogram child, holding
+# the Unix time it was first used, which says nothing here (a restart shows in
+# process_start_time_seconds) and clutters ``grep dataspace_``. The switch is
+# prometheus_client's and process-wide; it exists since 0.17, the version
+# pyproject.toml requires.
+disable_created_metrics()
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, memory, open files, start time: Linux only, from /proc),
+# python_info, python_gc_*
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+BUILD_INFO = Info(
+    "dataspace_build",
+    "Versions of the worker and of what it runs on (the value is always 1)",
+    registry=REGISTRY,
+)
+BUILD_INFO.info(
+    {
+        "version": __version__,
+        "python": platform.python_version(),
+        "pika": pika.__version__,
+        # "2.9.13 (dt dec pq3 ext lo64)": the version alone
+        "psycopg2": psycopg2.__version__.split()[0],
+    }
+)
 
 REQUESTS = Counter(
     "dataspace_requests",
@@ -68,11 +109,15 @@ DEAD_LETTERED = Counter(
     ["code"],
     registry=REGISTRY,
 )
-REPLAYED = Counter(
-    "dataspace_replays",
-    "Writes answered from the idempotency record instead of being applied again",
+#: was ``dataspace_replays``, which operators read as ``dataspace dead replay``
+IDEMPOTENT_DUPLICATES = Counter(
+    "dataspace_idempotent_duplicates",
+    "Writes delivered again (redelivered or sent twice) and answered from their "
+    "idempotency record instead of being applied again",
     registry=REGISTRY,
 )
+#: the old name of IDEMPOTENT_DUPLICATES, until consumer.py uses the new one
+REPLAYED = IDEMPOTENT_DUPLICATES
 DB_RETRIES = Counter(
     "dataspace_database_retries",
     "Database operations retried after a connection failure",
@@ -104,7 +149,30 @@ REPLIES_TOO_LARGE = Counter(
     registry=REGISTRY,
 )
 REAPS = Counter(
-    "dataspace_reaps", "Reaps run by this worker, by outcome", ["outcome"], registry=REGISTRY
+    "dataspace_reaps",
+    "Retention messages handled by this worker's reaper, by outcome (ok, skipped ones "
+    "included, or the protocol's error code)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+REAP_DELETED_ROWS = Counter(
+    "dataspace_reap_deleted_rows",
+    "Rows deleted by reaps, by table: dataproduct (each with its header and metadata "
+    "rows, not counted) or taskmanager; counted as each batch commits",
+    ["table"],
+    registry=REGISTRY,
+)
+for _table in ("dataproduct", "taskmanager"):
+    REAP_DELETED_ROWS.labels(_table)  # 0 before the first reap, not absent
+REAP_LAST_SUCCESS = Gauge(
+    "dataspace_reap_last_success_timestamp_seconds",
+    "Unix time at which the last complete reap run by this process finished (0: none yet)",
+    registry=REGISTRY,
+)
+REAP_LAST_DURATION = Gauge(
+    "dataspace_reap_last_duration_seconds",
+    "Duration of the last complete reap run by this process",
+    registry=REGISTRY,
 )
 
 
