@@ -639,3 +639,118 @@ def test_a_client_cannot_pass_for_the_schedule(pg_dsn, forged, caplog):
         assert _rows(pg_dsn, seq)["taskmanager"] == 1
     finally:
         source.close()
+
+
+# -- what a reap tells the operator: metrics, progress lines, a quiet schedule ------------
+def _metric(name: str, labels: str = "") -> float:
+    """A sample of the worker's registry, as /metrics exposes it."""
+    import re
+
+    from prometheus_client import generate_latest
+
+    from dataspace_worker import metrics
+
+    text = generate_latest(metrics.REGISTRY).decode()
+    pattern = "^" + re.escape(name + (f"{{{labels}}}" if labels else "")) + r" (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"{name}{{{labels}}} not exposed"
+    return float(match.group(1))
+
+
+def test_a_reap_counts_deleted_rows_and_its_success_and_logs_progress(pg_dsn, caplog):
+    import logging
+
+    _old_taskmanager(pg_dsn, 7)  # 14 products (generations 1 and 2), 1 task manager
+    products = 'table="dataproduct"'
+    managers = 'table="taskmanager"'
+    before = {t: _metric("dataspace_reap_deleted_rows_total", t) for t in (products, managers)}
+    source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2, "reap_batch": 4})
+    source.reap_progress_interval = 0.0  # a line after every batch
+    caplog.set_level(logging.INFO, logger="dataspace_worker.postgres")
+    started = time.time()
+    try:
+        result = source.reap(35)
+        finished = time.time()
+        assert result["dataproducts"] >= 14 and result["taskmanagers"] >= 1
+        assert _metric("dataspace_reap_deleted_rows_total", products) == (
+            before[products] + result["dataproducts"]
+        )
+        assert _metric("dataspace_reap_deleted_rows_total", managers) == (
+            before[managers] + result["taskmanagers"]
+        )
+        assert started <= _metric("dataspace_reap_last_success_timestamp_seconds") <= finished
+        assert 0 < _metric("dataspace_reap_last_duration_seconds") <= finished - started
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        progress = [m for m in messages if m.startswith("reap in progress:")]
+        assert len(progress) == result["batches"], messages
+        assert (
+            f"{result['dataproducts']} products and {result['taskmanagers']} task managers"
+            in (progress[-1])
+        )
+        summary = [m for m in messages if m.startswith("reaped task managers older than 35")]
+        assert len(summary) == 1 and f"in {result['batches']} batches" in summary[0], messages
+
+        # a short reap with the default interval: the summary line alone
+        caplog.clear()
+        source.reap_progress_interval = PostgresDataSource.reap_progress_interval
+        again = source.reap(35)
+        messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert again["seconds"] < 5
+        assert [m for m in messages if m.startswith("reap")] == [
+            m for m in messages if m.startswith("reaped task managers")
+        ]
+        assert len(messages) == 1, messages
+    finally:
+        source.close()
+
+
+def test_rearming_the_schedule_is_quiet_after_the_first_arm(pg_dsn, reaper_vhost, caplog):
+    """The first arm says at INFO what it did; then every re-arm (refused: a run is
+    pending), a re-arm that loses the race to another worker (the broker nacks it)
+    and a scheduled reap skipped as too soon log nothing at INFO or above, pika's
+    "Message was Nack'ed" warning included."""
+    import logging
+
+    import pika
+
+    from dataspace_worker.reaper import ReaperDispatcher, Schedule
+
+    # pika's connection chatter off but its warnings on (the quiet must not depend on
+    # the level the worker gives pika), INFO everywhere else (in this order:
+    # set_level sets the handler's level too)
+    caplog.set_level(logging.WARNING, logger="pika")
+    caplog.set_level(logging.INFO)
+    schedule = Schedule(pika.URLParameters(reaper_vhost), 30, interval=3600)
+    assert schedule.arm() is True
+    first = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.getMessage().split(" at ")[0] for r in first] == ["next reap scheduled"], first
+    assert _schedule_depth(reaper_vhost) == 1
+
+    caplog.clear()
+    assert schedule.arm() is False  # pending: nothing published
+    schedule.try_arm()
+    # another worker armed it between this one's look and its publish: the broker
+    # refuses the publish (a nack), which is as normal
+    racing = Schedule(pika.URLParameters(reaper_vhost), 30, interval=3600)
+    racing._reported = True  # not its first attempt
+    racing._pending = lambda connection: 0  # it looked before the other published
+    publish, published = racing._publish, []
+    racing._publish = lambda connection: published.append(publish(connection)) or published[-1]
+    assert racing.arm() is False
+    assert published == [None], "the broker did not refuse the second publish"
+    assert _schedule_depth(reaper_vhost) == 1
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert loud == [], [(r.name, r.levelname, r.getMessage()) for r in loud]
+
+    source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2})
+    try:
+        source.reap(35)  # a reap just finished: the next scheduled one is skipped
+        caplog.clear()
+        handler = ReaperDispatcher(source, schedule, 1 << 20)
+        reply = handler.handle_request(_scheduled(30))
+    finally:
+        source.close()
+    assert b'"skipped":true' in reply.body
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert loud == [], [(r.name, r.levelname, r.getMessage()) for r in loud]
+    assert "Nack'ed" not in caplog.text

@@ -12,19 +12,22 @@ properties ``timestamp`` + ``expiration``, header ``x-dataspace-next-reap-at``).
 
 The reaper queue has a single active consumer, so one reap runs at a time
 across all workers. The consumer that runs a scheduled reap arms the next one;
-every worker also tries to arm it at start and every minute (refused while one
-is pending), which restores a schedule message that was purged or lost.
+every worker also tries to arm it at start and every minute (nothing is
+published while one is pending), which restores a schedule message that was
+purged or lost. Arming that finds a run pending is the normal case: it logs at
+DEBUG, except a worker's first attempt, which says at INFO what it found.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
 
 import pika
-from pika.exceptions import AMQPError, NackError, UnroutableError
+from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
 from dataspace_client.protocol import (
     CONTENT_TYPE,
@@ -53,8 +56,51 @@ CLAIM_LINES = Throttle(window=10.0, burst=5)
 NEXT_REAP_HEADER = "x-dataspace-next-reap-at"
 
 
+class _ScheduleMissing(Exception):
+    """The schedule queue does not exist (deleted by hand, or a node lost it)."""
+
+
+class _ExpectedNack(logging.Filter):
+    """Drops pika's "Message was Nack'ed by broker" WARNING for a schedule publish
+    made by ``Schedule`` on this very thread: that refusal means "armed already",
+    the normal case, which ``Schedule`` logs itself at DEBUG. Any other nack, of any
+    other publish or thread, is still logged by pika as before."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: set[int] = set()  # idents of threads publishing the schedule now
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.thread in self.threads
+            and isinstance(record.msg, str)
+            and record.msg.startswith("Message was Nack'ed by broker")
+            and isinstance(args, tuple)
+            and len(args) > 3
+            and args[3] == SCHEDULE_QUEUE
+        )
+
+
+EXPECTED_NACK = _ExpectedNack()
+# pika's BlockingChannel.basic_publish logs the nack on its module's logger; a
+# logger's filter sees only that logger's own records
+logging.getLogger("pika.adapters.blocking_connection").addFilter(EXPECTED_NACK)
+
+
 class Schedule:
-    """Arms the next scheduled reap: publishes the pending message if none is."""
+    """Arms the next scheduled reap: publishes the pending message if none is.
+
+    Each attempt first asks the broker how many messages the schedule queue holds
+    (a passive declare) and publishes only when it is empty. So the steady state,
+    a run pending and every worker trying every minute, publishes nothing and
+    provokes no refusal (a refused publish is a nack, which pika logs as a
+    WARNING). The check is not what keeps one run pending: two workers can both
+    find the queue empty (at a fleet's first start, or right after a run left the
+    queue) and both publish; the queue's ``x-max-length: 1`` with
+    ``reject-publish`` still takes one and nacks the other, as before. That nack is
+    expected too, and EXPECTED_NACK keeps pika from logging it.
+    """
 
     def __init__(
         self,
@@ -75,12 +121,52 @@ class Schedule:
         #: the account the schedule message is published as (its ``user_id``, which
         #: the broker checks): what makes a scheduled reap trusted (ReaperDispatcher)
         self.user = self.params[0].credentials.username
+        #: whether an attempt got as far as the broker's answer: the first one logs
+        #: at INFO (a worker's start-up says whether it armed the schedule), the
+        #: following ones, every minute and after each run, at DEBUG
+        self._reported = False
 
     def arm(self, redeclare: bool = True) -> bool:
-        """Publish the next run; False when one is pending already (the broker refuses).
+        """Publish the next run; False when one is pending already.
 
         If the schedule queue was deleted, declare it again (once) and retry.
         """
+        connection = pika.BlockingConnection(self.params)
+        try:
+            pending = self._pending(connection)
+            published = False if pending else self._publish(connection)
+        except _ScheduleMissing:
+            if not redeclare or self.queue_arguments is None:
+                log.error("queue %s is missing: cannot schedule reaps", SCHEDULE_QUEUE)
+                return False
+            log.warning("queue %s was missing: declaring it again", SCHEDULE_QUEUE)
+            channel = connection.channel()
+            channel.queue_declare(SCHEDULE_QUEUE, durable=True, arguments=self.queue_arguments)
+            return self.arm(redeclare=False)
+        finally:
+            if connection.is_open:
+                connection.close()
+        level = logging.DEBUG if self._reported else logging.INFO
+        self._reported = True
+        if published:
+            log.log(level, "next reap scheduled at %s", published)
+        else:
+            log.log(level, "a reap is scheduled already (pending in %s)", SCHEDULE_QUEUE)
+        return bool(published)
+
+    @staticmethod
+    def _pending(connection) -> int:
+        """Messages waiting in the schedule queue (0 or 1)."""
+        try:
+            declared = connection.channel().queue_declare(SCHEDULE_QUEUE, passive=True)
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                raise _ScheduleMissing from exc
+            raise
+        return declared.method.message_count
+
+    def _publish(self, connection) -> str | None:
+        """Publish the next run; its time (ISO), or None if the queue refused it."""
         now = time.time()
         body = encode_request(OPERATIONS["reap"], {"days": self.retention_days})
         next_at = dt.datetime.fromtimestamp(now + self.interval, dt.timezone.utc)
@@ -99,26 +185,19 @@ class Schedule:
                 NEXT_REAP_HEADER: next_at.isoformat(timespec="seconds"),
             },
         )
-        connection = pika.BlockingConnection(self.params)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        thread = threading.get_ident()
+        EXPECTED_NACK.threads.add(thread)
         try:
-            channel = connection.channel()
-            channel.confirm_delivery()
             channel.basic_publish("", SCHEDULE_QUEUE, body, properties, mandatory=True)
         except NackError:
-            return False
-        except UnroutableError:
-            if not redeclare or self.queue_arguments is None:
-                log.error("queue %s is missing: cannot schedule reaps", SCHEDULE_QUEUE)
-                return False
-            log.warning("queue %s was missing: declaring it again", SCHEDULE_QUEUE)
-            channel = connection.channel()
-            channel.queue_declare(SCHEDULE_QUEUE, durable=True, arguments=self.queue_arguments)
-            return self.arm(redeclare=False)
+            return None  # another worker armed it since _pending looked
+        except UnroutableError as exc:
+            raise _ScheduleMissing from exc  # deleted since _pending looked
         finally:
-            if connection.is_open:
-                connection.close()
-        log.info("next reap scheduled at %s", next_at.isoformat(timespec="seconds"))
-        return True
+            EXPECTED_NACK.threads.discard(thread)
+        return next_at.isoformat(timespec="seconds")
 
     def try_arm(self) -> None:
         try:
@@ -166,7 +245,8 @@ class ReaperDispatcher:
         if scheduled:
             skip = self._skip_reason()
             if skip:
-                log.info("scheduled reap skipped: %s", skip)
+                # normal (retention off here, or runs that piled up): not above DEBUG
+                log.debug("scheduled reap skipped: %s", skip)
                 self._arm()
                 result = {"taskmanagers": 0, "dataproducts": 0, "batches": 0, "seconds": 0.0}
                 reply = encode_result(OPERATIONS["reap"], {**result, "skipped": True})
