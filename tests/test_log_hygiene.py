@@ -1,6 +1,5 @@
-"""What a flood of hostile requests leaves in the worker's log (issue 12, finding 9):
-one WARNING line per refusal, a few a window, no traceback, nothing a terminal
-would execute."""
+"""What a flood of hostile requests leaves in the worker's log: one full WARNING
+line and one summary line, no traceback, nothing a terminal would execute."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pika
 import pytest
 
 from dataspace_worker import logs
-from dataspace_worker.consumer import DEAD_LETTER_LINES
+from dataspace_worker.consumer import DEAD_LETTERS, log_dead_letter_summary
 from tests import services
 
 pytestmark = pytest.mark.timeout(90)
@@ -49,7 +48,7 @@ def test_a_flood_of_bad_requests_is_a_few_warning_lines_and_no_traceback(
 ):
     caplog.set_level(logging.INFO)
     pool = pool_factory(own_vhost)
-    DEAD_LETTER_LINES._started = float("-inf")  # a window of its own
+    log_dead_letter_summary(force=True)  # a window of its own
     bodies = [
         b"not json",
         orjson.dumps({"v": 1, "op": ["x"], "args": {}}),
@@ -74,8 +73,16 @@ def test_a_flood_of_bad_requests_is_a_few_warning_lines_and_no_traceback(
         time.sleep(0.2)
     assert pool.handled >= sent
     assert len(services.drain_queue(own_vhost, "dataspace.dead", idle=1.0)) == sent
+    log_dead_letter_summary()  # within the minute: nothing yet
     warnings = [r for r in caplog.records if r.getMessage().startswith("dead-lettering")]
-    print(f"\n{sent} refused requests: {len(warnings)} dead-letter WARNING lines")
-    assert 1 <= len(warnings) <= 2 * DEAD_LETTER_LINES.burst
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert not [r for r in caplog.records if r.getMessage().startswith("dead-lettered ")]
+    log_dead_letter_summary(force=True)  # as the worker does when a minute is over
+    summary = [r for r in caplog.records if r.getMessage().startswith("dead-lettered ")]
+    print(f"\n{sent} refused requests: {summary[0].getMessage()}")
+    assert len(summary) == 1
+    assert summary[0].getMessage().startswith(f"dead-lettered {sent - 1} more requests")
+    assert f"(bad_request: {sent - 1})" in summary[0].getMessage()
+    assert DEAD_LETTERS.summary(force=True) is None
     assert not [r for r in caplog.records if r.exc_info], "no traceback for a bad request"
     assert "\x1b" not in caplog.text

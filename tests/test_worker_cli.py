@@ -16,6 +16,7 @@ import pytest
 
 from dataspace_client import DataBlock, DataSpace, DataSpaceError, Header
 from tests.conftest import remote_config
+from tests.services import poll
 
 WORKER = shutil.which("dataspace-worker") or os.path.join(
     os.path.dirname(sys.executable), "dataspace-worker"
@@ -94,7 +95,7 @@ def test_worker_serves_a_datablock_and_stops_cleanly_on_sigterm(worker_env, own_
     finally:
         worker.kill()
     out = worker.output
-    assert "dataspace-worker 0.1.0 starting: 2 consumers" in out
+    assert "dataspace-worker 0.1.0 (" in out and "starting: 2 consumers" in out
     assert "guest:***@" in out and "guest:guest@" not in out
     assert "SIGTERM received: finishing requests in hand" in out
     assert "dataspace-worker stopped:" in out and "requests handled" in out
@@ -174,11 +175,32 @@ def test_config_file_and_flag_precedence(tmp_path, worker_env):
         config.load(parser.parse_args(["--config", str(path)]), environ={})
 
 
-def test_print_settings_lists_every_environment_variable():
-    result = subprocess.run([WORKER, "--print-settings"], capture_output=True, text=True)
-    assert result.returncode == 0
-    for name in ("DATASPACE_AMQP_URL", "DATASPACE_PG_DSN", "DATASPACE_CONSUMERS"):
-        assert name in result.stdout
+def test_print_settings_shows_effective_values_and_their_sources(tmp_path):
+    from dataspace_worker import config
+
+    path = tmp_path / "worker.toml"
+    path.write_text("[worker]\nprefetch = 7\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATASPACE_")} | {
+        "DATASPACE_CONSUMERS": "3",
+        "DATASPACE_AMQP_URL": "amqp://svc:s3cret@mq:5672/prod",
+        "DATASPACE_PG_DSN": "host=db user=ds password=hunter2 dbname=ds",
+    }
+    result = subprocess.run(
+        [WORKER, "--print-settings", "--config", str(path), "-n", "w1", "--create-database"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert set(rows) == {s.name for s in config.SETTINGS}
+    assert rows["consumers"].split()[1:] == ["3", "environment", "DATASPACE_CONSUMERS"]
+    assert rows["prefetch"].split()[1:] == ["7", "file", str(path)]
+    assert rows["name"].split()[1:] == ["'w1'", "flag", "--name"]
+    assert rows["create_database"].split()[1:] == ["True", "flag", "--create-database"]
+    assert rows["delivery_limit"].split()[1:] == ["10", "default"]
+    assert "s3cret" not in result.stdout and "hunter2" not in result.stdout
+    assert "svc:***@mq" in rows["amqp_url"] and "password=***" in rows["pg_dsn"]
 
 
 def test_example_config_file_loads_with_every_setting():
@@ -192,3 +214,39 @@ def test_example_config_file_loads_with_every_setting():
     config.add_arguments(parser)
     settings = config.load(parser.parse_args(["--config", str(path)]), environ={})
     assert settings == config.WorkerSettings.with_defaults()
+
+
+def test_connections_and_consumer_tags_name_the_worker(worker_env, own_vhost):
+    """In the management UI (and `dataspace status`) a worker is its name, host and
+    pid, not 127.0.0.1:52172 and a random tag."""
+    import socket
+
+    from dataspace_client.management import ManagementClient
+
+    worker = WorkerProcess({**worker_env, "DATASPACE_METRICS_PORT": "0"}, "-n", "blue-7")
+    host, pid = socket.gethostname(), worker.proc.pid
+    expected = f"dataspace-worker 0.1.0 blue-7 on {host} pid {pid} (consumers)"
+    api = ManagementClient.for_broker(own_vhost, None)
+
+    def named() -> set:
+        return {
+            (c.get("client_properties") or {}).get("connection_name") for c in api.connections()
+        } & {expected}
+
+    def tags() -> set:
+        return {c["consumer_tag"] for c in api.consumers()}
+
+    try:
+        worker.wait_for("consuming 'dataspace.requests'")
+        # the management API lists new connections and consumers within seconds
+        names, _ = poll(named, timeout=20)
+        consumer_tags, _ = poll(lambda: len(tags()) >= 3 and tags(), timeout=20)
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+    assert names == {expected}
+    assert {t.rsplit(":", 1)[0] for t in consumer_tags} == {
+        f"blue-7:{pid}:dataspace.requests",
+        f"blue-7:{pid}:dataspace.reaper",
+    }
+    assert f"(blue-7 on {host} pid {pid}) starting" in worker.output

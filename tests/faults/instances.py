@@ -6,8 +6,9 @@ the port while the instance is down), and is removed with its directory when the
 context manager exits, whatever state the test left it in.
 
 - ``throwaway_postgres()``: ``initdb`` + ``pg_ctl`` as the ``postgres`` user (when
-  run as root), trust authentication. ``.dsn`` names database ``dataspace``, which
-  the worker creates; ``.admin_dsn`` the ``postgres`` database.
+  run as root), trust authentication. ``.dsn`` names database ``dataspace``, created
+  empty at start (a worker creates none unless asked); ``.admin_dsn`` the
+  ``postgres`` database.
 - ``throwaway_rabbitmq()``: a second RabbitMQ node beside the machine's own, with
   its own node name, ports, data, logs, config file and plugins file. Controlled
   with ``rabbitmqctl -n NODE``; ``kill9()`` kills its VM through its pid file.
@@ -193,6 +194,19 @@ class ThrowawayPostgres:
         if result.returncode != 0:
             raise InstanceError(f"initdb failed: {result.stdout}{result.stderr}")
 
+    def create_database(self, name: str = "dataspace") -> None:
+        """The database ``.dsn`` names: a worker creates none unless asked to."""
+        import psycopg2
+        from psycopg2 import sql
+
+        conn = psycopg2.connect(self.admin_dsn, connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        finally:
+            conn.close()
+
     def start(self, timeout: float = 30) -> None:
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
@@ -279,6 +293,7 @@ def throwaway_postgres(port: int | None = None) -> Iterator[ThrowawayPostgres]:
         instance = ThrowawayPostgres(base, port or free_port(), bindir)
         instance.init()
         instance.start()
+        instance.create_database()
         yield instance
     finally:
         if instance is not None:

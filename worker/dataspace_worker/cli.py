@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -24,8 +23,10 @@ from dataspace_client.errors import (
 from dataspace_client.urls import connection_parameters, mask_password, split_urls
 
 from . import __version__, config, logs, memory, metrics
-from .consumer import WorkerPool
+from .config import mask_dsn
+from .consumer import WorkerPool, log_dead_letter_summary
 from .dispatch import Dispatcher
+from .identity import Identity
 from .maintenance import RequestLogSweeper, every
 from .postgres import PostgresDataSource
 from .reaper import ReaperDispatcher, Schedule
@@ -38,6 +39,8 @@ TOPOLOGY_CHECK_INTERVAL = 60.0
 #: seconds between two looks at how the ordering lanes are spread (WorkerPool.rebalance)
 LANE_REBALANCE_INTERVAL = 5.0
 ARM_INTERVAL = 60.0
+#: seconds between two looks at whether a dead-letter summary line is due
+DEAD_LETTER_SUMMARY_INTERVAL = 5.0
 
 EXAMPLES = """\
 examples:
@@ -47,13 +50,6 @@ examples:
   dataspace-worker --config /etc/dataspace/worker.toml
   dataspace-worker --demo                            # serve, and run a short client demo
 """
-
-
-def mask_dsn(dsn: str) -> str:
-    """A DSN fit for logs: the password hidden, in URL or key=value form."""
-    if "://" in dsn:
-        return mask_password(dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(parser)
     parser.add_argument("--demo", action="store_true", help="once consuming, run a client demo")
     parser.add_argument(
-        "--print-settings", action="store_true", help="print the settings table and exit"
+        "--print-settings",
+        action="store_true",
+        help="print each setting's effective value and where it came from, then exit",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -103,15 +101,16 @@ def run_demo(amqp_url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     memory.tune()  # first, before any thread starts: see memory.py
     args = _parser().parse_args(argv)
-    if args.print_settings:
-        print(config.settings_table())
-        return 0
     try:
-        settings = config.load(args)
+        settings, sources = config.resolve(args)
     except DataSpaceConfigurationError as exc:
         print(f"dataspace-worker: {exc}", file=sys.stderr)
         return 2
+    if args.print_settings:
+        print(config.effective(settings, sources))
+        return 0
     logs.configure(settings.log_level, settings.log_format)
+    identity = Identity.of_this_process(settings.name)
 
     stop = threading.Event()
     signals_seen = []
@@ -142,15 +141,22 @@ def main(argv: list[str] | None = None) -> int:
                 "retry_timeout": None,
                 "connect_timeout": max(1, int(settings.connect_timeout)),
                 "reap_batch": settings.reap_batch,
+                "create_database": settings.create_database,
+                "application_name": f"dataspace-worker {identity.label}"[:63],
             },
             stop_event=stop,
         )
     except DataSpaceConfigurationError as exc:
-        # a database this worker must not touch (e.g. tables it cannot adopt):
-        # retrying cannot help, so say what and stop, as for a bad setting
+        # a database this worker must not touch (tables it cannot adopt), or one
+        # that refuses it (role, password, TLS, no such database): retrying cannot
+        # help, so say what and stop, as for a bad setting
         if server is not None:
             server.shutdown()
-        log.error("dataspace-worker stopped, nothing was changed: %s", exc)
+        log.error(
+            "dataspace-worker stopped, nothing was changed: %s (setting pg_dsn, from %s)",
+            exc,
+            sources["pg_dsn"],
+        )
         return 2
     except DataSpaceConnectionError as exc:
         if server is not None:
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         max_message_size=settings.max_message_size,
         dead_letter_body=settings.dead_letter_body,
         max_bytes_in_hand=settings.max_bytes_in_hand,
+        identity=identity,
         reaper=ReaperDispatcher(
             datasource,
             schedule,
@@ -201,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     log.info(
-        "dataspace-worker %s starting: %d consumers, broker %s, database %s",
+        "dataspace-worker %s (%s) starting: %d consumers, broker %s, database %s",
         __version__,
+        identity.label,
         settings.consumers,
         mask_password(settings.amqp_url),
         mask_dsn(settings.pg_dsn),
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     every(TOPOLOGY_CHECK_INTERVAL, pool.check_topology, stop, "dataspace-topology-check")
     if settings.lanes:
         every(LANE_REBALANCE_INTERVAL, pool.rebalance, stop, "dataspace-lane-rebalance")
+    every(DEAD_LETTER_SUMMARY_INTERVAL, log_dead_letter_summary, stop, "dataspace-dead-summary")
     sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
     every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
     if schedule is not None:
@@ -229,11 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     if pool.fatal:
         pool.stop(settings.drain_timeout)
         datasource.close()
-        log.error("dataspace-worker stopped: %s", pool.fatal)
+        log.error(
+            "dataspace-worker stopped: %s (setting amqp_url, from %s)",
+            pool.fatal,
+            sources["amqp_url"],
+        )
         return 2
     name = signal.Signals(signals_seen[0]).name if signals_seen else "stop"
     log.info("%s received: finishing requests in hand", name)
     drained = pool.stop(settings.drain_timeout)
+    log_dead_letter_summary(force=True)
     datasource.close()
     if server is not None:
         server.shutdown()
@@ -274,7 +288,7 @@ def _serve_metrics(settings, parts: dict):
         source = parts.get("datasource")
         return source.pool_in_use if source is not None else 0
 
-    metrics.POOL_SIZE.set(settings.consumers + 2)
+    metrics.POOL_SIZE.set(settings.consumers + settings.lanes + 2)  # the datasource's pool_size
     metrics.POOL_IN_USE.set_function(in_use)
     health = metrics.Health(broker=broker, database=database, ready=ready, alive=alive)
     try:

@@ -31,6 +31,10 @@ class Setting:
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
+    #: a one-letter flag as well (``-n``), for the settings typed most often
+    short: str | None = None
+    #: shown masked by --print-settings and in logs (may hold a password)
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -47,9 +51,37 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         DEFAULT_AMQP_URL,
         "RabbitMQ URL (amqp://user:pass@host:port/vhost); a cluster's nodes: comma-separated",
+        secret=True,
     ),
-    Setting("pg_dsn", str, DEFAULT_PG_DSN, "PostgreSQL DSN (libpq string or postgresql:// URL)"),
-    Setting("consumers", int, 2, "consumers (channels, each with its own database thread)", 1),
+    Setting(
+        "pg_dsn",
+        str,
+        DEFAULT_PG_DSN,
+        "PostgreSQL DSN (libpq string or postgresql:// URL)",
+        secret=True,
+    ),
+    Setting(
+        "create_database",
+        bool,
+        False,
+        "create the database named in pg_dsn if it is missing (needs the CREATEDB right); "
+        "without it a missing database stops the worker",
+    ),
+    Setting(
+        "name",
+        str,
+        "",
+        "this worker's name in its connection names and consumer tags (default: the host name)",
+        short="-n",
+    ),
+    Setting(
+        "consumers",
+        int,
+        2,
+        "consumers (channels, each with its own database thread)",
+        1,
+        short="-c",
+    ),
     Setting(
         "prefetch", int, 16, "unacknowledged requests each consumer holds and runs as one batch", 1
     ),
@@ -102,7 +134,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("idempotency_ttl", float, 86400.0, "seconds a write's message_id is remembered", 600),
     Setting("connect_timeout", float, 10.0, "seconds per broker or database connection attempt", 1),
-    Setting("log_level", str, "INFO", "logging level", None, ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting(
+        "log_level",
+        str,
+        "INFO",
+        "logging level",
+        None,
+        ("DEBUG", "INFO", "WARNING", "ERROR"),
+        short="-l",
+    ),
     Setting("log_format", str, "TEXT", "log lines as TEXT or JSON", None, ("TEXT", "JSON")),
     Setting(
         "metrics_host",
@@ -120,6 +160,8 @@ class WorkerSettings:
 
     amqp_url: str
     pg_dsn: str
+    create_database: bool
+    name: str
     consumers: int
     prefetch: int
     delivery_limit: int
@@ -151,10 +193,19 @@ if [f.name for f in fields(WorkerSettings)] != [s.name for s in SETTINGS]:  # pr
     raise RuntimeError("WorkerSettings and SETTINGS disagree")
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
 def _coerce(setting: Setting, value: Any, source: str) -> Any:
     where = f"setting '{setting.name}' (from {source})"
     try:
-        if setting.kind is int:
+        if setting.kind is bool:
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                value = value.strip().lower() in _TRUE
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif setting.kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             value = int(value)
@@ -165,9 +216,8 @@ def _coerce(setting: Setting, value: Any, source: str) -> Any:
         elif not isinstance(value, str):
             raise ValueError
     except (TypeError, ValueError):
-        raise DataSpaceConfigurationError(
-            f"{where} must be {setting.kind.__name__}, got {value!r}"
-        ) from None
+        kind = "true or false" if setting.kind is bool else setting.kind.__name__
+        raise DataSpaceConfigurationError(f"{where} must be {kind}, got {value!r}") from None
     if setting.choices is not None:
         value = value.upper()
         if value not in setting.choices:
@@ -202,21 +252,34 @@ def _from_file(path: str) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with worker settings")
     for s in SETTINGS:
-        parser.add_argument(
-            s.flag,
-            dest=s.name,
-            default=None,
-            metavar=s.name.upper(),
-            help=f"{s.help} (env {s.env}, default {s.default!r})".replace("%", "%%"),
-        )
+        flags = (s.short, s.flag) if s.short else (s.flag,)
+        text = f"{s.help} (env {s.env}, default {s.default!r})".replace("%", "%%")
+        if s.kind is bool:
+            parser.add_argument(
+                *flags, dest=s.name, default=None, action="store_const", const=True, help=text
+            )
+        else:
+            parser.add_argument(
+                *flags, dest=s.name, default=None, metavar=s.name.upper(), help=text
+            )
 
 
 def load(args: argparse.Namespace | None = None, environ: dict | None = None) -> WorkerSettings:
     """Resolve every setting from its sources; DataSpaceConfigurationError names a bad one."""
+    return resolve(args, environ)[0]
+
+
+def resolve(
+    args: argparse.Namespace | None = None, environ: dict | None = None
+) -> tuple[WorkerSettings, dict[str, str]]:
+    """The settings, and where each came from ("default", "file F", "environment
+    DATASPACE_X", "flag --x"): for --print-settings, and for error lines that must
+    say which setting to fix, and where."""
     environ = os.environ if environ is None else environ
     file_path = getattr(args, "config", None) or environ.get("DATASPACE_CONFIG")
     file_values = _from_file(file_path) if file_path else {}
     values = {}
+    sources = {}
     for s in SETTINGS:
         value, source = s.default, "default"
         if s.name in file_values:
@@ -227,10 +290,20 @@ def load(args: argparse.Namespace | None = None, environ: dict | None = None) ->
         if flag_value is not None:
             value, source = flag_value, f"flag {s.flag}"
         values[s.name] = _coerce(s, value, source)
+        sources[s.name] = source
     _check_amqp_url(values["amqp_url"])
     _check_pg_dsn(values["pg_dsn"])
+    _check_name(values["name"], sources["name"])
     _check_retention(values)
-    return WorkerSettings(**values)
+    return WorkerSettings(**values), sources
+
+
+def _check_name(name: str, source: str) -> None:
+    from .identity import check_name
+
+    problem = check_name(name)
+    if problem is not None:
+        raise DataSpaceConfigurationError(f"setting 'name' (from {source}) {problem}")
 
 
 def _check_retention(values: dict) -> None:
@@ -306,6 +379,30 @@ def _check_amqp_url(url: str) -> None:
         BrokerAddresses(url, lambda _params: None)
     except ValueError as exc:
         raise DataSpaceConfigurationError(f"setting 'amqp_url': {exc}") from None
+
+
+def effective(settings: WorkerSettings, sources: dict[str, str]) -> str:
+    """Each setting's value as the worker would run with it, and its source;
+    passwords masked."""
+    from dataspace_client.urls import mask_password
+
+    width = max(len(s.name) for s in SETTINGS)
+    lines = []
+    for s in SETTINGS:
+        value = getattr(settings, s.name)
+        if s.secret:
+            value = mask_password(value) if "://" in value else mask_dsn(value)
+        lines.append(f"{s.name:<{width}}  {value!r:<44}  {sources[s.name]}")
+    return "\n".join(lines)
+
+
+def mask_dsn(dsn: str) -> str:
+    """A DSN fit for logs: the password hidden, in URL or key=value form."""
+    from dataspace_client.urls import mask_password
+
+    if "://" in dsn:
+        return mask_password(dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
 def settings_table() -> str:

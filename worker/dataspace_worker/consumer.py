@@ -42,11 +42,10 @@ import pika.data
 from pika.exceptions import (
     AMQPError,
     ChannelClosedByBroker,
-    ProbableAccessDeniedError,
-    ProbableAuthenticationError,
 )
 
 from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
+from dataspace_client.connection_errors import describe
 from dataspace_client.errors import DataSpaceRequestError, DataSpaceTooLargeError
 from dataspace_client.pika_patches import close_select_connection, close_without_cancel
 from dataspace_client.protocol import (
@@ -61,18 +60,33 @@ from dataspace_client.protocol import (
     encode_error,
 )
 from dataspace_client.rpc import MAX_MESSAGE_BYTES
-from dataspace_client.urls import BrokerAddresses, mask_password, tls_failure
+from dataspace_client.urls import BrokerAddresses, mask_password
 
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
 from .guarded_replies import GuardedReplies, GuardedReply, Result
-from .logs import Throttle, printable
+from .identity import Identity
+from .logs import Tally, printable
 from .reply_addresses import BadReplyTo, ReplyAddress, parse
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
 #: dead-letter WARNING lines: a flood of bad requests is a few lines, not thousands
-DEAD_LETTER_LINES = Throttle(window=10.0, burst=5)
+#: dead letters in the log: the first of a quiet spell in full, then a summary a minute
+DEAD_LETTERS = Tally(window=60.0)
+
+
+def log_dead_letter_summary(force: bool = False) -> None:
+    """Say how many requests were dead-lettered since the last full line, by code
+    (run every few seconds by the worker, and once more as it stops)."""
+    summary = DEAD_LETTERS.summary(force)
+    if summary is not None:
+        log.warning(
+            "dead-lettered %d more requests since the last such line (%s); "
+            "`dataspace dead list` shows them",
+            *summary,
+        )
+
 
 RECONNECT_BACKOFF_MIN = 0.2
 RECONNECT_BACKOFF_MAX = 5.0
@@ -283,8 +297,8 @@ class Consumer:
     def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
         props = delivery.properties
         _count(outcome, elapsed, props.reply_to)
-        if log.isEnabledFor(logging.INFO):
-            log.info(
+        if log.isEnabledFor(logging.DEBUG):  # one line per request: DEBUG only
+            log.debug(
                 "%s %s%s in %.1f ms (%s)",
                 outcome.operation,
                 outcome.code,
@@ -302,26 +316,23 @@ class Consumer:
                     "duration_ms": round(elapsed * 1000, 3),
                 },
             )
-        if outcome.dead_letter(props.reply_to):
-            allowed, left_out = DEAD_LETTER_LINES.allow()
-            if allowed:
-                log.warning(
-                    "dead-lettering %s request %s: %s%s",
-                    outcome.operation,
-                    printable(props.message_id),
-                    outcome.reason,
-                    f" (and {left_out} more not logged: dataspace_dead_lettered_total "
-                    "counts them all)"
-                    if left_out
-                    else "",
-                )
+        known = outcome.operation in OPERATIONS
+        if outcome.dead_letter(props.reply_to) and DEAD_LETTERS.add(
+            f"{outcome.code} {outcome.operation}" if known else outcome.code
+        ):
+            log.warning(
+                "dead-lettering %s request %s: %s (more within a minute are summed up in one line)",
+                outcome.operation,
+                printable(props.message_id),
+                outcome.reason,
+            )
 
 
 def _count(outcome: Outcome, elapsed: float, reply_to: str | None) -> None:
     metrics.REQUESTS.labels(outcome.operation, outcome.code).inc()
     metrics.LATENCY.labels(outcome.operation).observe(elapsed)
     if outcome.replayed:
-        metrics.REPLAYED.inc()
+        metrics.IDEMPOTENT_DUPLICATES.inc()
     if outcome.dead_letter(reply_to):
         metrics.DEAD_LETTERED.labels(outcome.code).inc()
     if outcome.operation == "reap":
@@ -346,8 +357,12 @@ class WorkerPool:
         max_message_size: int = MAX_MESSAGE_BYTES,
         dead_letter_body: int = DEAD_LETTER_BODY,
         max_bytes_in_hand: int = MAX_BYTES_IN_HAND,
+        identity: Identity | None = None,
     ):
-        """``reaper``: a dispatcher for retention messages; when given, one more
+        """``identity``: how this worker names its connections and consumer tags
+        (default: the host name and this pid).
+
+        ``reaper``: a dispatcher for retention messages; when given, one more
         consumer (prefetch 1) takes the reaper queue, as a single active consumer
         among all workers.
 
@@ -409,16 +424,22 @@ class WorkerPool:
         self._census_channel = None
         self._census_asked: list[threading.Event] = []
 
+        self.identity = identity or Identity.of_this_process()
+
         def configure(params) -> None:
             params.connection_attempts = 1
             params.socket_timeout = connect_timeout
-            params.client_properties = {"connection_name": f"{APP_ID} consumers"}
+            params.client_properties = {
+                "connection_name": self.identity.connection_name("consumers")
+            }
 
         # several URLs: a cluster's nodes, tried in turn (dataspace_client.urls)
         self._addresses = BrokerAddresses(amqp_url, configure)
         # replies that may crash their channel go out on a connection of their own
         self._guard = GuardedReplies(
-            lambda: self._addresses.current, self.stopping, f"{APP_ID} guarded replies"
+            lambda: self._addresses.current,
+            self.stopping,
+            self.identity.connection_name("guarded replies"),
         )
         self._connection: pika.SelectConnection | None = None
         self._lock = threading.Lock()
@@ -516,9 +537,6 @@ class WorkerPool:
         while not self.stopping.is_set():
             try:
                 self._declare_topology()
-            except (ProbableAuthenticationError, ProbableAccessDeniedError) as exc:
-                self._give_up(f"the broker refused the credentials or vhost: {exc!r}")
-                break
             except ChannelClosedByBroker as exc:
                 if exc.reply_code in (403, 406):  # no permission, or inequivalent arguments
                     self._give_up(f"the broker refused the topology: {exc.reply_text}")
@@ -527,9 +545,11 @@ class WorkerPool:
                 backoff = self._next_address(backoff, reached=False)
                 continue
             except (AMQPError, OSError) as exc:
-                tls = tls_failure(exc)
-                if tls is not None and tls[1]:  # a certificate refused: configuration
-                    self._give_up(f"{tls[0]} ({self._addresses.current_url})")
+                problem = describe(exc)
+                if problem.configuration:  # credentials, vhost, certificate, plugin
+                    self._give_up(
+                        f"broker {self._addresses.current_url} refused this worker: {problem}"
+                    )
                     break
                 self._pause(exc, backoff)
                 backoff = self._next_address(backoff, reached=False)
@@ -576,9 +596,9 @@ class WorkerPool:
 
     def _pause(self, exc: BaseException, backoff: float) -> None:
         log.warning(
-            "broker %s unavailable (%s); retrying in %.1fs",
+            "broker %s unavailable: %s; retrying in %.1fs",
             self._addresses.current_url,
-            str(exc) or type(exc).__name__,
+            describe(exc),
             backoff,
         )
         self.stopping.wait(backoff)
@@ -586,7 +606,7 @@ class WorkerPool:
     def _give_up(self, reason: str) -> None:
         """A refusal that retrying cannot cure: stop the pool and say why."""
         self.fatal = reason
-        log.error("%s; stopping", reason)
+        log.debug("%s; stopping", reason)  # the command says it, once, as it exits
         self.stopping.set()
 
     def check_topology(self) -> bool:
@@ -680,7 +700,12 @@ class WorkerPool:
         channel.add_on_cancel_callback(lambda _frame: channel.close())
 
         def consume(_frame) -> None:
-            channel.basic_consume(queue.name, lambda *_delivery: None, auto_ack=True)
+            channel.basic_consume(
+                queue.name,
+                lambda *_delivery: None,
+                auto_ack=True,
+                consumer_tag=self.identity.consumer_tag(queue.name),
+            )
             self._census_channel = channel
 
         channel.queue_declare(
@@ -700,7 +725,7 @@ class WorkerPool:
         self._reopen_later(CHANNEL_REOPEN_PAUSE, self._on_census_channel_open)
 
     def _on_open_error(self, connection, error) -> None:
-        log.warning("cannot connect to %s: %s", self.masked_url, str(error) or type(error).__name__)
+        log.warning("cannot connect to %s: %s", self._addresses.current_url, describe(error))
         connection.ioloop.stop()
 
     def _on_closed(self, connection, reason) -> None:
@@ -737,6 +762,7 @@ class WorkerPool:
         consumer.consumer_tag = channel.basic_consume(
             consumer.queue_name,
             partial(self._on_message, consumer),
+            consumer_tag=self.identity.consumer_tag(consumer.queue_name),
             callback=lambda _frame: self._on_consuming(),
         )
 

@@ -42,7 +42,11 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs each failed connection attempt as ~7 ERROR lines and a traceback,
+    # and a refused publish as a WARNING; the worker says the same in one line of
+    # its own (cause in words, what it does next). Its warnings and errors show at
+    # DEBUG only (its own debug lines, one per frame, never).
+    logging.getLogger("pika").setLevel(logging.WARNING if level == "DEBUG" else logging.CRITICAL)
 
 
 def printable(text) -> str:
@@ -85,3 +89,44 @@ class Throttle:
             self._lines += 1
             left_out, self._left_out = self._left_out, 0
             return True, left_out
+
+
+class Tally:
+    """Events of one kind (dead letters) as one full line, then a summary per window.
+
+    The first event after a quiet spell is logged in full (it names its message, so
+    an operator can look it up); the ones that follow within ``window`` seconds are
+    only counted, by reason, and ``summary`` gives them as one line once the window
+    is over: 3,000 refused requests make two lines, not 3,000.
+    """
+
+    def __init__(self, window: float = 60.0):
+        self.window = window
+        self._lock = threading.Lock()
+        self._started: float | None = None
+        self._counts: dict[str, int] = {}
+
+    def add(self, reason: str) -> bool:
+        """Count one event; True when it is to be logged in full (a new window)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._started is None:
+                self._started = now
+                return True
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+            return False
+
+    def summary(self, force: bool = False) -> tuple[int, str] | None:
+        """Once the window is over (or ``force``): how many events were counted and
+        not logged, and "reason: n, ..."; a new window starts. None when there is
+        nothing to say."""
+        now = time.monotonic()
+        with self._lock:
+            if self._started is None or (not force and now - self._started < self.window):
+                return None
+            counts, self._counts = self._counts, {}
+            self._started = None
+        if not counts:
+            return None
+        parts = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(counts.items()))
+        return sum(counts.values()), parts

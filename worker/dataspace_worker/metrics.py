@@ -116,8 +116,6 @@ IDEMPOTENT_DUPLICATES = Counter(
     "idempotency record instead of being applied again",
     registry=REGISTRY,
 )
-#: the old name of IDEMPOTENT_DUPLICATES, until consumer.py uses the new one
-REPLAYED = IDEMPOTENT_DUPLICATES
 DB_RETRIES = Counter(
     "dataspace_database_retries",
     "Database operations retried after a connection failure",

@@ -9,9 +9,17 @@ Settings: ``dsn`` (libpq connection string or URL), ``pool_size`` (default 8),
 ``retry_timeout`` (seconds to keep retrying a lost database before raising
 DataSpaceConnectionError, default 15; the worker passes None: until stopped),
 ``connect_timeout`` (seconds per connection attempt, default 5),
-``create_tables`` (create the database if missing and migrate the schema on
-connect, default true), ``reap_batch`` (rows per transaction when reaping,
+``create_tables`` (migrate the schema on connect, default true),
+``create_database`` (create the database if missing, default: as
+``create_tables``; the worker passes its own setting, false unless asked),
+``application_name`` (as the server's ``pg_stat_activity`` shows the sessions,
+default "dataspace"), ``reap_batch`` (rows per transaction when reaping,
 default 5000).
+
+The first connection tells configuration from an outage: a role, password, TLS
+mode or database the server refuses raises DataSpaceConfigurationError at once
+(retry.refusal says which and what to fix); a server that is down or starting
+is retried (``retry_timeout``).
 
 Each call is one transaction, run through the retry policy in ``retry.py``.
 Database errors come out as the Python exceptions the API documents:
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -52,9 +61,9 @@ from dataspace_client.errors import (
     DataSpaceExistsError,
 )
 
-from . import idempotency, operations, schema, sql
+from . import idempotency, metrics, operations, schema, sql
 from .pool import ConnectionPool, drop_inherited
-from .retry import connection_retry, is_connection_error, is_tls_refusal
+from .retry import connection_retry, is_connection_error, is_tls_refusal, refusal
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,9 @@ def _setting(config: dict, name: str, default, kinds, minimum=None, optional=Fal
     return value
 
 
+_KEY_DETAIL = re.compile(r"Key \((\w+)\)=\(([^)]*)\)")
+
+
 def _translate(exc: psycopg2.Error) -> BaseException:
     """The API's exception for a database error that retrying will not cure."""
     diag = getattr(exc, "diag", None)
@@ -85,7 +97,11 @@ def _translate(exc: psycopg2.Error) -> BaseException:
     if isinstance(exc, psycopg2.errors.UniqueViolation):
         return DataSpaceExistsError(f"already stored: {exc.diag.message_detail or first_line}")
     if isinstance(exc, psycopg2.errors.ForeignKeyViolation):
-        return KeyError(f"no such task manager: {exc.diag.message_detail or first_line}")
+        # the detail is PostgreSQL's sentence ("Key (taskmanager_id)=(999) is not
+        # present in table ..."): a caller wants the id it named, not SQL
+        found = _KEY_DETAIL.search(exc.diag.message_detail or "")
+        named = f" with {found.group(1)} {found.group(2)}" if found else ""
+        return KeyError(f"no such task manager{named}")
     if isinstance(exc, psycopg2.errors.CheckViolation):
         return ValueError(f"value out of range: {first_line}")
     if isinstance(exc, (psycopg2.DataError, psycopg2.errors.ProgramLimitExceeded)):
@@ -269,6 +285,8 @@ class PostgresDataSource(DataSource):
         )
         self.connect_timeout = _setting(config, "connect_timeout", 5, (int,), minimum=1)
         self._create = _setting(config, "create_tables", True, (bool,))
+        self._create_database = _setting(config, "create_database", self._create, (bool,))
+        self.application_name = _setting(config, "application_name", "dataspace", (str,))
         self.reap_batch = _setting(config, "reap_batch", 5000, (int,), minimum=1)
         self._stop_event = stop_event
         self._pool: ConnectionPool | None = None
@@ -282,7 +300,7 @@ class PostgresDataSource(DataSource):
             self.dsn,
             self.pool_size,
             connect_timeout=self.connect_timeout,
-            application_name="dataspace",
+            application_name=self.application_name,
             **KEEPALIVES,
         )
         # closes the pool (and the health connection) of a datasource dropped without close()
@@ -291,9 +309,25 @@ class PostgresDataSource(DataSource):
     def connect(self):
         if self._pool is None:
             self._new_pool()
+        self._first_connection()
         if self._create:
-            self._retrying(lambda: schema.ensure_database(self.dsn, self.connect_timeout))
             self.create_tables()
+
+    def _first_connection(self) -> None:
+        """Reach the database once (creating it if asked), retrying an outage but
+        not a refusal: a wrong role or password, a TLS mode the server does not
+        offer or a missing database come back the same however long one waits."""
+
+        def attempt():
+            try:
+                schema.ensure_database(self.dsn, self.connect_timeout, create=self._create_database)
+            except psycopg2.OperationalError as exc:
+                problem = refusal(exc)
+                if problem is not None:
+                    raise DataSpaceConfigurationError(problem) from None
+                raise
+
+        self._retrying(attempt)
 
     def close(self):
         """Close the connections; those in use are closed when given back. In a
@@ -414,6 +448,10 @@ class PostgresDataSource(DataSource):
             return self._transaction(lambda cur: [_apply(cur, *prepared[0])])
         return self._transaction(lambda cur: _apply_all(cur, prepared))
 
+    #: seconds between two "reap in progress" log lines of a long reap (at most one
+    #: per batch, so a batch longer than this gets one line)
+    reap_progress_interval = 5.0
+
     def reap(self, days):
         """Delete task managers older than ``days`` days, and their products, in batches.
 
@@ -425,6 +463,12 @@ class PostgresDataSource(DataSource):
         second one returns at once with ``skipped`` true. Recorded in
         ``dataspace_reap``. Returns ``{"taskmanagers": n, "dataproducts": m,
         "batches": b, "seconds": s, "skipped": bool}``.
+
+        Logs a progress line at most every ``reap_progress_interval`` seconds while
+        it runs and one summary line at the end; counts deleted rows in
+        ``dataspace_reap_deleted_rows_total`` as each batch commits, and a complete
+        reap in ``dataspace_reap_last_success_timestamp_seconds`` and
+        ``dataspace_reap_last_duration_seconds``.
         """
         args = validate.check("reap", {"days": days})
         clock = time.monotonic()
@@ -433,22 +477,28 @@ class PostgresDataSource(DataSource):
             if not acquired:
                 log.info("another reap is running on this database; skipping this one")
                 return {**totals, "seconds": 0.0, "skipped": True}
-            self._reap_batches(args, totals)
+            self._reap_batches(args, totals, clock)
+        seconds = time.monotonic() - clock
+        metrics.REAP_LAST_DURATION.set(seconds)
+        metrics.REAP_LAST_SUCCESS.set_to_current_time()
         log.info(
-            "reaped task managers older than %s days: %d task managers, %d products in %d batches",
+            "reaped task managers older than %s days: %d task managers, %d products "
+            "in %d batches, %.1f s",
             args["days"],
             totals["taskmanagers"],
             totals["dataproducts"],
             totals["batches"],
+            seconds,
         )
-        return {**totals, "seconds": round(time.monotonic() - clock, 3), "skipped": False}
+        return {**totals, "seconds": round(seconds, 3), "skipped": False}
 
-    def _reap_batches(self, args: dict, totals: dict) -> None:
+    def _reap_batches(self, args: dict, totals: dict, clock: float) -> None:
         cutoff, started_at = self._transaction(lambda cur: _fetchone(cur, sql.REAP_CUTOFF, args))
         params = {"cutoff": cutoff, "batch": self.reap_batch}
-        for statement, counted in (
-            (sql.REAP_PRODUCTS, "dataproducts"),
-            (sql.REAP_TASKMANAGERS, "taskmanagers"),
+        last_line = clock
+        for statement, counted, table in (
+            (sql.REAP_PRODUCTS, "dataproducts", "dataproduct"),
+            (sql.REAP_TASKMANAGERS, "taskmanagers", "taskmanager"),
         ):
             # Until a batch finds nothing: a short batch may only mean that rows it
             # picked were deleted meanwhile by someone else.
@@ -458,6 +508,18 @@ class PostgresDataSource(DataSource):
                 deleted = self._transaction(lambda cur, q=statement: _count(cur, q, params))
                 totals[counted] += deleted
                 totals["batches"] += 1
+                metrics.REAP_DELETED_ROWS.labels(table).inc(deleted)
+                now = time.monotonic()
+                if now - last_line >= self.reap_progress_interval:
+                    last_line = now
+                    log.info(
+                        "reap in progress: %d batches, %d products and %d task managers "
+                        "deleted so far, %.1f s",
+                        totals["batches"],
+                        totals["dataproducts"],
+                        totals["taskmanagers"],
+                        now - clock,
+                    )
                 if deleted == 0:
                     break
         record = {**args, **totals, "started_at": started_at}

@@ -40,6 +40,49 @@ TLS_REFUSALS = (
 )
 
 
+#: what libpq or the server says when it refuses this client for good, and what to
+#: fix. libpq gives no SQLSTATE for a failed connection: its words are all there is
+#: (the server's are in its lc_messages language; English is the default, and an
+#: unrecognised refusal is retried like an outage, as before).
+REFUSALS = (
+    ("password authentication failed", "check the user and password in pg_dsn"),
+    ("no password supplied", "give the password in pg_dsn, PGPASSWORD or ~/.pgpass"),
+    ("authentication failed", "check the user and the server's pg_hba.conf method"),
+    ("does not exist", None),  # a role or a database: told apart below
+    ("no pg_hba.conf entry", "allow this host, user and database in the server's pg_hba.conf"),
+    ("is not permitted to log in", "grant LOGIN to the role, or use another in pg_dsn"),
+    (
+        "server does not support SSL",
+        "the server offers no TLS: enable ssl on it, or lower sslmode in pg_dsn",
+    ),
+    ("permission denied for database", "GRANT CONNECT ON DATABASE to the role in pg_dsn"),
+)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """One line saying why the server refused the connection and what to fix, when
+    retrying cannot help; None for an outage (refused port, timeout, starting up)."""
+    if not isinstance(exc, psycopg2.OperationalError) or exc.pgcode is not None:
+        return None
+    text = " ".join(str(exc).split())
+    said = text.split("failed: ", 1)[-1]  # after libpq's "connection to server at ..."
+    if is_tls_refusal(exc):
+        return f"the server's certificate was refused: {said} (check sslrootcert and the host)"
+    for marker, fix in REFUSALS:
+        if marker not in text:
+            continue
+        if fix is None:
+            if "database" in text and "role" not in text:
+                fix = (
+                    "create it (createdb), correct dbname in pg_dsn, or start with "
+                    "--create-database (DATASPACE_CREATE_DATABASE=1)"
+                )
+            else:
+                fix = "create the role, or correct user in pg_dsn"
+        return f"the database server refused the connection: {said} ({fix})"
+    return None
+
+
 def is_tls_refusal(exc: BaseException) -> bool:
     """A connection refused over the server's certificate (see TLS_REFUSALS)."""
     return isinstance(exc, psycopg2.OperationalError) and any(

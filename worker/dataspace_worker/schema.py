@@ -402,11 +402,14 @@ def _read_migration(name: str) -> str:
     return resources.files("dataspace_worker").joinpath("migrations", name).read_text("utf-8")
 
 
-def ensure_database(dsn: str, connect_timeout: int = 5) -> bool:
-    """Create the DSN's database if it does not exist yet; return True if created.
+def ensure_database(dsn: str, connect_timeout: int = 5, create: bool = True) -> bool:
+    """Connect once; if the DSN's database does not exist and ``create``, create it.
+    Return True if created.
 
     Connects to the server's ``postgres`` database to do so, which needs the
-    CREATEDB right; without it the original connection error stands.
+    CREATEDB right; without it, or without ``create``, the original connection
+    error stands (a misspelt ``dbname`` must not become a new, empty database
+    unless asked).
     """
     import psycopg2
     from psycopg2 import errors, extensions, sql
@@ -416,7 +419,7 @@ def ensure_database(dsn: str, connect_timeout: int = 5) -> bool:
         return False
     except psycopg2.OperationalError as exc:
         name = extensions.parse_dsn(dsn).get("dbname")
-        if "does not exist" not in str(exc) or not name or name == "postgres":
+        if not create or "does not exist" not in str(exc) or not name or name == "postgres":
             raise
     admin = psycopg2.connect(
         extensions.make_dsn(dsn, dbname="postgres"), connect_timeout=connect_timeout
