@@ -77,6 +77,13 @@ def test_definitions_file_is_current():
     )
 
 
+def _expected_bindings(topo) -> set[tuple[str, str, str]]:
+    """(source, destination, routing key) of every binding: to queues and to exchanges."""
+    return {(e, q.name, k) for q in topo.queues for e, k in q.bindings} | set(
+        topo.exchange_bindings
+    )
+
+
 def test_definitions_follow_the_topology_and_hold_no_secrets():
     doc = defs.definitions()
     topo = topology()
@@ -85,9 +92,9 @@ def test_definitions_follow_the_topology_and_hold_no_secrets():
         q.name: q.arguments for q in topo.queues
     }
     assert all(q["durable"] and not q["auto_delete"] for q in doc["queues"])
-    assert {(b["source"], b["destination"], b["routing_key"]) for b in doc["bindings"]} == {
-        (exchange, q.name, key) for q in topo.queues for exchange, key in q.bindings
-    }
+    assert {
+        (b["source"], b["destination"], b["routing_key"]) for b in doc["bindings"]
+    } == _expected_bindings(topo)
     assert doc["users"] == doc["permissions"] == doc["topic_permissions"] == []
     limit = {q["name"]: q["arguments"].get("x-delivery-limit") for q in doc["queues"]}
     assert limit[topo.request_queue.name] == 10
@@ -469,7 +476,7 @@ def _assert_matches_topology(broker: Broker) -> None:
         for b in broker.api.call("GET", f"/bindings/{broker.path}")
         if b["source"]  # the default exchange's implicit bindings
     }
-    assert bindings == {(e, q.name, k) for q in topo.queues for e, k in q.bindings}
+    assert bindings == _expected_bindings(topo)
 
 
 def test_definitions_load_and_the_worker_declares_over_them(broker):

@@ -24,6 +24,14 @@ class DataSpaceConnectionError(DataSpaceError):
     retryable = True
 
 
+class DataSpaceRefusedError(DataSpaceConfigurationError, DataSpaceConnectionError):
+    """The broker refused this client for a reason retrying cannot cure: its
+    credentials, its vhost, a certificate. Configuration to fix; also a
+    DataSpaceConnectionError, which is what a refusal raised before."""
+
+    retryable = False
+
+
 class DataSpaceExistsError(DataSpaceError):
     """The object being created already exists."""
 
@@ -41,6 +49,25 @@ class DataSpaceTimeoutError(DataSpaceError):
         self.operation = operation
         self.timeout = timeout
         super().__init__(f"{operation}: no reply within {timeout:g} s")
+
+
+class DataSpaceNoWorkerError(DataSpaceTimeoutError):
+    """No worker consumes the queue a request went to: the call gave up early.
+
+    A kind of timeout (code catching DataSpaceTimeoutError keeps working): the
+    request stays queued until its expiration (the call's timeout) and runs if a
+    worker starts before then, so whether a write was applied is unknown, and
+    sending it again with the same message_id is safe.
+    """
+
+    def __init__(self, operation: str, timeout: float, queue: str, broker: str):
+        super().__init__(operation, timeout)
+        self.queue = queue
+        self.args = (
+            f"{operation}: no worker consumes {queue} on the broker at {broker}: start "
+            "dataspace-worker on this vhost (the request stays queued until its timeout "
+            "and runs if a worker starts by then)",
+        )
 
 
 class DataSpacePublishError(DataSpaceError):

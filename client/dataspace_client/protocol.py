@@ -48,6 +48,12 @@ REQUEST_BINDING = "data.#"
 ROUTING_PREFIX = "data."
 DEAD_LETTER_EXCHANGE = "dataspace.dead"
 DEAD_LETTER_QUEUE = "dataspace.dead"
+#: where dead letters are sorted: expired reads are dropped (nobody waits for them
+#: and replaying one does nothing), everything else reaches dataspace.dead
+DEAD_LETTER_SORT_EXCHANGE = "dataspace.dead.sort"
+DEAD_READS_EXCHANGE = "dataspace.dead.reads"
+DEAD_LETTER_KEPT_EXCHANGE = "dataspace.dead.kept"
+DEAD_READS_DISCARD_QUEUE = "dataspace.dead.reads.discarded"
 REAP_ROUTING_KEY = "admin.reap"
 REAPER_QUEUE = "dataspace.reaper"
 SCHEDULE_QUEUE = "dataspace.reaper.schedule"
@@ -286,6 +292,19 @@ def operation_named_by(routing_key: str | None) -> str | None:
         if routing_key.startswith(prefix):
             name = routing_key[len(prefix) :]
             return name if name in OPERATIONS and name != "reap" else None
+    return None
+
+
+def queue_for(routing_key: str) -> str | None:
+    """The queue whose consumers serve a request published to ``dataspace`` with
+    ``routing_key`` (for lanes: the queue every worker serving lanes consumes), or
+    None for a key this protocol does not route."""
+    if routing_key == REAP_ROUTING_KEY:
+        return REAPER_QUEUE
+    if routing_key.startswith(LANE_ROUTING_PREFIX):
+        return LANE_WORKERS_QUEUE
+    if routing_key.startswith(ROUTING_PREFIX):
+        return REQUEST_QUEUE
     return None
 
 

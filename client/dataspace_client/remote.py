@@ -41,7 +41,7 @@ from . import validate
 from .datasource import DataSource, demented_arguments, taskmanager_arguments
 from .errors import DataSpaceConfigurationError, DataSpaceError, DataSpacePublishError
 from .protocol import OPERATIONS, decode_reply, encode_request
-from .rpc import RpcClient
+from .rpc import NO_WORKER_CHECK, RpcClient
 from .urls import split_urls
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -176,6 +176,7 @@ class RemoteDataSource(DataSource):
         self.timeout = _positive(config, "timeout", DEFAULT_TIMEOUT)
         self.connect_timeout = _positive(config, "connect_timeout", 10.0)
         self.reap_timeout = _positive(config, "reap_timeout", DEFAULT_REAP_TIMEOUT)
+        self.no_worker_check = _positive(config, "no_worker_check", NO_WORKER_CHECK)
         self.app_id = str(config.get("app_id", "dataspace-client"))
         self.lanes = config.get("lanes", False)
         if not isinstance(self.lanes, bool):
@@ -218,6 +219,7 @@ class RemoteDataSource(DataSource):
                     app_id=self.app_id,
                     timeout=self.timeout,
                     connect_timeout=self.connect_timeout,
+                    no_worker_check=self.no_worker_check,
                 )
             return self._link.client
 

@@ -48,11 +48,13 @@ import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
+from .connection_errors import describe
 from .errors import (
-    DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
+    DataSpaceNoWorkerError,
     DataSpacePublishError,
+    DataSpaceRefusedError,
     DataSpaceTimeoutError,
 )
 from .pika_patches import close_select_connection
@@ -64,14 +66,21 @@ from .protocol import (
     PROTOCOL_VERSION,
     VERSION_HEADER,
     content_type,
+    queue_for,
 )
-from .urls import BrokerAddresses, mask_password, tls_failure
+from .urls import BrokerAddresses, mask_password
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_MIN = 0.1
 RECONNECT_BACKOFF_MAX = 5.0
 CHANNEL_REOPEN_DELAY = 1.0
+#: seconds a call waits for its reply before asking whether any worker consumes its
+#: queue (RemoteDataSource's ``no_worker_check``): a worker answers a request in
+#: milliseconds, so a call still waiting after this may be waiting for no one
+NO_WORKER_CHECK = 2.0
+#: seconds to wait for the broker's answer to that question
+NO_WORKER_PROBE_TIMEOUT = 2.0
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
 
@@ -145,6 +154,7 @@ class RpcClient:
         exchange: str = EXCHANGE,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        no_worker_check: float = NO_WORKER_CHECK,
     ):
         self.url = url
         self.masked_url = mask_password(url)
@@ -153,6 +163,7 @@ class RpcClient:
         self.app_id = app_id
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
+        self.no_worker_check = no_worker_check
         self._pid = os.getpid()  # the process this client (and its I/O thread) belongs to
 
         def configure(params) -> None:
@@ -189,7 +200,9 @@ class RpcClient:
         self._attempts = 0  # connection attempts finished
         self._reached = False  # the current connection reached consuming (I/O thread)
         self._last_error = "not connected yet"
-        self._tls_refused = False  # the last attempt failed on a certificate: configuration
+        #: the last attempt was refused for a reason retrying cannot cure (credentials,
+        #: vhost, a certificate): configuration
+        self._refused = False
         self._connection: pika.SelectConnection | None = None
         self._channel = None
         self._thread = threading.Thread(target=self._run, name="dataspace-rpc-io", daemon=True)
@@ -202,8 +215,13 @@ class RpcClient:
             connected = self._open
         if not connected:
             self.close()
-            error = DataSpaceConfigurationError if self._tls_refused else DataSpaceConnectionError
-            raise error(f"cannot reach the broker at {self.masked_url}: {self._last_error}")
+            if self._refused:
+                raise DataSpaceRefusedError(
+                    f"the broker at {self.masked_url} refused this client: {self._last_error}"
+                )
+            raise DataSpaceConnectionError(
+                f"cannot reach the broker at {self.masked_url}: {self._last_error}"
+            )
 
     # -- caller side --------------------------------------------------------------
     def call(
@@ -267,7 +285,7 @@ class RpcClient:
                 lambda: self._publish(correlation_id, message_id, operation, route, body)
             )
         try:
-            if not call.done.wait(max(0.0, deadline - time.monotonic())):
+            if not self._wait(call, route[1], deadline, timeout):
                 raise DataSpaceTimeoutError(operation, timeout)
         finally:
             with self._state:
@@ -275,6 +293,60 @@ class RpcClient:
         if call.error is not None:
             raise call.error
         return call.body
+
+    def _wait(self, call: _Call, routing_key: str, deadline: float, timeout: float) -> bool:
+        """Wait for the reply until ``deadline``; after ``no_worker_check`` seconds
+        without one, ask the broker whether any worker consumes the request's queue,
+        and give up at once (DataSpaceNoWorkerError) if none does."""
+        first = min(self.no_worker_check, deadline - time.monotonic())
+        if call.done.wait(max(0.0, first)):
+            return True
+        queue = queue_for(routing_key)
+        if queue is not None and time.monotonic() < deadline:
+            wait = min(NO_WORKER_PROBE_TIMEOUT, max(0.0, deadline - time.monotonic()))
+            if self.consumer_count(queue, wait) == 0 and not call.done.is_set():
+                raise DataSpaceNoWorkerError(call.operation, timeout, queue, self.masked_url)
+        return call.done.wait(max(0.0, deadline - time.monotonic()))
+
+    def consumer_count(self, queue: str, timeout: float = NO_WORKER_PROBE_TIMEOUT) -> int | None:
+        """How many consumers ``queue`` has, by a passive declare on a channel of its
+        own (no permission needed); 0 for a queue that does not exist; None when the
+        broker did not say within ``timeout`` or the client is not connected."""
+        answer: list[int] = []
+        done = threading.Event()
+
+        def on_closed(_channel, reason) -> None:
+            if isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 404:
+                answer.append(0)
+            done.set()
+
+        def on_declared(channel, frame) -> None:
+            answer.append(frame.method.consumer_count)
+            done.set()
+            channel.close()
+
+        def on_open(channel) -> None:
+            channel.add_on_close_callback(on_closed)
+            channel.queue_declare(
+                queue, passive=True, callback=lambda frame: on_declared(channel, frame)
+            )
+
+        def ask() -> None:  # on the I/O thread
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                done.set()
+                return
+            try:
+                connection.channel(on_open_callback=on_open)
+            except AMQPError:
+                done.set()
+
+        with self._state:
+            if not self._open or self._closing:
+                return None
+            self._connection.ioloop.add_callback_threadsafe(ask)
+        done.wait(timeout)
+        return answer[0] if answer else None
 
     def publish(
         self,
@@ -487,13 +559,9 @@ class RpcClient:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection, error) -> None:
-        tls = tls_failure(error)  # pika says only AMQPConnectionWorkflowFailed
-        if tls is not None:
-            self._lost(tls[0])
-            self._tls_refused = tls[1]
-        else:
-            self._lost(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
-            self._tls_refused = False
+        problem = describe(error)  # pika says only AMQPConnectionWorkflowFailed
+        self._lost(problem.text)
+        self._refused = problem.configuration
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection, reason) -> None:

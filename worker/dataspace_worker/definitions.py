@@ -299,7 +299,7 @@ def definitions(
                 "destination": queue.name,
                 "destination_type": "queue",
                 "routing_key": key,
-                "arguments": {},
+                "arguments": dict(queue.binding_arguments),
             }
             for queue in topo.queues
             for exchange, key in queue.bindings

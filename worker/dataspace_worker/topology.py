@@ -14,13 +14,18 @@ from pika.exceptions import ChannelClosedByBroker
 
 from dataspace_client.protocol import (
     DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_KEPT_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    DEAD_LETTER_SORT_EXCHANGE,
+    DEAD_READS_DISCARD_QUEUE,
+    DEAD_READS_EXCHANGE,
     EXCHANGE,
     LANE_BINDING,
     LANE_HEADER,
     LANE_QUEUE_PREFIX,
     LANE_WORKERS_QUEUE,
     LANES_EXCHANGE,
+    OPERATIONS,
     REAP_ROUTING_KEY,
     REAPER_QUEUE,
     REQUEST_BINDING,
@@ -37,6 +42,8 @@ class Queue:
     arguments: dict = field(default_factory=dict)
     bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
     durable: bool = True
+    #: arguments of each of its bindings (a headers exchange's match)
+    binding_arguments: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class Topology:
     exchange_arguments: dict = field(default_factory=dict)
     #: exchange-to-exchange bindings: (source, destination, routing key)
     exchange_bindings: tuple[tuple[str, str, str], ...] = ()
+    #: queue bindings of earlier versions to remove: (queue, exchange, routing key)
+    stale_bindings: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def request_queue(self) -> Queue:
@@ -63,7 +72,7 @@ class Topology:
     @property
     def lane_queues(self) -> tuple[Queue, ...]:
         """The ordering lanes, lane 0 first (none unless ``lanes`` was given)."""
-        return tuple(q for q in self.queues[4:] if q.name != LANE_WORKERS_QUEUE)
+        return tuple(q for q in self.queues[4:] if q.name.startswith(LANE_QUEUE_PREFIX))
 
     @property
     def lane_workers_queue(self) -> Queue | None:
@@ -92,7 +101,28 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
     dead = Queue(
         DEAD_LETTER_QUEUE,
         {"x-queue-type": "quorum"},
-        ((DEAD_LETTER_EXCHANGE, "#"),),
+        ((DEAD_LETTER_KEPT_EXCHANGE, ""),),
+    )
+    # Dead letters are sorted (docs/protocol.md, "Dead letters"): the sort exchange
+    # passes reads on to a headers exchange that drops those the broker expired
+    # (their caller gave up; nobody else wants them), into a queue that keeps
+    # nothing. What no binding takes goes to each exchange's alternate exchange,
+    # which fans it out to dataspace.dead: a dead letter is dropped only when it is
+    # both a read and expired. (Topic bindings match whole words: one per read.)
+    discard = Queue(
+        DEAD_READS_DISCARD_QUEUE,
+        {"x-queue-type": "classic", "x-max-length": 0, "x-overflow": "drop-head"},
+        ((DEAD_READS_EXCHANGE, ""),),
+        binding_arguments={"x-match": "all-with-x", "x-first-death-reason": "expired"},
+    )
+    reads = tuple(
+        (DEAD_LETTER_SORT_EXCHANGE, DEAD_READS_EXCHANGE, f"*.{op.name}")
+        for op in OPERATIONS.values()
+        if not op.write
+    )
+    sorting = (
+        (DEAD_LETTER_EXCHANGE, DEAD_LETTER_SORT_EXCHANGE, "#"),
+        *reads,
     )
     # One reap at a time across every worker: a single active consumer.
     reaper = Queue(
@@ -124,16 +154,23 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
         )
         for i in range(lanes)
     )
-    exchanges = [(EXCHANGE, "topic"), (DEAD_LETTER_EXCHANGE, "topic")]
-    exchange_arguments: dict = {}
-    exchange_bindings: tuple = ()
+    exchanges = [
+        (EXCHANGE, "topic"),
+        (DEAD_LETTER_EXCHANGE, "topic"),
+        (DEAD_LETTER_KEPT_EXCHANGE, "fanout"),
+        (DEAD_LETTER_SORT_EXCHANGE, "topic"),
+        (DEAD_READS_EXCHANGE, "headers"),
+    ]
+    kept = {"alternate-exchange": DEAD_LETTER_KEPT_EXCHANGE}
+    exchange_arguments: dict = {DEAD_LETTER_SORT_EXCHANGE: kept, DEAD_READS_EXCHANGE: kept}
+    exchange_bindings: tuple = sorting
     if lanes:
         # Clients publish lane requests to the topic exchange too (``lane.<op>``,
         # which topic permissions check); it passes them on to the hash exchange,
         # which picks the lane by the task manager in the LANE_HEADER header.
         exchanges.append((LANES_EXCHANGE, "x-consistent-hash"))
         exchange_arguments[LANES_EXCHANGE] = {"hash-header": LANE_HEADER}
-        exchange_bindings = ((EXCHANGE, LANES_EXCHANGE, LANE_BINDING),)
+        exchange_bindings += ((EXCHANGE, LANES_EXCHANGE, LANE_BINDING),)
         # A lane's consumer count is 1 (its active consumer): workers count
         # themselves by consuming this queue, which receives nothing. Classic and
         # transient: a classic queue forgets the consumers of a node that went down
@@ -143,9 +180,12 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
         lane_queues += (Queue(LANE_WORKERS_QUEUE, {"x-queue-type": "classic"}, durable=False),)
     return Topology(
         exchanges=tuple(exchanges),
-        queues=(requests, dead, reaper, schedule, *lane_queues),
+        queues=(requests, dead, reaper, schedule, *lane_queues, discard),
         exchange_arguments=exchange_arguments,
         exchange_bindings=exchange_bindings,
+        # dataspace.dead took every dead letter straight from dataspace.dead before
+        # the sorting; left bound, it would get each one twice
+        stale_bindings=((DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "#"),),
     )
 
 
@@ -173,4 +213,6 @@ def declare_blocking(channel, topo: Topology) -> None:
             channel = channel.connection.channel()
             continue
         for exchange, key in queue.bindings:
-            channel.queue_bind(queue.name, exchange, key)
+            channel.queue_bind(queue.name, exchange, key, arguments=queue.binding_arguments or None)
+    for queue_name, exchange, key in topo.stale_bindings:
+        channel.queue_unbind(queue_name, exchange, key)
