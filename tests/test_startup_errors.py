@@ -57,9 +57,9 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
         ({"dbname": "dataspace_misspelt_x"}, "does not exist", "--create-database"),
     ],
 )
-def test_a_database_that_refuses_the_worker_stops_it_at_once(pg_dsn, own_vhost, change, said, fix):
+def test_a_database_that_refuses_the_worker_stops_it_at_once(pg_dsn, amqp_url, change, said, fix):
     dsn = extensions.make_dsn(pg_dsn, **change)
-    result = _run({"DATASPACE_PG_DSN": dsn, "DATASPACE_AMQP_URL": own_vhost})
+    result = _run({"DATASPACE_PG_DSN": dsn, "DATASPACE_AMQP_URL": amqp_url})
     assert result.returncode == 2, result.stderr
     line = _one_error_line(result)
     assert said in line and fix in line
@@ -93,8 +93,8 @@ def test_a_missing_database_is_created_only_when_asked(pg_dsn, own_vhost):
         conn.close()
 
 
-def test_a_wrong_broker_password_stops_the_worker_with_one_line(pg_dsn, own_vhost):
-    url = own_vhost.replace("guest:guest@", "guest:wrong@")
+def test_a_wrong_broker_password_stops_the_worker_with_one_line(pg_dsn, amqp_url):
+    url = amqp_url.replace("guest:guest@", "guest:wrong@")
     result = _run({"DATASPACE_PG_DSN": pg_dsn}, "--amqp-url", url)
     assert result.returncode == 2, result.stderr
     line = _one_error_line(result)
@@ -125,7 +125,7 @@ def test_a_closed_broker_port_is_retried_one_line_per_attempt(pg_dsn):
     assert not [line for line in worker.lines if "pika." in line or "Traceback" in line]
 
 
-def test_a_missing_exchange_plugin_is_fatal_and_names_the_plugin(own_vhost, pg_dsn):
+def test_a_missing_exchange_plugin_is_fatal_and_names_the_plugin(amqp_url, pg_dsn):
     """--lanes without rabbitmq_consistent_hash_exchange: the broker closes the
     connection over an unknown exchange type. Shown here with a type no broker has."""
     topo = topology()
@@ -136,7 +136,7 @@ def test_a_missing_exchange_plugin_is_fatal_and_names_the_plugin(own_vhost, pg_d
         exchange_bindings=topo.exchange_bindings,
     )
     datasource = PostgresDataSource({"dsn": pg_dsn, "pool_size": 1})
-    pool = WorkerPool(own_vhost, Dispatcher(datasource), bogus, consumers=1, connect_timeout=5)
+    pool = WorkerPool(amqp_url, Dispatcher(datasource), bogus, consumers=1, connect_timeout=5)
     pool.start()
     try:
         assert pool.stopping.wait(30), "the pool kept retrying"
@@ -147,10 +147,10 @@ def test_a_missing_exchange_plugin_is_fatal_and_names_the_plugin(own_vhost, pg_d
     assert "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange" in pool.fatal
 
 
-def test_connection_problems_are_said_in_words(own_vhost):
+def test_connection_problems_are_said_in_words(amqp_url):
     def problem(url: str):
         params = pika.URLParameters(url)
-        params.socket_timeout = 2
+        params.socket_timeout = params.stack_timeout = 2
         params.connection_attempts = 1
         try:
             pika.BlockingConnection(params).close()
@@ -164,8 +164,8 @@ def test_connection_problems_are_said_in_words(own_vhost):
         port = silent.getsockname()[1]
         timed_out = problem(f"amqp://guest:guest@127.0.0.1:{port}/%2F")
     assert "timed out" in timed_out.text and not timed_out.configuration
-    refused = problem(own_vhost.replace("guest:guest@", "guest:nope@"))
+    refused = problem(amqp_url.replace("guest:guest@", "guest:nope@"))
     assert refused.configuration and "authentication refused" in refused.text
-    vhost = own_vhost.rsplit("/", 1)[0] + "/no-such-vhost-x"
+    vhost = amqp_url.rsplit("/", 1)[0] + "/no-such-vhost-x"
     missing = problem(vhost)
     assert missing.configuration and "no-such-vhost-x" in missing.text

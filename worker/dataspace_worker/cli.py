@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.retention_days,
             settings.reap_interval,
             queue_arguments=topo.schedule_queue.arguments,
+            connection_name=identity.connection_name("reap schedule"),
         )
     pool = WorkerPool(
         settings.amqp_url,

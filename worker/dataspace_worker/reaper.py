@@ -108,13 +108,16 @@ class Schedule:
         retention_days: float,
         interval: float,
         queue_arguments: dict | None = None,
+        connection_name: str = "dataspace-worker schedule",
     ):
-        """``params``: one broker's, or a cluster's nodes' (tried in order)."""
+        """``params``: one broker's, or a cluster's nodes' (tried in order);
+        ``connection_name``: how the management UI names its short connections."""
         self.params = params if isinstance(params, list) else [params]
         for each in self.params:
             # a broker under a resource alarm must not hold the reaper here
             each.blocked_connection_timeout = 30
             each.socket_timeout = 10
+            each.client_properties = {"connection_name": connection_name}
         self.retention_days = retention_days
         self.interval = interval
         self.queue_arguments = queue_arguments
