@@ -76,6 +76,8 @@ def test_a_flood_of_bad_requests_is_a_few_warning_lines_and_no_traceback(
     log_dead_letter_summary()  # within the minute: nothing yet
     warnings = [r for r in caplog.records if r.getMessage().startswith("dead-lettering")]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    # its body named no operation: the line names the routing key it came with
+    assert warnings[0].getMessage().startswith("dead-lettering data.get_schema request ")
     assert not [r for r in caplog.records if r.getMessage().startswith("dead-lettered ")]
     log_dead_letter_summary(force=True)  # as the worker does when a minute is over
     summary = [r for r in caplog.records if r.getMessage().startswith("dead-lettered ")]

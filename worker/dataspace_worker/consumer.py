@@ -322,7 +322,8 @@ class Consumer:
         ):
             log.warning(
                 "dead-lettering %s request %s: %s (more within a minute are summed up in one line)",
-                outcome.operation,
+                # a body that names no operation: the routing key it was sent with
+                outcome.operation if known else printable(delivery.routing_key),
                 printable(props.message_id),
                 outcome.reason,
             )
