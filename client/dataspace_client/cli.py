@@ -125,7 +125,7 @@ from .protocol import (
     SCHEDULE_QUEUE,
 )
 from .remote import DEFAULT_URL, RemoteDataSource
-from .urls import BrokerAddresses, mask_password, split_urls, tls_failure
+from .urls import BrokerAddresses, causes, mask_password, split_urls, tls_failure
 from .values import PickleRefusedError, ValueTooLargeError, decode_value, encode_value
 
 MIN_RETENTION_DAYS = 7
@@ -579,20 +579,6 @@ def _reason(exc: BaseException) -> str:
 
 
 # -- the AMQP connection -------------------------------------------------------------
-def _causes(exc: BaseException | None, seen: set[int] | None = None):
-    """``exc`` and what pika wrapped inside it, outermost first."""
-    seen = set() if seen is None else seen
-    if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
-        return
-    seen.add(id(exc))
-    yield exc
-    inner = [*(getattr(exc, "exceptions", None) or ()), getattr(exc, "exception", None)]
-    inner += [a for a in exc.args if isinstance(a, BaseException)]
-    inner += [exc.__cause__, exc.__context__]
-    for item in inner:
-        yield from _causes(item, seen)
-
-
 def _connection_problem(exc: BaseException, url: str, seconds: float) -> tuple[str, bool]:
     """``(one line saying what happened and what to do, is it configuration)`` for a
     failed AMQP connection to ``url``. The same cause gets the same words in every
@@ -622,7 +608,7 @@ def _connection_problem(exc: BaseException, url: str, seconds: float) -> tuple[s
     if tls is not None:
         return f"cannot connect to the broker at {masked}: {tls[0]}", tls[1]
     port = parts.port or (5671 if parts.scheme.lower() == "amqps" else 5672)
-    for cause in _causes(exc):
+    for cause in causes(exc):
         if isinstance(cause, ConnectionRefusedError):
             return (
                 f"cannot reach the broker at {masked}: connection refused (is RabbitMQ "

@@ -20,7 +20,7 @@ from pika.exceptions import (
     StreamLostError,
 )
 
-from .urls import tls_failure
+from .urls import causes, tls_failure
 
 
 @dataclass(frozen=True)
@@ -33,20 +33,6 @@ class ConnectionProblem:
 
     def __str__(self) -> str:
         return self.text
-
-
-def _causes(exc: BaseException | None, seen: set[int] | None = None):
-    """``exc`` and every exception pika wrapped inside it, outermost first."""
-    seen = set() if seen is None else seen
-    if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
-        return
-    seen.add(id(exc))
-    yield exc
-    inner = [*(getattr(exc, "exceptions", None) or ()), getattr(exc, "exception", None)]
-    inner += [a for a in exc.args if isinstance(a, BaseException)]
-    inner += [exc.__cause__, exc.__context__]
-    for item in inner:
-        yield from _causes(item, seen)
 
 
 def describe(exc: BaseException) -> ConnectionProblem:
@@ -64,7 +50,7 @@ def describe(exc: BaseException) -> ConnectionProblem:
     tls = tls_failure(exc)
     if tls is not None:
         return ConnectionProblem(tls[0], tls[1])
-    for cause in _causes(exc):
+    for cause in causes(exc):
         problem = _one(cause)
         if problem is not None:
             return problem

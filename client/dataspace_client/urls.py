@@ -219,20 +219,25 @@ class BrokerAddresses:
         return mask_password(self.urls)
 
 
-def _ssl_errors(exc: BaseException | None, seen: set[int] | None = None):
-    """The ssl.SSLErrors inside ``exc`` (pika wraps them in workflow and connector
-    errors, in ``exceptions``, ``exception``, ``args`` or the chained exceptions)."""
+def causes(exc: BaseException | None, seen: set[int] | None = None):
+    """``exc`` and every exception pika wrapped inside it, outermost first (in
+    ``exceptions``, ``exception``, ``args`` or the chained exceptions): pika
+    reports a refused port or a TLS refusal several wrappers deep."""
     seen = set() if seen is None else seen
     if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
         return
     seen.add(id(exc))
-    if isinstance(exc, ssl.SSLError):
-        yield exc
+    yield exc
     inner = [*(getattr(exc, "exceptions", None) or ()), getattr(exc, "exception", None)]
     inner += [a for a in exc.args if isinstance(a, BaseException)]
     inner += [exc.__cause__, exc.__context__]
     for item in inner:
-        yield from _ssl_errors(item, seen)
+        yield from causes(item, seen)
+
+
+def _ssl_errors(exc: BaseException | None):
+    """The ssl.SSLErrors inside ``exc``."""
+    return (error for error in causes(exc) if isinstance(error, ssl.SSLError))
 
 
 def tls_failure(exc: BaseException) -> tuple[str, bool] | None:
