@@ -59,6 +59,16 @@ def _queue_depth(url: str, queue: str) -> int:
         connection.close()
 
 
+def _products(pg_dsn: str, like: str) -> int:
+    import psycopg2
+
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM dataproduct WHERE key LIKE %s", (like,))
+        count = cur.fetchone()[0]
+    conn.close()
+    return count
+
+
 def _report(name: str, steady: float, peak: float, bound: float) -> None:
     print(
         f"\n[memory bound] {name}: steady {steady:.0f} MiB, peak {peak:.0f} MiB, "
@@ -155,4 +165,65 @@ def test_12_oversized_bodies_keep_the_worker_under_its_bound_and_dead_letters_sm
         assert headers["x-dataspace-body-size"] == len(body)
         assert headers["x-dataspace-body-sha256"] == digest
         assert headers["x-dataspace-error-code"] == "bad_request"
+    assert peak < bound, f"peak RSS {peak:.0f} MiB over the bound {bound:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_a_backlog_of_large_bodies_behind_a_small_one_is_not_taken_whole(own_vhost, pg_dsn):
+    """A queue holding one small request and then 8 inserts of 60 MiB, met by a
+    starting worker (1 consumer, prefetch 16, max_bytes_in_hand 128 MiB).
+
+    The small one ends the new connection's prefetch-1 probing, and the broker sends
+    the 8 large ones at once in the prefetch window of 16 before the worker has read
+    the first one's content header: the prefetch cannot bound them. The worker stops
+    reading its socket when the next body's header says it would go over
+    max_bytes_in_hand, so the rest waits in the broker. Without that: peak RSS 462
+    MiB here (8 bodies held). Same bound as above."""
+    from dataspace_client.protocol import OPERATIONS, content_type, encode_request
+
+    space = DataSpace(remote_config(own_vhost))  # declares the topology
+    try:
+        worker = _worker(own_vhost, pg_dsn, **SETTINGS)
+        tm = space.store_taskmanager("backlog", "BACKLOG")
+        assert worker.terminate() == 0
+    finally:
+        space.close()
+    value = os.urandom(60 * MIB)
+    metadata = {"state": "NEW", "generation_time": 1, "missed_update_count": 0}
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        small = encode_request(OPERATIONS["get_schema"], {})
+        channel.basic_publish(
+            "dataspace", "data.get_schema", small, pika.BasicProperties(message_id="small")
+        )
+        for i in range(8):
+            args = {
+                "taskmanager_id": tm,
+                "generation_id": 1,
+                "key": f"backlog{i}",
+                "value": value,
+                "header": dict(Header(tm)),
+                "metadata": metadata,
+            }
+            body = encode_request(OPERATIONS["insert"], args)
+            properties = pika.BasicProperties(
+                message_id=f"backlog-{i}", delivery_mode=2, content_type=content_type(body)
+            )
+            channel.basic_publish("dataspace", "data.insert", body, properties)
+    finally:
+        connection.close()
+    assert _queue_depth(own_vhost, "dataspace.requests") == 9
+    worker = _worker(own_vhost, pg_dsn, **SETTINGS)
+    try:
+        steady = _status_mib(worker.proc.pid, "VmRSS")
+        poll(lambda: _products(pg_dsn, "backlog%") == 8, timeout=180, pause=0.5)
+        peak = _status_mib(worker.proc.pid, "VmHWM")
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+    bound = (2 * IN_HAND + NOISE) / MIB + steady
+    _report("8 x 60 MiB backlog behind a small request", steady, peak, bound)
+    assert _queue_depth(own_vhost, "dataspace.dead") == 0
     assert peak < bound, f"peak RSS {peak:.0f} MiB over the bound {bound:.0f} MiB"

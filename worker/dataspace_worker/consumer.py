@@ -421,6 +421,9 @@ class WorkerPool:
         self._dead_channel = None
         self._dead_published = 0
         self._dead_unconfirmed: dict[int, _Settlement] = {}
+        #: bytes of the large body whose content header made the pool stop reading its
+        #: socket (over max_bytes_in_hand), or None while it reads (I/O thread)
+        self._reads_held_for: int | None = None
         # the channel consuming dataspace.lanes.workers, once it consumes, and the
         # counts asked on it not yet answered (I/O thread)
         self._census_channel = None
@@ -577,6 +580,7 @@ class WorkerPool:
                 self._finishing = 0
             self._in_hand.clear()
             self.paused = False
+            self._reads_held_for = None  # a new connection's socket is read from the start
             self._careful_until = 0.0
             metrics.BYTES_IN_HAND.set(0)
             connection.ioloop.close()
@@ -1011,20 +1015,59 @@ class WorkerPool:
         process = assembler.process
 
         def watched(frame_value):
-            if (
-                isinstance(frame_value, pika.frame.Header)
-                and frame_value.body_size >= self._large
-                and self._saw(frame_value.body_size)
-            ):
-                self._resubscribe()
+            if isinstance(frame_value, pika.frame.Header) and frame_value.body_size >= self._large:
+                if self._saw(frame_value.body_size):
+                    self._resubscribe()
+                if self._in_hand.total + frame_value.body_size > self.max_bytes_in_hand:
+                    self._hold_reads(frame_value.body_size)
             return process(frame_value)
 
         assembler.process = watched
 
+    def _hold_reads(self, size: int) -> None:
+        """Stop reading the connection's socket before a body of ``size`` bytes comes
+        in over max_bytes_in_hand: what the broker already sent to this consumer (a
+        prefetch window filled before the prefetch went down) then waits in the
+        broker, not here. Only on a plain TCP transport (a TLS one manages its reader
+        itself), and never while a dead letter awaits its confirm (its request is
+        settled by that confirm, which needs reading)."""
+        connection = self._connection
+        transport = getattr(connection, "_transport", None)
+        if (
+            self._reads_held_for is not None
+            or self._dead_unconfirmed
+            or type(transport).__name__ != "_AsyncPlaintextTransport"
+        ):
+            return
+        transport._nbio.remove_reader(transport._sock.fileno())
+        self._reads_held_for = size
+        metrics.CONSUMPTION_PAUSES.inc()
+        log.debug(
+            "holding %d bytes of requests: reading the next %d-byte one once settled",
+            self._in_hand.total,
+            size,
+        )
+
+    def _resume_reads(self) -> None:
+        """Read the connection's socket again (after ``_hold_reads``)."""
+        if self._reads_held_for is None:
+            return
+        self._reads_held_for = None
+        connection = self._connection
+        transport = getattr(connection, "_transport", None)
+        if transport is not None and connection.is_open:
+            transport._nbio.set_reader(transport._sock.fileno(), transport._on_socket_readable)
+
     def _released(self) -> None:
-        """Bodies were settled or given back (I/O thread): take deliveries again when
-        down to half the limit."""
+        """Bodies were settled or given back (I/O thread): read the socket again when
+        the body waiting there fits (or nothing else is in hand), take deliveries
+        again when down to half the limit."""
         metrics.BYTES_IN_HAND.set(self._in_hand.total)
+        held = self._reads_held_for
+        if held is not None and (
+            self._in_hand.total == 0 or self._in_hand.total + held <= self.max_bytes_in_hand
+        ):
+            self._resume_reads()
         if self.paused and self._in_hand.total <= self.max_bytes_in_hand // 2:
             self.paused = False
             log.info("holding %d bytes of requests: taking deliveries again", self._in_hand.total)
@@ -1232,6 +1275,7 @@ class WorkerPool:
         )
         self._dead_unconfirmed[self._dead_published] = _Settlement(consumer, delivery)
         consumer.held += 1
+        self._resume_reads()  # its confirm settles the request: it must be read
 
     def _on_return(self, _channel, method, properties, _body) -> None:
         """A dead letter came back unroutable: requeue its request instead of acking it."""
@@ -1269,6 +1313,7 @@ class WorkerPool:
             channel.close()
 
     def _cancel_consumers(self) -> None:
+        self._resume_reads()  # the cancel-oks and the close handshake need reading
         for consumer in self.consumers:
             if consumer.lane is not None:
                 # A lane is not cancelled (the next worker would get its later
