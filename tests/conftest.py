@@ -135,3 +135,16 @@ def backend(request) -> str:
 def dataspace(backend, request) -> DataSpace:
     """The DataSpace under test: in process on PostgreSQL, or remote through the broker."""
     return request.getfixturevalue(f"{backend}_space")
+
+
+#: tests that measure time or memory under load, or start instances of their own:
+#: under ``-n 2`` they run one after another on one xdist worker (group
+#: ``serial``), so that two of them never share the machine's 2 cores
+_SERIAL_FILES = ("test_memory_bound.py", "test_memory.py", "test_reply_to.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path
+        if path.parent.name == "faults" or path.name in _SERIAL_FILES:
+            item.add_marker(pytest.mark.xdist_group("serial"))

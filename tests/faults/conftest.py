@@ -24,8 +24,6 @@ from .instances import InstanceUnavailable, throwaway_postgres, throwaway_rabbit
 
 CONSUMING = "consuming 'dataspace.requests'"
 
-_FIGURES: list[str] = []
-
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -34,9 +32,19 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _FIGURES:
+    """Every fault test's figures, pass or fail; read from the reports' user
+    properties, which pytest-xdist carries back from its worker processes."""
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "fault figures"
+    ]
+    if lines:
         terminalreporter.section("fault figures")
-        for line in _FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
 
 
@@ -57,7 +65,7 @@ def report_figures(request):
     def report(figures: dict) -> None:
         line = f"{request.node.name}: {json.dumps(figures, sort_keys=False)}"
         print(line)
-        _FIGURES.append(line)
+        request.node.user_properties.append(("fault figures", line))
 
     return report
 

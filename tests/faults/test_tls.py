@@ -155,6 +155,8 @@ def tls_postgres(pki):
             f.write("ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n")
         _owned_by(base, "postgres")
         instance.start()
+        # every test here finds database dataspace, whichever of them runs first
+        instance.create_database()
         yield instance
     finally:
         if instance is not None:
