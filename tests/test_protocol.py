@@ -148,6 +148,7 @@ def test_a_malformed_framed_reply_is_a_dataspace_error_not_a_crash():
         (b"\x80\x03not json", "not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
         (b'{"v": 2, "op": "insert", "args": {}}', "unsupported protocol version 2"),
+        (b'{"op": "insert", "args": {}}', 'no protocol version ("v": 1)'),
         (b'{"v": 1, "op": "drop_everything", "args": {}}', "unknown operation"),
         (b'{"v": 1, "op": "get_schema", "args": []}', "args must be a JSON object"),
         (b'{"v": 1, "op": "get_schema", "args": {"tabel": "x"}}', "unknown argument(s) tabel"),

@@ -369,6 +369,10 @@ def decode_request(body: bytes) -> tuple[Operation, dict[str, Any]]:
     if not isinstance(message, dict):
         raise ProtocolError("body must be a JSON object")
     version = message.get("v")
+    if version is None:
+        raise ProtocolError(
+            f'body has no protocol version ("v": {PROTOCOL_VERSION}); is it a DataSpace request?'
+        )
     if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise ProtocolError(
             f"unsupported protocol version {version!r:.40}; this worker speaks {PROTOCOL_VERSION}"
