@@ -27,7 +27,7 @@ import pika
 import pytest
 from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, ConnectionClosedByBroker
 
-from dataspace_client.protocol import OPERATIONS
+from dataspace_core.protocol import OPERATIONS
 from dataspace_worker import definitions as defs
 from dataspace_worker.topology import declare_blocking, topology
 from tests.test_deploy import DEFINITIONS_FILE, MANAGEMENT_URL, Management, _amqp_url, retarget

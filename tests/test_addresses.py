@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dataspace_client import DataSpace, DataSpaceConfigurationError, DataSpaceConnectionError
-from dataspace_client.urls import BrokerAddresses, mask_password, split_urls
+from dataspace_core.urls import BrokerAddresses, mask_password, split_urls
 from tests.conftest import remote_config
 from tests.contract_helpers import header, metadata, new_taskmanager
 from tests.faults.instances import free_port

@@ -32,8 +32,8 @@ import pytest
 from psycopg2 import extensions
 
 from dataspace_client import values
-from dataspace_client.errors import DataSpaceExistsError
 from dataspace_client.remote import RemoteDataSource
+from dataspace_core.errors import DataSpaceExistsError
 from dataspace_worker import schema
 from dataspace_worker.postgres import PostgresDataSource
 from tests import services

@@ -19,8 +19,9 @@ import uuid
 import pika
 import pytest
 
-from dataspace_client import DataSpace, DataSpaceExistsError, validate
-from dataspace_client.protocol import OPERATIONS, decode_reply, encode_request
+from dataspace_client import DataSpace, DataSpaceExistsError
+from dataspace_core import validate
+from dataspace_core.protocol import OPERATIONS, decode_reply, encode_request
 from dataspace_worker import operations
 from dataspace_worker.dispatch import Dispatcher, Outcome, Request
 from dataspace_worker.postgres import PostgresDataSource

@@ -30,7 +30,7 @@ import yaml
 from pika.exceptions import ChannelClosedByBroker
 
 from dataspace_client import DataBlock, DataSpace, Header
-from dataspace_client.protocol import DEAD_LETTER_QUEUE, DIRECT_REPLY_TO, EXCHANGE
+from dataspace_core.protocol import DEAD_LETTER_QUEUE, DIRECT_REPLY_TO, EXCHANGE
 from dataspace_worker import definitions as defs
 from dataspace_worker.config import SETTINGS
 from dataspace_worker.topology import declare_blocking, topology
@@ -631,3 +631,15 @@ def test_the_cluster_variant_gives_workers_every_node_and_joins_three_nodes(comp
             "service_completed_successfully"
         )
     assert "RABBITMQ_ERLANG_COOKIE=" in (DEPLOY / ".env.example").read_text()
+
+
+def test_the_image_copies_every_package_folder():
+    """Each folder pyproject.toml finds packages in is copied into the image, or
+    ``pip install`` there builds a distribution without it (and the worker fails on
+    its first import)."""
+    import tomllib
+
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    folders = project["tool"]["setuptools"]["packages"]["find"]["where"]
+    copied = {args.split()[0] for args in _dockerfile()["COPY"]}
+    assert set(folders) <= copied, f"not copied into the image: {set(folders) - copied}"

@@ -21,7 +21,7 @@ import pika
 import psycopg2
 import pytest
 
-from dataspace_client.protocol import (
+from dataspace_core.protocol import (
     DEAD_LETTER_QUEUE,
     EXCHANGE,
     OPERATIONS,

@@ -179,7 +179,7 @@ def test_a_backlog_of_large_bodies_behind_a_small_one_is_not_taken_whole(own_vho
     reading its socket when the next body's header says it would go over
     max_bytes_in_hand, so the rest waits in the broker. Without that: peak RSS 462
     MiB here (8 bodies held). Same bound as above."""
-    from dataspace_client.protocol import OPERATIONS, content_type, encode_request
+    from dataspace_core.protocol import OPERATIONS, content_type, encode_request
 
     space = DataSpace(remote_config(own_vhost))  # declares the topology
     try:

@@ -9,7 +9,7 @@ import pika
 import pytest
 
 from dataspace_client import DataSpace, DataSpaceNoWorkerError, DataSpaceTimeoutError
-from dataspace_client.protocol import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, REQUEST_QUEUE
+from dataspace_core.protocol import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, REQUEST_QUEUE
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
 from tests.conftest import remote_config

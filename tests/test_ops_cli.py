@@ -21,9 +21,9 @@ import pytest
 
 from dataspace_client import cli
 from dataspace_client.management import ManagementClient, management_url_for, vhost_of
-from dataspace_client.protocol import OPERATIONS, encode_request
 from dataspace_client.remote import RemoteDataSource
 from dataspace_client.values import encode_value
+from dataspace_core.protocol import OPERATIONS, encode_request
 from tests.test_protocol import RawClient
 
 UNREACHABLE = "management API not reachable at http://127.0.0.1:{port}/: enable the "

@@ -18,14 +18,15 @@ import orjson
 import pika
 import pytest
 
-from dataspace_client import DataSpace, validate
-from dataspace_client.errors import (
+from dataspace_client import DataSpace
+from dataspace_client.rpc import RpcClient
+from dataspace_core import validate
+from dataspace_core.errors import (
     DataSpaceConnectionError,
     DataSpacePublishError,
     DataSpaceTimeoutError,
 )
-from dataspace_client.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_request, encode_request
-from dataspace_client.rpc import RpcClient
+from dataspace_core.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_request, encode_request
 from tests import services
 from tests.conftest import inprocess_config, remote_config
 from tests.contract_helpers import fresh, header, metadata, new_uuid, sql_rows

@@ -10,9 +10,9 @@ import orjson
 import pika
 import pytest
 
-from dataspace_client import protocol
-from dataspace_client.errors import DataSpaceExistsError, DataSpaceRequestError
-from dataspace_client.protocol import OPERATIONS, ProtocolError, decode_request, encode_request
+from dataspace_core import protocol
+from dataspace_core.errors import DataSpaceExistsError, DataSpaceRequestError
+from dataspace_core.protocol import OPERATIONS, ProtocolError, decode_request, encode_request
 
 
 def test_every_operation_is_a_datasource_method_with_the_same_parameters():
@@ -135,7 +135,7 @@ def test_malformed_frames_are_protocol_errors(body, fragment):
 
 
 def test_a_malformed_framed_reply_is_a_dataspace_error_not_a_crash():
-    from dataspace_client.errors import DataSpaceError
+    from dataspace_core.errors import DataSpaceError
 
     body = _frame(b'{"v": 1, "ok": true, "result": {"$blob": [0, 10]}}', b"abc")
     with pytest.raises(DataSpaceError, match="malformed reply"):

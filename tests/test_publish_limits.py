@@ -17,8 +17,8 @@ import pika
 import pytest
 
 from dataspace_client import DataSpace, Header
-from dataspace_client.errors import DataSpaceRequestError, DataSpaceTooLargeError
-from dataspace_client.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_reply
+from dataspace_core.errors import DataSpaceRequestError, DataSpaceTooLargeError
+from dataspace_core.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_reply
 from dataspace_worker import metrics
 from dataspace_worker.consumer import (
     DEAD_LETTER_HEADERS,

@@ -500,7 +500,7 @@ def reaper_vhost(amqp_url):
 def _scheduled(days: float, user: str = "guest", **changes):
     """The schedule's message as the reaper queue delivers it: flagged, published
     by the service's account, dead-lettered by the schedule queue's expiry."""
-    from dataspace_client.protocol import OPERATIONS, SCHEDULE_QUEUE, encode_request
+    from dataspace_core.protocol import OPERATIONS, SCHEDULE_QUEUE, encode_request
     from dataspace_worker.dispatch import Request
     from dataspace_worker.reaper import SCHEDULED_HEADER
 
@@ -575,7 +575,7 @@ def _framed_reap(days: float) -> bytes:
     """A reap body in the frame encoding (a value-less frame is valid too)."""
     import orjson
 
-    from dataspace_client.protocol import FRAME_MAGIC
+    from dataspace_core.protocol import FRAME_MAGIC
 
     text = orjson.dumps({"v": 1, "op": "reap", "args": {"days": days}})
     return FRAME_MAGIC + len(text).to_bytes(4, "big") + text
@@ -585,7 +585,7 @@ def _framed_reap(days: float) -> bytes:
 def test_a_reap_under_the_minimum_is_refused_whatever_its_encoding(pg_dsn, encoding):
     import orjson
 
-    from dataspace_client.protocol import FRAME_CONTENT_TYPE
+    from dataspace_core.protocol import FRAME_CONTENT_TYPE
     from dataspace_worker.dispatch import Request
     from dataspace_worker.reaper import ReaperDispatcher
 

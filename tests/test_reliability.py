@@ -15,8 +15,9 @@ import pika
 import psycopg2
 import pytest
 
-from dataspace_client import DataSpace, DataSpaceExistsError, validate
-from dataspace_client.protocol import OPERATIONS, decode_request
+from dataspace_client import DataSpace, DataSpaceExistsError
+from dataspace_core import validate
+from dataspace_core.protocol import OPERATIONS, decode_request
 from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services

@@ -32,7 +32,7 @@ import psycopg2
 import pytest
 
 from dataspace_client import DataSpace
-from dataspace_client.protocol import (
+from dataspace_core.protocol import (
     DEAD_LETTER_QUEUE,
     EXCHANGE,
     OPERATIONS,

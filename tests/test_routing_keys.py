@@ -16,7 +16,7 @@ import pika
 import pytest
 
 from dataspace_client import DataSpace
-from dataspace_client.protocol import EXCHANGE, FRAME_MAGIC, LANE_HEADER
+from dataspace_core.protocol import EXCHANGE, FRAME_MAGIC, LANE_HEADER
 from tests.conftest import remote_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -172,7 +172,7 @@ def test_a_correlation_id_with_control_characters_is_refused(served):
 
 @pytest.mark.parametrize("version", [True, 1.0, "1"])
 def test_only_the_integer_1_is_version_1(version):
-    from dataspace_client.protocol import ProtocolError, decode_request
+    from dataspace_core.protocol import ProtocolError, decode_request
 
     with pytest.raises(ProtocolError, match="unsupported protocol version"):
         decode_request(orjson.dumps({"v": version, "op": "get_schema", "args": {}}))

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from dataspace_client import cli
-from dataspace_client.errors import DataSpaceError
 from dataspace_client.management import ManagementClient
 from dataspace_client.remote import RemoteDataSource
-from dataspace_client.urls import BrokerAddresses, mask_password
+from dataspace_core.errors import DataSpaceError
+from dataspace_core.urls import BrokerAddresses, mask_password
 
 #: pieces a leak would show; each is distinctive enough not to occur by chance
 PIECES = ("Zq9", "Wv8", "Xk7", "Yj6", "Rt5")

@@ -20,7 +20,6 @@ import zlib
 import pytest
 
 from dataspace_client import values
-from dataspace_client.errors import DataSpaceError
 from dataspace_client.values import (
     ValueTooLargeError,
     compress,
@@ -29,6 +28,7 @@ from dataspace_client.values import (
     encode_value,
     zloads,
 )
+from dataspace_core.errors import DataSpaceError
 
 MiB = 1024 * 1024
 

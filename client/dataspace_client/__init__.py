@@ -6,10 +6,8 @@ datasource named in the configuration decides where the data goes
 ``dataspace_worker.postgres.PostgresDataSource`` in process).
 """
 
-from .datablock import DataBlock, Header, Metadata, ProductRetriever
-from .datasource import DataSource
-from .dataspace import DataSpace
-from .errors import (
+from dataspace_core.datasource import DataSource
+from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
@@ -21,6 +19,9 @@ from .errors import (
     DataSpaceTimeoutError,
     InvalidMetadataError,
 )
+
+from .datablock import DataBlock, Header, Metadata, ProductRetriever
+from .dataspace import DataSpace
 from .processing_state import ProcessingState, State
 from .producer import Producer
 from .reaper import Reaper

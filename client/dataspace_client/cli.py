@@ -101,14 +101,24 @@ from pika.exceptions import (
 )
 from tqdm import tqdm
 
-from . import __version__, pika_patches  # noqa: F401  (one bad header must not break the connection)
-from .errors import (
+from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break the connection)
+from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpaceExistsError,
     DataSpaceTimeoutError,
 )
+from dataspace_core.protocol import (
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    REAPER_QUEUE,
+    REQUEST_QUEUE,
+    SCHEDULE_QUEUE,
+)
+from dataspace_core.urls import BrokerAddresses, causes, mask_password, split_urls, tls_failure
+
+from . import __version__
 from .management import (
     ManagementAuthError,
     ManagementClient,
@@ -117,15 +127,7 @@ from .management import (
     ManagementUnreachableError,
     vhost_of,
 )
-from .protocol import (
-    DEAD_LETTER_QUEUE,
-    EXCHANGE,
-    REAPER_QUEUE,
-    REQUEST_QUEUE,
-    SCHEDULE_QUEUE,
-)
 from .remote import DEFAULT_URL, RemoteDataSource
-from .urls import BrokerAddresses, causes, mask_password, split_urls, tls_failure
 from .values import PickleRefusedError, ValueTooLargeError, decode_value, encode_value
 
 MIN_RETENTION_DAYS = 7

@@ -9,7 +9,8 @@ import uuid
 from collections import UserDict
 from typing import TYPE_CHECKING, Any
 
-from .errors import DataSpaceExistsError, InvalidMetadataError
+from dataspace_core.errors import DataSpaceExistsError, InvalidMetadataError
+
 from .values import compress, decode_value, decompress, encode_value, zdumps, zloads
 
 if TYPE_CHECKING:

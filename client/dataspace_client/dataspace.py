@@ -11,13 +11,14 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from .datasource import DataSource, missing_methods
-from .errors import (
+from dataspace_core.datasource import DataSource, missing_methods
+from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpaceExistsError,
 )
+
 from .producer import Producer
 
 __all__ = [

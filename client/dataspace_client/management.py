@@ -36,8 +36,12 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from .errors import DataSpaceConfigurationError, DataSpaceConnectionError, DataSpaceError
-from .urls import _userinfo, split_urls, tls_context_of, url_problem
+from dataspace_core.errors import (
+    DataSpaceConfigurationError,
+    DataSpaceConnectionError,
+    DataSpaceError,
+)
+from dataspace_core.urls import _userinfo, split_urls, tls_context_of, url_problem
 
 DEFAULT_PORT = 15672
 DEFAULT_TLS_PORT = 15671

@@ -19,7 +19,7 @@ returns, and its errors raise there.
 
 from __future__ import annotations
 
-from .datasource import DataSource
+from dataspace_core.datasource import DataSource
 
 #: the operations a producer sends; each returns None on the producer
 WRITES = ("insert", "update", "duplicate_datablock", "mark_expired", "mark_demented", "delete")

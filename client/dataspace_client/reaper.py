@@ -18,8 +18,9 @@ import logging
 import threading
 from collections.abc import Mapping
 
+from dataspace_core.errors import DataSpaceConfigurationError
+
 from .dataspace import DataSpace
-from .errors import DataSpaceConfigurationError
 from .processing_state import STOPPING_CONDITIONS, ProcessingState, State
 
 log = logging.getLogger(__name__)

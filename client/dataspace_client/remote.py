@@ -37,12 +37,13 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from . import validate
-from .datasource import DataSource, demented_arguments, taskmanager_arguments
-from .errors import DataSpaceConfigurationError, DataSpaceError, DataSpacePublishError
-from .protocol import OPERATIONS, decode_reply, encode_request
+from dataspace_core import validate
+from dataspace_core.datasource import DataSource, demented_arguments, taskmanager_arguments
+from dataspace_core.errors import DataSpaceConfigurationError, DataSpaceError, DataSpacePublishError
+from dataspace_core.protocol import OPERATIONS, decode_reply, encode_request
+from dataspace_core.urls import split_urls
+
 from .rpc import NO_WORKER_CHECK, RpcClient
-from .urls import split_urls
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_TIMEOUT = 30.0

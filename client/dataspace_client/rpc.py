@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
-from . import pika_patches  # noqa: F401  (one bad header must not break the connection)
-from .connection_errors import describe
-from .errors import (
+from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break the connection)
+from dataspace_core.connection_errors import describe
+from dataspace_core.errors import (
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpaceNoWorkerError,
@@ -57,8 +57,9 @@ from .errors import (
     DataSpaceRefusedError,
     DataSpaceTimeoutError,
 )
-from .pika_patches import close_select_connection
-from .protocol import (
+from dataspace_core.limits import MAX_MESSAGE_BYTES, MAX_SHORT_STRING
+from dataspace_core.pika_patches import close_select_connection
+from dataspace_core.protocol import (
     DIRECT_REPLY_TO,
     EXCHANGE,
     FRAMES_HEADER,
@@ -68,7 +69,7 @@ from .protocol import (
     content_type,
     queue_for,
 )
-from .urls import BrokerAddresses, mask_password
+from dataspace_core.urls import BrokerAddresses, mask_password
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,6 @@ class _Publication:
     message_id: str
     exchange: str
     lane: str | None = None
-
-
-#: RabbitMQ 3.10's default max_message_size: a larger message closes the channel
-MAX_MESSAGE_BYTES = 128 * 1024 * 1024
-#: AMQP short strings (message_id) hold at most this many bytes
-MAX_SHORT_STRING = 255
 
 
 def _check_sendable(operation: str, body: bytes, message_id: str) -> None:

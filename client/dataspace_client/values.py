@@ -43,7 +43,7 @@ import re
 import zlib
 from typing import Any
 
-from .errors import DataSpaceError
+from dataspace_core.errors import DataSpaceError
 
 #: the text encoding of the engine's format
 ENCODING = "latin-1"

@@ -36,7 +36,7 @@ import uuid
 
 import pytest
 
-from dataspace_client.protocol import LANE_QUEUE_PREFIX, REQUEST_QUEUE
+from dataspace_core.protocol import LANE_QUEUE_PREFIX, REQUEST_QUEUE
 from tests import services
 
 from .cluster import throwaway_cluster

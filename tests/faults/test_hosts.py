@@ -64,7 +64,7 @@ import psycopg2
 import pytest
 
 from dataspace_client import DataSpaceTimeoutError
-from dataspace_client.protocol import EXCHANGE, LANE_HEADER, LANE_QUEUE_PREFIX
+from dataspace_core.protocol import EXCHANGE, LANE_HEADER, LANE_QUEUE_PREFIX
 from tests import services
 from tests.test_worker_cli import WorkerProcess
 

@@ -39,7 +39,7 @@ from collections import Counter
 import pytest
 
 from dataspace_client import DataSpace
-from dataspace_client.protocol import DEAD_LETTER_QUEUE, LANE_QUEUE_PREFIX
+from dataspace_core.protocol import DEAD_LETTER_QUEUE, LANE_QUEUE_PREFIX
 from tests.conftest import remote_config
 from tests.contract_helpers import header, metadata
 from tests.test_lanes import add_applied_log, check_applied, not_at_last, rabbitmqctl_json

@@ -30,8 +30,8 @@ import uuid
 import psycopg2
 import pytest
 
-from dataspace_client.errors import DataSpaceConfigurationError, DataSpaceError
 from dataspace_client.remote import RemoteDataSource
+from dataspace_core.errors import DataSpaceConfigurationError, DataSpaceError
 from tests import services
 
 from .instances import (

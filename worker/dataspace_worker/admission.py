@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dataspace_client import protocol
-from dataspace_client.protocol import ProtocolError
-from dataspace_client.rpc import MAX_SHORT_STRING
+from dataspace_core import protocol
+from dataspace_core.limits import MAX_SHORT_STRING
+from dataspace_core.protocol import ProtocolError
 
 #: longest accepted message_id / correlation_id (AMQP short strings: 255 bytes)
 MAX_ID_LENGTH = MAX_SHORT_STRING

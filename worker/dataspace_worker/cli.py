@@ -15,12 +15,12 @@ import signal
 import sys
 import threading
 
-from dataspace_client.errors import (
+from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
 )
-from dataspace_client.urls import connection_parameters, mask_password, split_urls
+from dataspace_core.urls import connection_parameters, mask_password, split_urls
 
 from . import __version__, config, logs, memory, metrics
 from .config import mask_dsn

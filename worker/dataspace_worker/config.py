@@ -15,8 +15,8 @@ from typing import Any
 
 import tomllib
 
-from dataspace_client.errors import DataSpaceConfigurationError
-from dataspace_client.rpc import MAX_MESSAGE_BYTES
+from dataspace_core.errors import DataSpaceConfigurationError
+from dataspace_core.limits import MAX_MESSAGE_BYTES
 
 from .postgres import DEFAULT_DSN as DEFAULT_PG_DSN
 
@@ -341,7 +341,7 @@ def _check_pg_dsn(dsn: str) -> None:
     password (libpq quotes the text it stumbled on, which may be one)."""
     from psycopg2.extensions import parse_dsn
 
-    from dataspace_client.urls import _userinfo
+    from dataspace_core.urls import _userinfo
 
     where = "setting 'pg_dsn'"
     _, userinfo, _ = _userinfo(dsn)
@@ -373,7 +373,7 @@ def _check_pg_dsn(dsn: str) -> None:
 
 
 def _check_amqp_url(url: str) -> None:
-    from dataspace_client.urls import BrokerAddresses
+    from dataspace_core.urls import BrokerAddresses
 
     try:
         BrokerAddresses(url, lambda _params: None)
@@ -384,7 +384,7 @@ def _check_amqp_url(url: str) -> None:
 def effective(settings: WorkerSettings, sources: dict[str, str]) -> str:
     """Each setting's value as the worker would run with it, and its source;
     passwords masked."""
-    from dataspace_client.urls import mask_password
+    from dataspace_core.urls import mask_password
 
     width = max(len(s.name) for s in SETTINGS)
     lines = []
@@ -398,7 +398,7 @@ def effective(settings: WorkerSettings, sources: dict[str, str]) -> str:
 
 def mask_dsn(dsn: str) -> str:
     """A DSN fit for logs: the password hidden, in URL or key=value form."""
-    from dataspace_client.urls import mask_password
+    from dataspace_core.urls import mask_password
 
     if "://" in dsn:
         return mask_password(dsn)

@@ -45,11 +45,12 @@ from pika.exceptions import (
     ChannelClosedByBroker,
 )
 
-from dataspace_client import pika_patches  # noqa: F401  (one bad header must not break us)
-from dataspace_client.connection_errors import describe
-from dataspace_client.errors import DataSpaceRequestError, DataSpaceTooLargeError
-from dataspace_client.pika_patches import close_select_connection, close_without_cancel
-from dataspace_client.protocol import (
+from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break us)
+from dataspace_core.connection_errors import describe
+from dataspace_core.errors import DataSpaceRequestError, DataSpaceTooLargeError
+from dataspace_core.limits import MAX_MESSAGE_BYTES
+from dataspace_core.pika_patches import close_select_connection, close_without_cancel
+from dataspace_core.protocol import (
     BAD_REPLY_TO,
     DEAD_LETTER_EXCHANGE,
     OPERATIONS,
@@ -60,8 +61,7 @@ from dataspace_client.protocol import (
     content_type,
     encode_error,
 )
-from dataspace_client.rpc import MAX_MESSAGE_BYTES
-from dataspace_client.urls import BrokerAddresses, mask_password
+from dataspace_core.urls import BrokerAddresses, mask_password
 
 from . import __version__, metrics
 from .dispatch import Dispatcher, Outcome, Request
@@ -203,6 +203,8 @@ class Consumer:
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()
         self.channel = None
         self.consumer_tag: str | None = None
+        #: the tag the broker's consume-ok confirmed (the subscription is in place)
+        self.confirmed_tag: str | None = None
         self.handled = 0
         #: the prefetch its current subscription was made with (request queue consumers)
         self.granted: int | None = None
@@ -438,7 +440,7 @@ class WorkerPool:
                 "connection_name": self.identity.connection_name("consumers")
             }
 
-        # several URLs: a cluster's nodes, tried in turn (dataspace_client.urls)
+        # several URLs: a cluster's nodes, tried in turn (dataspace_core.urls)
         self._addresses = BrokerAddresses(amqp_url, configure)
         # replies that may crash their channel go out on a connection of their own
         self._guard = GuardedReplies(
@@ -766,15 +768,22 @@ class WorkerPool:
             return  # consuming already (resumed while its qos was on the way), or closed
         if self.paused and self._shared(consumer):
             return  # over max_bytes_in_hand: _released subscribes it again
-        consumer.consumer_tag = channel.basic_consume(
+        consumer.consumer_tag = tag = channel.basic_consume(
             consumer.queue_name,
             partial(self._on_message, consumer),
             consumer_tag=self.identity.consumer_tag(consumer.queue_name),
-            callback=lambda _frame: self._on_consuming(),
+            callback=lambda _frame: self._on_consuming(consumer, tag),
         )
 
-    def _on_consuming(self) -> None:
-        if all(c.consumer_tag and c.channel and c.channel.is_open for c in self.consumers):
+    def _on_consuming(self, consumer: Consumer, tag: str) -> None:
+        """A consume-ok: the pool is consuming once every consumer's subscription is
+        confirmed (a tag is known before its consume-ok: a second worker started on
+        that signal could otherwise become the single active consumer of a lane)."""
+        consumer.confirmed_tag = tag
+        if all(
+            c.consumer_tag and c.confirmed_tag == c.consumer_tag and c.channel and c.channel.is_open
+            for c in self.consumers
+        ):
             if not self.consuming.is_set():
                 requests = self.topology.request_queue.name
                 served = [c for c in self.consumers if c.queue_name == requests]

@@ -71,7 +71,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 
-from dataspace_client.protocol import (
+from dataspace_core.protocol import (
     DEAD_LETTER_QUEUE,
     EXCHANGE,
     LANE_ROUTING_PREFIX,

@@ -16,9 +16,9 @@ import inspect
 import logging
 from dataclasses import dataclass
 
-from dataspace_client import protocol
-from dataspace_client.errors import DataSpaceConnectionError, DataSpaceError
-from dataspace_client.protocol import ProtocolError
+from dataspace_core import protocol
+from dataspace_core.errors import DataSpaceConnectionError, DataSpaceError
+from dataspace_core.protocol import ProtocolError
 
 from . import admission
 from .admission import ArgumentCheck

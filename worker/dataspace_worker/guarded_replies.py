@@ -59,8 +59,8 @@ from pika.exceptions import (
 )
 from pika.spec import INTERNAL_ERROR, PRECONDITION_FAILED  # 541, 406
 
-from dataspace_client.errors import DataSpaceTooLargeError
-from dataspace_client.protocol import CONTENT_TYPE, OUTCOME_HEADER, encode_error
+from dataspace_core.errors import DataSpaceTooLargeError
+from dataspace_core.protocol import CONTENT_TYPE, OUTCOME_HEADER, encode_error
 
 from . import metrics
 from .logs import Throttle

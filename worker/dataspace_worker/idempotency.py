@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import psycopg2
 
-from dataspace_client.protocol import ProtocolError
+from dataspace_core.protocol import ProtocolError
 
 CLAIM = """
 INSERT INTO dataspace_request (message_id, operation, reply) VALUES (%s, %s, %s)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from pika.exceptions import AMQPError
 
-from dataspace_client.errors import DataSpaceError
+from dataspace_core.errors import DataSpaceError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The body of every DataSpace operation, run on a cursor inside a transaction.
 
 Each function takes a cursor and the operation's checked arguments (see
-``dataspace_client.validate.SIGNATURES``) and returns the result. None commits:
+``dataspace_core.validate.SIGNATURES``) and returns the result. None commits:
 the caller owns the transaction, so a request's effect and its idempotency
 record commit together (``PostgresDataSource.execute``). A missing row raises
 KeyError, which rolls the transaction back.
@@ -16,7 +16,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extras import execute_values
 
-from dataspace_client import validate
+from dataspace_core import validate
 
 from . import schema, sql
 from .copy_rows import CHUNK, ProductRowStream, ValueSink

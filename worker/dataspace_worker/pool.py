@@ -21,7 +21,7 @@ import weakref
 import psycopg2
 import psycopg2.extensions
 
-from dataspace_client.errors import DataSpaceConnectionError
+from dataspace_core.errors import DataSpaceConnectionError
 
 log = logging.getLogger(__name__)
 

@@ -48,13 +48,13 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.errors
 
-from dataspace_client import validate
-from dataspace_client.datasource import (
+from dataspace_core import validate
+from dataspace_core.datasource import (
     DataSource,
     demented_arguments,
     taskmanager_arguments,
 )
-from dataspace_client.errors import (
+from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,

@@ -29,7 +29,7 @@ import uuid
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
-from dataspace_client.protocol import (
+from dataspace_core.protocol import (
     CONTENT_TYPE,
     OPERATIONS,
     PROTOCOL_VERSION,

@@ -38,7 +38,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from dataspace_client.protocol import DIRECT_REPLY_TO
+from dataspace_core.protocol import DIRECT_REPLY_TO
 
 PREFIX = DIRECT_REPLY_TO + "."
 #: an AMQP short string: no longer address can be published to

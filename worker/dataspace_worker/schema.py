@@ -24,8 +24,8 @@ from importlib import resources
 
 import psycopg2.errors
 
-from dataspace_client import validate
-from dataspace_client.errors import DataSpaceConfigurationError
+from dataspace_core import validate
+from dataspace_core.errors import DataSpaceConfigurationError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pika.exceptions import ChannelClosedByBroker
 
-from dataspace_client.protocol import (
+from dataspace_core.protocol import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_KEPT_EXCHANGE,
     DEAD_LETTER_QUEUE,
