@@ -19,16 +19,12 @@ import pytest
 from dataspace_client import DataSpace, Header
 from dataspace_core.errors import DataSpaceRequestError, DataSpaceTooLargeError
 from dataspace_core.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_reply
-from dataspace_worker import metrics
-from dataspace_worker.consumer import (
-    DEAD_LETTER_HEADERS,
-    Delivery,
-    WorkerPool,
-    _dead_letter,
-    _Ledger,
-    _truncated,
-)
+from dataspace_worker import dead_letters, metrics
+from dataspace_worker.consumer import WorkerPool
+from dataspace_worker.dead_letters import DEAD_LETTER_HEADERS
+from dataspace_worker.delivery import Delivery, truncated
 from dataspace_worker.dispatch import Outcome
+from dataspace_worker.in_hand import Ledger
 from dataspace_worker.topology import topology
 from tests import services
 from tests.conftest import remote_config
@@ -89,8 +85,8 @@ def test_a_dead_letter_fits_in_a_frame_whatever_the_request_carried():
         reply_to="amq.rabbitmq.reply-to.abc",
     )
     outcome = Outcome(b"{}", "bad_request", "?", reason="header table too large " * 100)
-    kept = _truncated(delivery, 1 * MIB)
-    properties = _dead_letter(kept, outcome)
+    kept = truncated(delivery, 1 * MIB)
+    properties = dead_letters.properties(kept, outcome)
     headers = properties.headers
     assert _properties_size(properties) < DEAD_LETTER_HEADERS + 4 * KIB < FRAME_MAX // 4
     assert headers["x-dataspace-lane"] == "tm-7"
@@ -120,7 +116,7 @@ def test_a_reply_over_the_brokers_message_size_becomes_too_large():
 
 
 def test_the_ledger_counts_what_is_delivered_and_not_settled():
-    ledger = _Ledger()
+    ledger = Ledger()
     a, b = object(), object()
     for tag in (1, 2, 3, 4):
         ledger.add(a, tag, 10)

@@ -78,6 +78,21 @@ VERSION_HEADER = "x-dataspace-protocol"
 FRAMES_HEADER = "x-dataspace-frames"
 #: on a reply: "ok" or the error code, for tools that do not parse the body
 OUTCOME_HEADER = "x-dataspace-outcome"
+#: headers a worker sets on a dead letter (docs/protocol.md, "Dead letters"), read by
+#: the ``dataspace dead`` commands; never copied from the request itself
+DEAD_REASON_HEADER = "x-dataspace-reason"
+DEAD_CODE_HEADER = "x-dataspace-error-code"
+DEAD_EXCHANGE_HEADER = "x-original-exchange"
+DEAD_ROUTING_KEY_HEADER = "x-original-routing-key"
+DEAD_BY_HEADER = "x-dead-lettered-by"
+DEAD_AT_HEADER = "x-dead-lettered-at"
+#: on a dead letter whose body was cut: the size and SHA-256 of the whole body
+DEAD_BODY_SIZE_HEADER = "x-dataspace-body-size"
+DEAD_BODY_SHA256_HEADER = "x-dataspace-body-sha256"
+#: on a dead letter that could not keep all of the request's headers: which not
+DEAD_HEADERS_DROPPED_HEADER = "x-dataspace-headers-dropped"
+#: a worker's own sequence number on a dead letter, matching its publisher confirm
+PUBLISH_SEQ_HEADER = "x-dataspace-publish-seq"
 #: error code of a request whose ``reply_to`` is not a direct reply-to address: it
 #: is dead-lettered without running and never answered (the name could be any queue)
 BAD_REPLY_TO = "bad_reply_to"

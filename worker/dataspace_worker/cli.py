@@ -24,7 +24,8 @@ from dataspace_core.urls import connection_parameters, mask_password, split_urls
 
 from . import __version__, config, logs, memory, metrics
 from .config import mask_dsn
-from .consumer import WorkerPool, log_dead_letter_summary
+from .consumer import WorkerPool
+from .dead_letters import log_dead_letter_summary
 from .dispatch import Dispatcher
 from .identity import Identity
 from .maintenance import RequestLogSweeper, every

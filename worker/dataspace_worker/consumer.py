@@ -28,14 +28,13 @@ finish what its channel had delivered, ack it, close, return.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import cached_property, partial
+from dataclasses import dataclass
+from functools import partial
 
 import pika
 import pika.data
@@ -47,51 +46,37 @@ from pika.exceptions import (
 
 from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break us)
 from dataspace_core.connection_errors import describe
-from dataspace_core.errors import DataSpaceRequestError, DataSpaceTooLargeError
+from dataspace_core.errors import DataSpaceTooLargeError
 from dataspace_core.limits import MAX_MESSAGE_BYTES
 from dataspace_core.pika_patches import close_select_connection, close_without_cancel
 from dataspace_core.protocol import (
-    BAD_REPLY_TO,
     DEAD_LETTER_EXCHANGE,
     OPERATIONS,
-    OUTCOME_HEADER,
-    PROTOCOL_VERSION,
-    VERSION_HEADER,
+    PUBLISH_SEQ_HEADER,
     ProtocolError,
-    content_type,
     encode_error,
 )
 from dataspace_core.urls import BrokerAddresses, mask_password
 
-from . import __version__, metrics
+from . import dead_letters, metrics
+from .dead_letters import (
+    DEAD_LETTER_BODY,
+    DEAD_LETTER_HEADERS,
+    DEAD_LETTERS,
+    table_size,
+)
+from .delivery import Delivery, refused_reply_to, reply_properties, truncated
 from .dispatch import Dispatcher, Outcome, Request
 from .guarded_replies import GuardedReplies, GuardedReply, Result
 from .identity import Identity
-from .logs import Tally, printable
-from .reply_addresses import BadReplyTo, ReplyAddress, parse
+from .in_hand import Ledger
+from .logs import printable
+from .reply_addresses import ReplyAddress
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
-#: dead-letter WARNING lines: a flood of bad requests is a few lines, not thousands
-#: dead letters in the log: the first of a quiet spell in full, then a summary a minute
-DEAD_LETTERS = Tally(window=60.0)
-
-
-def log_dead_letter_summary(force: bool = False) -> None:
-    """Say how many requests were dead-lettered since the last full line, by code
-    (run every few seconds by the worker, and once more as it stops)."""
-    summary = DEAD_LETTERS.summary(force)
-    if summary is not None:
-        log.warning(
-            "dead-lettered %d more requests since the last such line (%s); "
-            "`dataspace dead list` shows them",
-            *summary,
-        )
-
-
 RECONNECT_BACKOFF_MIN = 0.2
 RECONNECT_BACKOFF_MAX = 5.0
-PUBLISH_SEQ_HEADER = "x-dataspace-publish-seq"
 #: bodies one batch may hold: small requests batch by the prefetch window, large
 #: ones run alone (a batch's transaction holds several copies of each value)
 BATCH_BYTES = 8 * 1024 * 1024
@@ -100,66 +85,15 @@ BATCH_BYTES = 8 * 1024 * 1024
 CHANNEL_REOPEN_PAUSE = 1.0
 #: ... and a lane channel given back because a request of it must be retried
 RETRY_REOPEN_PAUSE = 0.2
-APP_ID = f"dataspace-worker/{__version__}"
 
 # -- what a client can make the worker publish or hold (issue 12) ------------------
 #: largest header table a request may carry, encoded (setting ``max_headers``)
 MAX_HEADERS = 16 * 1024
-#: body bytes a dead letter keeps; a longer body is kept truncated, with its size and
-#: SHA-256 (setting ``dead_letter_body``)
-DEAD_LETTER_BODY = 1024 * 1024
-#: encoded bytes of a request's own headers a dead letter copies (at most a quarter
-#: of the connection's frame_max): with the worker's own headers and the short-string
-#: properties, the dead letter's header frame stays far below one frame
-DEAD_LETTER_HEADERS = 8 * 1024
 #: bytes of request bodies delivered and not yet settled, across every consumer,
 #: over which the pool stops taking deliveries (setting ``max_bytes_in_hand``)
 MAX_BYTES_IN_HAND = 256 * 1024 * 1024
 #: seconds without a large delivery before the channels' prefetch goes back up from 1
 CAREFUL_FOR = 5.0
-#: the headers a dead letter's own information travels in (never copied from the request)
-DEAD_LETTER_OWN = frozenset(
-    {
-        "x-dataspace-reason",
-        "x-dataspace-error-code",
-        "x-original-exchange",
-        "x-original-routing-key",
-        "x-dead-lettered-by",
-        "x-dead-lettered-at",
-        "x-dataspace-body-size",
-        "x-dataspace-body-sha256",
-        "x-dataspace-headers-dropped",
-        PUBLISH_SEQ_HEADER,
-    }
-)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    channel: object  # pika.channel.Channel
-    tag: int
-    exchange: str
-    routing_key: str
-    properties: pika.BasicProperties
-    body: bytes
-    redelivered: bool = False
-    #: set when ``body`` was cut to what a dead letter keeps: the original size and
-    #: SHA-256 (hex) of the body as delivered
-    body_size: int | None = None
-    body_sha256: str | None = None
-
-    @cached_property
-    def reply_address(self) -> ReplyAddress | BadReplyTo | None:
-        """``reply_to`` decoded once (reply_addresses.py), for the refusal before the
-        request runs and for its reply after: the address, the BadReplyTo saying why
-        it is none, or None when the request has no ``reply_to``."""
-        reply_to = self.properties.reply_to
-        if not reply_to:
-            return None
-        try:
-            return parse(reply_to)
-        except BadReplyTo as exc:
-            return exc
 
 
 @dataclass
@@ -278,7 +212,7 @@ class Consumer:
         return [o if o is not None else next(handled) for o in outcomes]
 
     def _handle(self, batch: list[Delivery]) -> list[Outcome]:
-        refused = [_refused_reply_to(d) for d in batch]
+        refused = [refused_reply_to(d) for d in batch]
         if any(refused):  # not run, not answered: only the others run
             kept = [d for d, r in zip(batch, refused, strict=True) if r is None]
             outcomes = iter(self._handle(kept) if kept else [])
@@ -381,7 +315,7 @@ class WorkerPool:
         self.dead_letter_body = min(dead_letter_body, max_message_size)
         self.max_bytes_in_hand = max_bytes_in_hand
         #: request body bytes delivered and not settled, by channel and tag (I/O thread)
-        self._in_hand = _Ledger()
+        self._in_hand = Ledger()
         #: taking no more deliveries on the request queue while over max_bytes_in_hand
         self.paused = False
         #: channels' prefetch lowered to 1 (large deliveries seen) until this time
@@ -940,7 +874,7 @@ class WorkerPool:
         None. A table near the broker's frame_max is fine to publish, but anything
         the worker built from it (a dead letter: the table and its own headers) would
         not fit in a frame: the broker would close the connection at each redelivery."""
-        size = _table_size(delivery.properties.headers)
+        size = table_size(delivery.properties.headers)
         if size <= self.max_headers:
             return None
         reason = (
@@ -976,7 +910,7 @@ class WorkerPool:
             return delivery
         if len(delivery.body) <= self.dead_letter_body:
             return delivery
-        return _truncated(delivery, self.dead_letter_body)
+        return truncated(delivery, self.dead_letter_body)
 
     def _took(self, consumer: Consumer, channel, tag: int, size: int) -> None:
         """Count a delivery's body in hand (I/O thread); subscribe the request queue's
@@ -1205,7 +1139,9 @@ class WorkerPool:
                 self._reply_guarded(consumer, delivery, outcome, address)
                 continue
             if route == "direct":  # direct reply-to replies must not be mandatory on 3.x
-                channel.basic_publish("", address.address, outcome.body, _reply(delivery, outcome))
+                channel.basic_publish(
+                    "", address.address, outcome.body, reply_properties(delivery, outcome)
+                )
             reply_to = address.address if address else None
             if outcome.dead_letter(reply_to):
                 self._publish_dead_letter(consumer, delivery, outcome)
@@ -1228,7 +1164,7 @@ class WorkerPool:
             GuardedReply(
                 address.address,
                 outcome.body,
-                _reply(delivery, outcome),
+                reply_properties(delivery, outcome),
                 done,
                 wanted=lambda: delivery.channel is consumer.channel and delivery.channel.is_open,
                 address=address,
@@ -1273,10 +1209,12 @@ class WorkerPool:
             delivery.channel.basic_nack(delivery.tag, requeue=True)  # try again later
             return
         if delivery.body_size is None and len(delivery.body) > self.dead_letter_body:
-            delivery = _truncated(delivery, self.dead_letter_body)  # not cut beforehand
+            delivery = truncated(delivery, self.dead_letter_body)  # not cut beforehand
         self._dead_published += 1
         frame_max = getattr(channel.connection.params, "frame_max", 0) or 131072
-        properties = _dead_letter(delivery, outcome, min(DEAD_LETTER_HEADERS, frame_max // 4))
+        properties = dead_letters.properties(
+            delivery, outcome, min(DEAD_LETTER_HEADERS, frame_max // 4)
+        )
         # mandatory: a dead letter with no queue to go to must not be acked away
         properties.headers[PUBLISH_SEQ_HEADER] = self._dead_published
         channel.basic_publish(
@@ -1345,156 +1283,3 @@ class WorkerPool:
 
     def _close_connection(self) -> None:
         close_select_connection(self._connection)
-
-
-@dataclass(frozen=True)
-class _Unanswerable(Outcome):
-    """A request refused for its ``reply_to``: dead-lettered, never answered."""
-
-    @property
-    def poison(self) -> bool:
-        return True
-
-
-def _refused_reply_to(delivery: Delivery) -> Outcome | None:
-    """The outcome of a request whose ``reply_to`` is given but no direct reply-to
-    address (reply_addresses.py): refused before it runs, no reply published
-    anywhere (the name could be any queue); None for the others."""
-    refusal = delivery.reply_address
-    if not isinstance(refusal, BadReplyTo):
-        return None
-    reason = str(refusal)
-    operation = str(delivery.routing_key).rsplit(".", 1)[-1]
-    return _Unanswerable(
-        encode_error(DataSpaceRequestError(BAD_REPLY_TO, reason)),
-        BAD_REPLY_TO,
-        operation if operation in OPERATIONS else "?",
-        reason=reason,
-    )
-
-
-def _reply(delivery: Delivery, outcome: Outcome) -> pika.BasicProperties:
-    return pika.BasicProperties(
-        content_type=content_type(outcome.body),
-        correlation_id=delivery.properties.correlation_id,
-        type=f"{outcome.operation}.reply",
-        app_id=APP_ID,
-        headers={VERSION_HEADER: PROTOCOL_VERSION, OUTCOME_HEADER: outcome.code},
-    )
-
-
-def _dead_letter(
-    delivery: Delivery, outcome: Outcome, budget: int = DEAD_LETTER_HEADERS
-) -> pika.BasicProperties:
-    """The original properties, persistent, with why and whence in the headers.
-
-    Of the request's own headers, only those that fit in ``budget`` encoded bytes
-    are copied (in their order; the names of the others are noted in
-    ``x-dataspace-headers-dropped``): the dead letter's header frame must fit in
-    the connection's frame_max, or the broker closes the connection. A body cut
-    to ``dead_letter_body`` (``_truncated``) carries its size and SHA-256."""
-    original = delivery.properties
-    headers, dropped = _bounded_headers(original.headers, budget)
-    headers.update(
-        {
-            "x-dataspace-reason": outcome.reason[:1000],
-            "x-dataspace-error-code": outcome.code,
-            "x-original-exchange": delivery.exchange,
-            "x-original-routing-key": delivery.routing_key,
-            "x-dead-lettered-by": APP_ID,
-            "x-dead-lettered-at": int(time.time()),
-        }
-    )
-    if dropped:
-        headers["x-dataspace-headers-dropped"] = dropped
-    if delivery.body_size is not None:
-        headers["x-dataspace-body-size"] = delivery.body_size
-        headers["x-dataspace-body-sha256"] = delivery.body_sha256
-    return pika.BasicProperties(
-        content_type=original.content_type,
-        content_encoding=original.content_encoding,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        correlation_id=original.correlation_id,
-        message_id=original.message_id,
-        reply_to=original.reply_to,
-        type=original.type,
-        app_id=original.app_id,
-        timestamp=original.timestamp,
-        headers=headers,
-    )
-
-
-def _table_size(table: dict | None) -> int | None:
-    """Encoded size of an AMQP field table, None if it cannot be encoded."""
-    if not table:
-        return 4
-    try:
-        return pika.data.encode_table([], table)
-    except Exception:  # a value pika decoded but cannot encode again
-        return None
-
-
-def _bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
-    """The request's headers that fit in ``budget`` encoded bytes, in order (the
-    dead letter's own headers are never taken from it), and a note of the others."""
-    kept: dict = {}
-    dropped: list[str] = []
-    used = 4
-    for name, value in (original or {}).items():
-        size = _table_size({name: value})
-        if name in DEAD_LETTER_OWN or size is None or used + size - 4 > budget:
-            dropped.append(name)
-            continue
-        kept[name] = value
-        used += size - 4
-    if not dropped:
-        return kept, ""
-    names = ", ".join(ascii(n)[:66] for n in dropped[:20])
-    more = f" and {len(dropped) - 20} more" if len(dropped) > 20 else ""
-    return kept, f"{len(dropped)} header(s) not kept: {names}{more}"[:1000]
-
-
-def _truncated(delivery: Delivery, keep: int) -> Delivery:
-    """``delivery`` with its body cut to ``keep`` bytes, its size and SHA-256 noted."""
-    body = delivery.body
-    return replace(
-        delivery,
-        body=body[:keep],
-        body_size=len(body),
-        body_sha256=hashlib.sha256(body).hexdigest(),
-    )
-
-
-class _Ledger:
-    """Request body bytes delivered and not yet settled, by channel and delivery tag
-    (I/O thread only)."""
-
-    def __init__(self):
-        self.total = 0
-        self._channels: dict[object, dict[int, int]] = {}
-
-    def add(self, channel, tag: int, size: int) -> None:
-        self._channels.setdefault(channel, {})[tag] = size
-        self.total += size
-
-    def settle(self, channel, tag: int, multiple: bool) -> None:
-        tags = self._channels.get(channel)
-        if not tags:
-            return
-        if not multiple:
-            self.total -= tags.pop(tag, 0)
-            return
-        if tag == 0:  # multiple with tag 0: everything delivered on the channel
-            settled = list(tags)
-        else:
-            settled = [t for t in tags if t <= tag]
-        for t in settled:
-            self.total -= tags.pop(t)
-
-    def drop(self, channel) -> None:
-        """The channel closed: the broker took back what it had not settled."""
-        self.total -= sum(self._channels.pop(channel, {}).values())
-
-    def clear(self) -> None:
-        self._channels.clear()
-        self.total = 0
