@@ -118,8 +118,8 @@ from dataspace_core.protocol import (
 )
 from dataspace_core.urls import BrokerAddresses, causes, mask_password, split_urls, tls_failure
 
-from . import __version__
-from .management import (
+from .. import __version__
+from ..management import (
     ManagementAuthError,
     ManagementClient,
     ManagementError,
@@ -127,8 +127,8 @@ from .management import (
     ManagementUnreachableError,
     vhost_of,
 )
-from .remote import DEFAULT_URL, RemoteDataSource
-from .values import PickleRefusedError, ValueTooLargeError, decode_value, encode_value
+from ..remote import DEFAULT_URL, RemoteDataSource
+from ..values import PickleRefusedError, ValueTooLargeError, decode_value, encode_value
 
 MIN_RETENTION_DAYS = 7
 REAP_TIMEOUT = 600.0
@@ -1654,7 +1654,7 @@ def _get(args) -> int:
 
 
 def _put(args) -> int:
-    from .datablock import Header, Metadata
+    from ..datablock import Header, Metadata
 
     text = sys.stdin.read() if args.value == "-" else args.value
     try:
