@@ -119,17 +119,17 @@ def test_not_found_says_what_was_asked_for_not_sql(capsys, amqp_url, worker_pool
 
 
 def test_short_flags():
-    args = cli._parser().parse_args(["-u", "amqp://h/v", "-t", "5", "status", "-j"])
+    args = cli.parser._parser().parse_args(["-u", "amqp://h/v", "-t", "5", "status", "-j"])
     assert (args.url, args.timeout, args.json) == ("amqp://h/v", 5.0, True)
-    args = cli._parser().parse_args(["dead", "list", "-n", "3", "-j", "-t", "2"])
+    args = cli.parser._parser().parse_args(["dead", "list", "-n", "3", "-j", "-t", "2"])
     assert (args.limit, args.json, args.timeout) == (3, True, 2.0)
-    args = cli._parser().parse_args(["dead", "replay", "-y", "-n", "1", "-u", "amqp://x/"])
+    args = cli.parser._parser().parse_args(["dead", "replay", "-y", "-n", "1", "-u", "amqp://x/"])
     assert (args.yes, args.limit, args.url) == (True, 1, "amqp://x/")
-    args = cli._parser().parse_args(["dead", "purge", "-y", "--code", "a", "--code", "b"])
+    args = cli.parser._parser().parse_args(["dead", "purge", "-y", "--code", "a", "--code", "b"])
     assert (args.yes, args.code) == (True, ["a", "b"])
-    args = cli._parser().parse_args(["dead", "drop", "m1", "m2", "-y"])
+    args = cli.parser._parser().parse_args(["dead", "drop", "m1", "m2", "-y"])
     assert (args.message_ids, args.yes) == (["m1", "m2"], True)
-    args = cli._parser().parse_args(["reap", "--now", "--days", "30", "-j"])
+    args = cli.parser._parser().parse_args(["reap", "--now", "--days", "30", "-j"])
     assert args.json
 
 

@@ -139,6 +139,6 @@ def test_errors_and_values_are_escaped(capsys, amqp_url, worker_pool):
 
 def test_safe_leaves_ordinary_text_alone():
     text = "amqp://ops:***@mq:5672/prod Grüße 日本 ✓ tabs-free"
-    assert cli._safe(text) == text
-    assert cli._safe("a\tb\x00") == "a\\u0009b\\u0000"
-    assert orjson.loads(f'"{cli._safe(HOSTILE)}"') == HOSTILE
+    assert cli.output._safe(text) == text
+    assert cli.output._safe("a\tb\x00") == "a\\u0009b\\u0000"
+    assert orjson.loads(f'"{cli.output._safe(HOSTILE)}"') == HOSTILE

@@ -140,10 +140,10 @@ def test_management_url_comes_from_the_broker_url():
 
 def test_replay_takes_the_original_routing_key_and_drops_the_dead_letter_headers():
     worker_made = {"x-original-routing-key": "data.update", "x-death": [{"routing-keys": ["x"]}]}
-    assert cli._original_routing_key(worker_made) == "data.update"
+    assert cli.dead_letters._original_routing_key(worker_made) == "data.update"
     broker_made = {"x-death": [{"reason": "delivery_limit", "routing-keys": ["admin.reap"]}]}
-    assert cli._original_routing_key(broker_made) == "admin.reap"
-    assert cli._original_routing_key({}) is None
+    assert cli.dead_letters._original_routing_key(broker_made) == "admin.reap"
+    assert cli.dead_letters._original_routing_key({}) is None
     props = pika.BasicProperties(
         content_type="application/json",
         message_id="m1",
@@ -167,7 +167,7 @@ def test_replay_takes_the_original_routing_key_and_drops_the_dead_letter_headers
             "x-first-death-reason": "rejected",
         },
     )
-    again = cli._replay_properties(props)
+    again = cli.dead_replay._replay_properties(props)
     assert again.headers == {"x-dataspace-protocol": 1}
     assert (again.message_id, again.correlation_id, again.type) == ("m1", "c1", "update")
     assert (again.app_id, again.timestamp, again.delivery_mode) == ("someone", 1700000000, 2)
