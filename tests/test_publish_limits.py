@@ -280,7 +280,7 @@ def test_the_pool_stops_taking_deliveries_over_its_bytes_in_hand(
 
     def watch() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], pool._in_hand.total)
+            peak[0] = max(peak[0], pool.intake.ledger.total)
             time.sleep(0.0005)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -314,5 +314,5 @@ def test_the_pool_stops_taking_deliveries_over_its_bytes_in_hand(
     assert all(orjson.loads(r)["ok"] for r in replies.values())
     assert peak[0] <= limit + channels * len(body)
     assert metrics.CONSUMPTION_PAUSES._value.get() > pauses_before
-    assert pool._in_hand.total == 0
+    assert pool.intake.ledger.total == 0
     assert pool.connections_opened == 1

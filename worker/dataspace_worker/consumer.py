@@ -69,7 +69,7 @@ from .delivery import Delivery, refused_reply_to, reply_properties, truncated
 from .dispatch import Dispatcher, Outcome, Request
 from .guarded_replies import GuardedReplies, GuardedReply, Result
 from .identity import Identity
-from .in_hand import Ledger
+from .intake import Intake
 from .logs import printable
 from .reply_addresses import ReplyAddress
 from .topology import Topology, declare_blocking
@@ -92,8 +92,6 @@ MAX_HEADERS = 16 * 1024
 #: bytes of request bodies delivered and not yet settled, across every consumer,
 #: over which the pool stops taking deliveries (setting ``max_bytes_in_hand``)
 MAX_BYTES_IN_HAND = 256 * 1024 * 1024
-#: seconds without a large delivery before the channels' prefetch goes back up from 1
-CAREFUL_FOR = 5.0
 
 
 @dataclass
@@ -314,16 +312,6 @@ class WorkerPool:
         self.max_message_size = max_message_size
         self.dead_letter_body = min(dead_letter_body, max_message_size)
         self.max_bytes_in_hand = max_bytes_in_hand
-        #: request body bytes delivered and not settled, by channel and tag (I/O thread)
-        self._in_hand = Ledger()
-        #: taking no more deliveries on the request queue while over max_bytes_in_hand
-        self.paused = False
-        #: channels' prefetch lowered to 1 (large deliveries seen) until this time
-        self._careful_until = 0.0
-        #: a new connection's channels start with prefetch 1 until a first delivery
-        #: shows the queue does not hold large bodies (a backlog of them would
-        #: otherwise come in whole prefetch windows at once)
-        self._probing = True
         self.amqp_url = amqp_url
         self.masked_url = mask_password(amqp_url)
         self.dispatcher = dispatcher
@@ -345,9 +333,15 @@ class WorkerPool:
             for i, lane in enumerate(topology.lane_queues)
         ]
         self.consumers.extend(self.lanes)
-        #: a delivery this large lowers every channel's prefetch to 1 for a while: full
-        #: prefetch windows of smaller ones hold max_bytes_in_hand at most
-        self._large = max(1, max_bytes_in_hand // (prefetch * len(self.consumers)))
+        #: bytes in hand, prefetch care, socket holds (I/O thread). A delivery of
+        #: ``large`` bytes lowers the prefetch to 1 for a while: full prefetch
+        #: windows of smaller ones hold max_bytes_in_hand at most
+        self.intake = Intake(
+            max_bytes_in_hand,
+            max(1, max_bytes_in_hand // (prefetch * len(self.consumers))),
+            self._resubscribe,
+            lambda: bool(self._dead_unconfirmed),
+        )
         self.consuming = threading.Event()
         self.connections_opened = 0
         #: why the pool gave up for good (the broker refused it), or None
@@ -357,9 +351,6 @@ class WorkerPool:
         self._dead_channel = None
         self._dead_published = 0
         self._dead_unconfirmed: dict[int, _Settlement] = {}
-        #: bytes of the large body whose content header made the pool stop reading its
-        #: socket (over max_bytes_in_hand), or None while it reads (I/O thread)
-        self._reads_held_for: int | None = None
         # the channel consuming dataspace.lanes.workers, once it consumes, and the
         # counts asked on it not yet answered (I/O thread)
         self._census_channel = None
@@ -514,11 +505,7 @@ class WorkerPool:
                 # callbacks scheduled on that loop will never run; the broker has
                 # requeued their deliveries with the connection
                 self._finishing = 0
-            self._in_hand.clear()
-            self.paused = False
-            self._reads_held_for = None  # a new connection's socket is read from the start
-            self._careful_until = 0.0
-            metrics.BYTES_IN_HAND.set(0)
+            self.intake.lost()
             connection.ioloop.close()
             reached = self.consuming.is_set()
             self.consuming.clear()
@@ -593,7 +580,7 @@ class WorkerPool:
             connection.close()
             return
         self.connections_opened += 1
-        self._probing = True
+        self.intake.opened(connection)
         self._guard.connected()  # which nodes run: learnt again on this connection
         connection.channel(on_open_callback=self._on_dead_channel_open)
 
@@ -681,9 +668,9 @@ class WorkerPool:
         consumer.given_back = None  # a new channel: nothing of it was given back
         channel.add_on_close_callback(partial(self._on_channel_closed, consumer))
         channel.add_on_cancel_callback(partial(self._on_cancelled, consumer))
-        self._track(channel)
+        self.intake.track(channel)
         if self._shared(consumer):  # subscribed as the bytes in hand allow
-            self._watch_headers(channel)
+            self.intake.watch_headers(channel)
             consumer.consumer_tag = None
             if self.stopping.is_set():
                 consumer.inbox.put(None)
@@ -700,8 +687,8 @@ class WorkerPool:
             return
         if consumer.consumer_tag is not None or channel is not consumer.channel:
             return  # consuming already (resumed while its qos was on the way), or closed
-        if self.paused and self._shared(consumer):
-            return  # over max_bytes_in_hand: _released subscribes it again
+        if self.intake.paused and self._shared(consumer):
+            return  # over max_bytes_in_hand: Intake.released subscribes it again
         consumer.consumer_tag = tag = channel.basic_consume(
             consumer.queue_name,
             partial(self._on_message, consumer),
@@ -733,8 +720,7 @@ class WorkerPool:
             self.consuming.set()
 
     def _on_channel_closed(self, consumer: Consumer, channel, reason) -> None:
-        self._in_hand.drop(channel)  # its unacked deliveries went back to the queue
-        self._released()
+        self.intake.channel_closed(channel)
         if consumer.channel is channel:
             consumer.channel = None
             consumer.consumer_tag = None
@@ -854,7 +840,7 @@ class WorkerPool:
         consumer.last_delivery = time.monotonic()
         if method.redelivered:
             metrics.REDELIVERED.inc()
-        self._took(consumer, channel, method.delivery_tag, len(body))
+        self.intake.took(channel, method.delivery_tag, len(body))
         consumer.inbox.put(
             Delivery(
                 channel,
@@ -912,166 +898,12 @@ class WorkerPool:
             return delivery
         return truncated(delivery, self.dead_letter_body)
 
-    def _took(self, consumer: Consumer, channel, tag: int, size: int) -> None:
-        """Count a delivery's body in hand (I/O thread); subscribe the request queue's
-        consumers anew when that changes what they should take."""
-        self._in_hand.add(channel, tag, size)
-        metrics.BYTES_IN_HAND.set(self._in_hand.total)
-        changed = self._saw(size)
-        if not self.paused and self._in_hand.total > self.max_bytes_in_hand:
-            self.paused = changed = True
-            metrics.CONSUMPTION_PAUSES.inc()
-            log.info(
-                "holding %d bytes of requests (max_bytes_in_hand %d): taking no more "
-                "until half of that is settled",
-                self._in_hand.total,
-                self.max_bytes_in_hand,
-            )
-        if changed:
-            self._resubscribe()
-
-    def _saw(self, size: int) -> bool:
-        """Note a delivery's body size: a large one starts (or prolongs) CAREFUL_FOR
-        seconds of prefetch 1; a first small one on a new connection ends probing.
-        True when the consumers' wanted prefetch changed."""
-        if size >= self._large:
-            changed = self._probing or time.monotonic() >= self._careful_until
-            self._probing = False
-            self._careful_until = time.monotonic() + CAREFUL_FOR
-            if changed and self._connection is not None:
-                self._connection.ioloop.call_later(
-                    CAREFUL_FOR, partial(self._end_care, self._connection)
-                )
-            return changed
-        if self._probing:
-            self._probing = False
-            return time.monotonic() >= self._careful_until
-        return False
-
-    def _watch_headers(self, channel) -> None:
-        """Lower the prefetch as soon as a large delivery's content header arrives,
-        before its body does: the body of a 60 MiB request takes a while to come in,
-        and while it does the broker fills a full prefetch window with the large
-        requests published meanwhile (all of them held at once: 944 MiB measured with
-        16 x 60 MiB, a bound of 362). The header carries the body's size."""
-        assembler = channel._content_assembler
-        process = assembler.process
-
-        def watched(frame_value):
-            if isinstance(frame_value, pika.frame.Header) and frame_value.body_size >= self._large:
-                if self._saw(frame_value.body_size):
-                    self._resubscribe()
-                if self._in_hand.total + frame_value.body_size > self.max_bytes_in_hand:
-                    self._hold_reads(frame_value.body_size)
-            return process(frame_value)
-
-        assembler.process = watched
-
-    def _hold_reads(self, size: int) -> None:
-        """Stop reading the connection's socket before a body of ``size`` bytes comes
-        in over max_bytes_in_hand: what the broker already sent to this consumer (a
-        prefetch window filled before the prefetch went down) then waits in the
-        broker, not here. Only on a plain TCP transport (a TLS one manages its reader
-        itself), and never while a dead letter awaits its confirm (its request is
-        settled by that confirm, which needs reading)."""
-        connection = self._connection
-        transport = getattr(connection, "_transport", None)
-        if (
-            self._reads_held_for is not None
-            or self._dead_unconfirmed
-            or type(transport).__name__ != "_AsyncPlaintextTransport"
-        ):
-            return
-        transport._nbio.remove_reader(transport._sock.fileno())
-        self._reads_held_for = size
-        metrics.CONSUMPTION_PAUSES.inc()
-        log.debug(
-            "holding %d bytes of requests: reading the next %d-byte one once settled",
-            self._in_hand.total,
-            size,
-        )
-
-    def _resume_reads(self) -> None:
-        """Read the connection's socket again (after ``_hold_reads``)."""
-        if self._reads_held_for is None:
-            return
-        self._reads_held_for = None
-        connection = self._connection
-        transport = getattr(connection, "_transport", None)
-        if transport is not None and connection.is_open:
-            transport._nbio.set_reader(transport._sock.fileno(), transport._on_socket_readable)
-
-    def _released(self) -> None:
-        """Bodies were settled or given back (I/O thread): read the socket again when
-        the body waiting there fits (or nothing else is in hand), take deliveries
-        again when down to half the limit."""
-        metrics.BYTES_IN_HAND.set(self._in_hand.total)
-        held = self._reads_held_for
-        if held is not None and (
-            self._in_hand.total == 0 or self._in_hand.total + held <= self.max_bytes_in_hand
-        ):
-            self._resume_reads()
-        if self.paused and self._in_hand.total <= self.max_bytes_in_hand // 2:
-            self.paused = False
-            log.info("holding %d bytes of requests: taking deliveries again", self._in_hand.total)
-            self._resubscribe()
-
-    def _end_care(self, connection) -> None:
-        """CAREFUL_FOR seconds after a large delivery: back to the full prefetch, unless
-        another came meanwhile."""
-        if connection is not self._connection or not connection.is_open:
-            return
-        left = self._careful_until - time.monotonic()
-        if left > 0:
-            connection.ioloop.call_later(left, partial(self._end_care, connection))
-            return
-        self._resubscribe()
-
-    def _track(self, channel) -> None:
-        """Count every settlement made on a consumer channel, wherever in this module
-        it is made (ack, nack, reject: each releases its bodies from the ledger)."""
-        ledger = self._in_hand
-        ack, nack, reject = channel.basic_ack, channel.basic_nack, channel.basic_reject
-
-        def basic_ack(delivery_tag=0, multiple=False):
-            ack(delivery_tag, multiple)
-            ledger.settle(channel, delivery_tag, multiple)
-            self._released()
-
-        def basic_nack(delivery_tag=0, multiple=False, requeue=True):
-            nack(delivery_tag, multiple, requeue)
-            ledger.settle(channel, delivery_tag, multiple)
-            self._released()
-
-        def basic_reject(delivery_tag=0, requeue=True):
-            reject(delivery_tag, requeue)
-            ledger.settle(channel, delivery_tag, False)
-            self._released()
-
-        channel.basic_ack, channel.basic_nack, channel.basic_reject = (
-            basic_ack,
-            basic_nack,
-            basic_reject,
-        )
-
     def _shared(self, consumer: Consumer) -> bool:
         """A consumer of the request queue (not a lane, not the reaper)."""
         return consumer.lane is None and consumer.queue_name == self.topology.request_queue.name
 
-    def _wanted_prefetch(self, consumer: Consumer) -> int | None:
-        """What a request queue consumer should be subscribed with: None (not at all)
-        while over max_bytes_in_hand; prefetch 1 on a new connection until a first
-        delivery shows the queue does not hold large bodies (a backlog of them would
-        come in whole prefetch windows at once), and for CAREFUL_FOR seconds after a
-        large one; else its prefetch."""
-        if self.paused:
-            return None
-        if self._probing or time.monotonic() < self._careful_until:
-            return 1
-        return consumer.prefetch
-
     def _resubscribe(self) -> None:
-        """Subscribe each request queue consumer as ``_wanted_prefetch`` says.
+        """Subscribe each request queue consumer as ``Intake.wanted_prefetch`` says.
 
         RabbitMQ applies a channel's basic.qos to consumers subscribed after it only,
         so a consumer is cancelled and subscribed again with the new prefetch; what it
@@ -1085,7 +917,7 @@ class WorkerPool:
             channel = consumer.channel
             if not self._shared(consumer) or channel is None or not channel.is_open:
                 continue
-            wanted = self._wanted_prefetch(consumer)
+            wanted = self.intake.wanted_prefetch(consumer.prefetch)
             tag = consumer.consumer_tag
             if tag is not None and consumer.granted == wanted:
                 continue
@@ -1222,7 +1054,7 @@ class WorkerPool:
         )
         self._dead_unconfirmed[self._dead_published] = _Settlement(consumer, delivery)
         consumer.held += 1
-        self._resume_reads()  # its confirm settles the request: it must be read
+        self.intake.resume_reads()  # its confirm settles the request: it must be read
 
     def _on_return(self, _channel, method, properties, _body) -> None:
         """A dead letter came back unroutable: requeue its request instead of acking it."""
@@ -1260,7 +1092,7 @@ class WorkerPool:
             channel.close()
 
     def _cancel_consumers(self) -> None:
-        self._resume_reads()  # the cancel-oks and the close handshake need reading
+        self.intake.resume_reads()  # the cancel-oks and the close handshake need reading
         for consumer in self.consumers:
             if consumer.lane is not None:
                 # A lane is not cancelled (the next worker would get its later
