@@ -50,9 +50,11 @@ def _imports(path: Path):
 
 def _modules():
     for package, folder in PACKAGES.items():
-        for path in sorted(folder.glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            yield package, name, path
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            yield package, ".".join((package, *parts)), path
 
 
 @pytest.mark.parametrize("package, module, path", list(_modules()), ids=lambda v: str(v))
@@ -69,3 +71,8 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from dataspace_worker import cli\n")
     assert _imports(source) == [("dataspace_worker", "f")]
+
+
+def test_every_module_of_a_subpackage_is_read():
+    names = {module for _, module, _ in _modules()}
+    assert {"dataspace_client.cli", "dataspace_client.cli.status"} <= names

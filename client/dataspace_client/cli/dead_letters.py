@@ -27,7 +27,14 @@ import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from dataspace_core.errors import DataSpaceConfigurationError
-from dataspace_core.protocol import DEAD_LETTER_QUEUE
+from dataspace_core.protocol import (
+    DEAD_AT_HEADER,
+    DEAD_BY_HEADER,
+    DEAD_CODE_HEADER,
+    DEAD_LETTER_QUEUE,
+    DEAD_REASON_HEADER,
+    DEAD_ROUTING_KEY_HEADER,
+)
 from dataspace_core.urls import mask_password
 
 from .broker import _close, _connect, _vhost
@@ -50,7 +57,7 @@ def _first_death(headers: dict) -> dict:
 
 
 def _original_routing_key(headers: dict) -> str | None:
-    key = _text(headers.get("x-original-routing-key"))
+    key = _text(headers.get(DEAD_ROUTING_KEY_HEADER))
     if key:
         return key
     keys = _first_death(headers).get("routing-keys")
@@ -77,10 +84,10 @@ def _dead_entry(method, props, body: bytes) -> dict:
     headers = props.headers or {}
     death = _first_death(headers)
     routing_key = _original_routing_key(headers) or method.routing_key
-    reason = _text(headers.get("x-dataspace-reason"))
-    by = _text(headers.get("x-dead-lettered-by"))
-    when = headers.get("x-dead-lettered-at")
-    code = _text(headers.get("x-dataspace-error-code"))
+    reason = _text(headers.get(DEAD_REASON_HEADER))
+    by = _text(headers.get(DEAD_BY_HEADER))
+    when = headers.get(DEAD_AT_HEADER)
+    code = _text(headers.get(DEAD_CODE_HEADER))
     if reason is None and death:
         reason = _text(death.get("reason"))
         if death.get("queue"):

@@ -21,7 +21,19 @@ from pika.exceptions import (
 )
 
 from dataspace_core.errors import DataSpaceConnectionError
-from dataspace_core.protocol import EXCHANGE
+from dataspace_core.protocol import (
+    DEAD_AT_HEADER,
+    DEAD_BODY_SHA256_HEADER,
+    DEAD_BODY_SIZE_HEADER,
+    DEAD_BY_HEADER,
+    DEAD_CODE_HEADER,
+    DEAD_EXCHANGE_HEADER,
+    DEAD_HEADERS_DROPPED_HEADER,
+    DEAD_REASON_HEADER,
+    DEAD_ROUTING_KEY_HEADER,
+    EXCHANGE,
+    PUBLISH_SEQ_HEADER,
+)
 from dataspace_core.urls import mask_password
 
 from .broker import _close, _vhost
@@ -52,13 +64,16 @@ from .output import (
 #: headers a dead letter gained on its way to dataspace.dead; a replay drops them
 DEAD_LETTER_HEADERS = frozenset(
     {
-        "x-dataspace-reason",
-        "x-dataspace-error-code",
-        "x-original-exchange",
-        "x-original-routing-key",
-        "x-dead-lettered-by",
-        "x-dead-lettered-at",
-        "x-dataspace-publish-seq",
+        DEAD_REASON_HEADER,
+        DEAD_CODE_HEADER,
+        DEAD_EXCHANGE_HEADER,
+        DEAD_ROUTING_KEY_HEADER,
+        DEAD_BY_HEADER,
+        DEAD_AT_HEADER,
+        DEAD_BODY_SIZE_HEADER,
+        DEAD_BODY_SHA256_HEADER,
+        DEAD_HEADERS_DROPPED_HEADER,
+        PUBLISH_SEQ_HEADER,
         "x-death",
         "x-delivery-count",
     }
@@ -142,10 +157,10 @@ def _replay_one(send, letters: _DeadLetters, method, props, body: bytes, tally: 
     broker refused it (then the replay stops: it stays, as do those after it)."""
     headers = props.headers or {}
     name = _safe(props.message_id or "-")
-    if "x-dataspace-body-size" in headers:  # kept cut: not the request any more
+    if DEAD_BODY_SIZE_HEADER in headers:  # kept cut: not the request any more
         _note(
             f"skipped {name}: its body was cut to {len(body)} of "
-            f"{_safe(headers['x-dataspace-body-size'])} bytes when it was dead-lettered; "
+            f"{_safe(headers[DEAD_BODY_SIZE_HEADER])} bytes when it was dead-lettered; "
             "ask its sender to send it again"
         )
         tally["skipped"] += 1
