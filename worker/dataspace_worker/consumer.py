@@ -33,7 +33,6 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 
 import pika
@@ -50,19 +49,17 @@ from dataspace_core.errors import DataSpaceTooLargeError
 from dataspace_core.limits import MAX_MESSAGE_BYTES
 from dataspace_core.pika_patches import close_select_connection, close_without_cancel
 from dataspace_core.protocol import (
-    DEAD_LETTER_EXCHANGE,
     OPERATIONS,
-    PUBLISH_SEQ_HEADER,
     ProtocolError,
     encode_error,
 )
 from dataspace_core.urls import BrokerAddresses, mask_password
 
-from . import dead_letters, metrics
+from . import metrics
 from .dead_letters import (
     DEAD_LETTER_BODY,
-    DEAD_LETTER_HEADERS,
     DEAD_LETTERS,
+    DeadLetterPublisher,
     table_size,
 )
 from .delivery import Delivery, refused_reply_to, reply_properties, truncated
@@ -92,15 +89,6 @@ MAX_HEADERS = 16 * 1024
 #: bytes of request bodies delivered and not yet settled, across every consumer,
 #: over which the pool stops taking deliveries (setting ``max_bytes_in_hand``)
 MAX_BYTES_IN_HAND = 256 * 1024 * 1024
-
-
-@dataclass
-class _Settlement:
-    """A delivery whose ack waits for the broker to confirm its dead letter."""
-
-    consumer: Consumer
-    delivery: Delivery
-    refused: bool = False
 
 
 class Consumer:
@@ -340,7 +328,7 @@ class WorkerPool:
             max_bytes_in_hand,
             max(1, max_bytes_in_hand // (prefetch * len(self.consumers))),
             self._resubscribe,
-            lambda: bool(self._dead_unconfirmed),
+            lambda: self.dead_letters.pending,
         )
         self.consuming = threading.Event()
         self.connections_opened = 0
@@ -348,9 +336,9 @@ class WorkerPool:
         self.fatal: str | None = None
         self._finishing = 0  # replies scheduled on the I/O thread, not yet published
         # the channel dead letters go out on, in confirm mode (I/O thread only)
-        self._dead_channel = None
-        self._dead_published = 0
-        self._dead_unconfirmed: dict[int, _Settlement] = {}
+        self.dead_letters = DeadLetterPublisher(
+            self.dead_letter_body, lambda: self.intake.resume_reads()
+        )
         # the channel consuming dataspace.lanes.workers, once it consumes, and the
         # counts asked on it not yet answered (I/O thread)
         self._census_channel = None
@@ -437,7 +425,7 @@ class WorkerPool:
         with self._lock:
             if self._finishing:
                 return False
-        return not self._dead_unconfirmed
+        return not self.dead_letters.pending
 
     def stop(self, drain_timeout: float = 30.0) -> bool:
         """Stop consuming, finish and ack the requests in hand, close.
@@ -586,12 +574,8 @@ class WorkerPool:
 
     def _on_dead_channel_open(self, channel, with_consumers: bool = True) -> None:
         """The dead-letter channel first, then (on a new connection) the consumers'."""
-        self._dead_channel = channel
-        self._dead_published = 0
-        self._dead_unconfirmed.clear()
         channel.add_on_close_callback(self._on_dead_channel_closed)
-        channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(ack_nack_callback=self._on_confirm)
+        self.dead_letters.opened(channel)
         if not with_consumers:
             return
         if self.topology.lane_workers_queue is not None:
@@ -603,14 +587,7 @@ class WorkerPool:
         """Unconfirmed dead letters are in doubt: their requests go back to the queue.
         Closed by the broker: start over; closed here after a refusal: a new channel
         after a pause."""
-        if self._dead_channel is channel:
-            self._dead_channel = None
-            for settlement in self._dead_unconfirmed.values():
-                delivery, consumer = settlement.delivery, settlement.consumer
-                if delivery.channel is consumer.channel and delivery.channel.is_open:
-                    consumer.held -= 1
-                    delivery.channel.basic_nack(delivery.tag, requeue=True)
-            self._dead_unconfirmed.clear()
+        self.dead_letters.closed(channel)
         if self.stopping.is_set():
             return
         if isinstance(reason, ChannelClosedByBroker):
@@ -976,7 +953,7 @@ class WorkerPool:
                 )
             reply_to = address.address if address else None
             if outcome.dead_letter(reply_to):
-                self._publish_dead_letter(consumer, delivery, outcome)
+                self.dead_letters.publish(consumer, delivery, outcome)
             else:
                 ackable.append(delivery.tag)
         self._ack(consumer, channel, ackable, len(handled))
@@ -1018,7 +995,7 @@ class WorkerPool:
         elif result == "failed":  # stopping with the reply unsent: it is run (or replayed) again
             channel.basic_nack(delivery.tag, requeue=True)
         elif outcome.dead_letter(delivery.properties.reply_to):
-            self._publish_dead_letter(consumer, delivery, outcome)
+            self.dead_letters.publish(consumer, delivery, outcome)
         else:
             channel.basic_ack(delivery.tag)
 
@@ -1033,63 +1010,6 @@ class WorkerPool:
         else:
             for tag in tags:
                 channel.basic_ack(tag)
-
-    def _publish_dead_letter(self, consumer: Consumer, delivery: Delivery, outcome: Outcome):
-        """Publish to ``dataspace.dead``, confirmed; the request's ack waits for it."""
-        channel = self._dead_channel
-        if channel is None or not channel.is_open:
-            delivery.channel.basic_nack(delivery.tag, requeue=True)  # try again later
-            return
-        if delivery.body_size is None and len(delivery.body) > self.dead_letter_body:
-            delivery = truncated(delivery, self.dead_letter_body)  # not cut beforehand
-        self._dead_published += 1
-        frame_max = getattr(channel.connection.params, "frame_max", 0) or 131072
-        properties = dead_letters.properties(
-            delivery, outcome, min(DEAD_LETTER_HEADERS, frame_max // 4)
-        )
-        # mandatory: a dead letter with no queue to go to must not be acked away
-        properties.headers[PUBLISH_SEQ_HEADER] = self._dead_published
-        channel.basic_publish(
-            DEAD_LETTER_EXCHANGE, delivery.routing_key, delivery.body, properties, mandatory=True
-        )
-        self._dead_unconfirmed[self._dead_published] = _Settlement(consumer, delivery)
-        consumer.held += 1
-        self.intake.resume_reads()  # its confirm settles the request: it must be read
-
-    def _on_return(self, _channel, method, properties, _body) -> None:
-        """A dead letter came back unroutable: requeue its request instead of acking it."""
-        seq = (properties.headers or {}).get(PUBLISH_SEQ_HEADER)
-        settlement = self._dead_unconfirmed.get(seq)
-        log.error("dead letter unroutable (%s): is queue dataspace.dead bound?", method.reply_text)
-        if settlement is not None:
-            settlement.refused = True
-
-    def _on_confirm(self, frame) -> None:
-        method = frame.method
-        refused = isinstance(method, pika.spec.Basic.Nack)
-        if method.multiple:
-            tags = [t for t in self._dead_unconfirmed if t <= method.delivery_tag]
-        else:
-            tags = [method.delivery_tag]
-        for tag in tags:
-            settlement = self._dead_unconfirmed.pop(tag, None)
-            if settlement is None:
-                continue
-            consumer, delivery = settlement.consumer, settlement.delivery
-            if delivery.channel is not consumer.channel or not delivery.channel.is_open:
-                continue  # requeued when its channel closed
-            consumer.held -= 1
-            if settlement.refused or refused:
-                log.warning("broker refused a dead letter; requeueing its request")
-                delivery.channel.basic_nack(delivery.tag, requeue=True)
-            else:
-                delivery.channel.basic_ack(delivery.tag)
-        channel = self._dead_channel
-        if refused and channel is not None and channel.is_open:
-            # On RabbitMQ 3.10 a channel opened while the dead-letter queue had no
-            # leader refuses every publish for good: use a new one.
-            log.warning("dead-letter channel refused a publish; opening a new one")
-            channel.close()
 
     def _cancel_consumers(self) -> None:
         self.intake.resume_reads()  # the cancel-oks and the close handshake need reading

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pika
 import pika.data
+import pika.spec
 
 from dataspace_core.protocol import (
     DEAD_AT_HEADER,
@@ -21,12 +24,13 @@ from dataspace_core.protocol import (
     DEAD_CODE_HEADER,
     DEAD_EXCHANGE_HEADER,
     DEAD_HEADERS_DROPPED_HEADER,
+    DEAD_LETTER_EXCHANGE,
     DEAD_REASON_HEADER,
     DEAD_ROUTING_KEY_HEADER,
     PUBLISH_SEQ_HEADER,
 )
 
-from .delivery import APP_ID, Delivery
+from .delivery import APP_ID, Delivery, truncated
 from .dispatch import Outcome
 from .logs import Tally
 
@@ -142,3 +146,116 @@ def bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
     names = ", ".join(ascii(n)[:66] for n in dropped[:20])
     more = f" and {len(dropped) - 20} more" if len(dropped) > 20 else ""
     return kept, f"{len(dropped)} header(s) not kept: {names}{more}"[:1000]
+
+
+@dataclass
+class Settlement:
+    """A request whose ack waits for the broker to confirm its dead letter."""
+
+    consumer: object  # consumer.Consumer: its channel, and ``held`` to count it
+    delivery: Delivery
+    refused: bool = False
+
+
+class DeadLetterPublisher:
+    """Dead letters out on one channel in confirm mode, each request acked only once
+    the broker has confirmed its dead letter, and requeued when the broker refused
+    or returned it, or the channel closed first (I/O thread only).
+
+    The pool opens the channel and decides what a closed one means (reconnect, or a
+    new channel after a pause); this holds the bookkeeping: publish sequence numbers
+    (also in ``PUBLISH_SEQ_HEADER``, to match a return to its request), the
+    unconfirmed settlements, and ``multiple`` confirms."""
+
+    def __init__(self, dead_letter_body: int, on_published: Callable[[], None]):
+        self.dead_letter_body = dead_letter_body
+        #: called after each publish (the pool reads its socket again for the confirm)
+        self._on_published = on_published
+        self.channel = None
+        self._published = 0
+        self._unconfirmed: dict[int, Settlement] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether a dead letter awaits its confirm."""
+        return bool(self._unconfirmed)
+
+    def opened(self, channel) -> None:
+        """``channel`` is the dead-letter channel from now on, in confirm mode."""
+        self.channel = channel
+        self._published = 0
+        self._unconfirmed.clear()
+        channel.add_on_return_callback(self.on_return)
+        channel.confirm_delivery(ack_nack_callback=self.on_confirm)
+
+    def closed(self, channel) -> None:
+        """``channel`` closed: unconfirmed dead letters are in doubt, so their
+        requests go back to the queue (handled again, dead-lettered again)."""
+        if self.channel is not channel:
+            return
+        self.channel = None
+        for settlement in self._unconfirmed.values():
+            delivery, consumer = settlement.delivery, settlement.consumer
+            if delivery.channel is consumer.channel and delivery.channel.is_open:
+                consumer.held -= 1
+                delivery.channel.basic_nack(delivery.tag, requeue=True)
+        self._unconfirmed.clear()
+
+    def publish(self, consumer, delivery: Delivery, outcome: Outcome) -> None:
+        """Publish ``delivery``'s dead letter to ``dataspace.dead``, mandatory and
+        confirmed; the request's ack waits for the confirm. No channel: the request
+        goes back to the queue to be tried again later."""
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            delivery.channel.basic_nack(delivery.tag, requeue=True)
+            return
+        if delivery.body_size is None and len(delivery.body) > self.dead_letter_body:
+            delivery = truncated(delivery, self.dead_letter_body)  # not cut beforehand
+        self._published += 1
+        frame_max = getattr(channel.connection.params, "frame_max", 0) or 131072
+        props = properties(delivery, outcome, min(DEAD_LETTER_HEADERS, frame_max // 4))
+        props.headers[PUBLISH_SEQ_HEADER] = self._published
+        # mandatory: a dead letter with no queue to go to must not be acked away
+        channel.basic_publish(
+            DEAD_LETTER_EXCHANGE, delivery.routing_key, delivery.body, props, mandatory=True
+        )
+        self._unconfirmed[self._published] = Settlement(consumer, delivery)
+        consumer.held += 1
+        self._on_published()
+
+    def on_return(self, _channel, method, props, _body) -> None:
+        """A dead letter came back unroutable: requeue its request, not ack it."""
+        seq = (props.headers or {}).get(PUBLISH_SEQ_HEADER)
+        settlement = self._unconfirmed.get(seq)
+        log.error("dead letter unroutable (%s): is queue dataspace.dead bound?", method.reply_text)
+        if settlement is not None:
+            settlement.refused = True
+
+    def on_confirm(self, frame) -> None:
+        """The broker's ack or nack of one dead letter, or (``multiple``) of every one
+        up to it: ack their requests, or requeue them when refused or returned."""
+        method = frame.method
+        refused = isinstance(method, pika.spec.Basic.Nack)
+        if method.multiple:
+            tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            settlement = self._unconfirmed.pop(tag, None)
+            if settlement is None:
+                continue
+            consumer, delivery = settlement.consumer, settlement.delivery
+            if delivery.channel is not consumer.channel or not delivery.channel.is_open:
+                continue  # requeued when its channel closed
+            consumer.held -= 1
+            if settlement.refused or refused:
+                log.warning("broker refused a dead letter; requeueing its request")
+                delivery.channel.basic_nack(delivery.tag, requeue=True)
+            else:
+                delivery.channel.basic_ack(delivery.tag)
+        channel = self.channel
+        if refused and channel is not None and channel.is_open:
+            # On RabbitMQ 3.10 a channel opened while the dead-letter queue had no
+            # leader refuses every publish for good: use a new one.
+            log.warning("dead-letter channel refused a publish; opening a new one")
+            channel.close()
