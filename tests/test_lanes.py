@@ -683,17 +683,22 @@ def _busy_lanes(lanes_vhost, lane_pool, prefix: str, updates: int):
     first = lane_pool("A")
     second = lane_pool("B")
     with lanes_space(lanes_vhost) as space:
-        tms = _store_taskmanagers(space, 12, prefix)
+        # which lane a task manager hashes to is the broker's choice: 12 leave one of
+        # 4 lanes empty one time in eight; chains of 4 more until every lane has some
+        # (stored before the hold: a store that reached A would wait with it)
+        spare = _store_taskmanagers(space, 48, prefix)
+        tms, spare = spare[:12], spare[12:]
         release = _hold_store(first)
         try:
             _publish_chains(space, tms, updates)
-            # which lane a task manager hashes to is the broker's choice: 12 leave one
-            # of 4 lanes empty one time in eight; more chains until every lane has some
-            while not _wait_for_every_lane(first, within=2) and len(tms) < 60:
-                more = _store_taskmanagers(space, 4, f"{prefix}-{len(tms)}")
+            while not _wait_for_every_lane(first, within=2) and spare:
+                more, spare = spare[:4], spare[4:]
                 _publish_chains(space, more, updates)
                 tms += more
-            assert _wait_for_every_lane(first)
+            assert _wait_for_every_lane(first), (
+                f"lanes of A that delivered: {[c.lane for c in first.lanes if c.last_delivery]}"
+                f", of B: {[c.lane for c in second.lanes if c.last_delivery]}, {len(tms)} tms"
+            )
             yield first, second, tms
         finally:
             release.set()

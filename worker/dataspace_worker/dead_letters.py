@@ -152,7 +152,7 @@ def bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
 class Settlement:
     """A request whose ack waits for the broker to confirm its dead letter."""
 
-    consumer: object  # consumer.Consumer: its channel, and ``held`` to count it
+    consumer: object  # database_thread.Consumer: its channel, and ``held`` to count it
     delivery: Delivery
     refused: bool = False
 

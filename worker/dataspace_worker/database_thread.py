@@ -1,0 +1,205 @@
+"""One consumer of the worker pool: a channel on a queue (owned by the pool's I/O
+thread) and the database thread that runs its deliveries in order.
+
+The I/O thread puts each delivery on ``Consumer.inbox``; the database thread takes
+a batch (``_take``), refuses what must not run (oversized headers, a bad
+``reply_to``), runs the rest through the dispatcher, logs and counts the
+outcomes, and hands them back to the I/O thread (``WorkerPool.schedule_finish``),
+which replies, acks or dead-letters them (consumer.py)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from dataspace_core.protocol import OPERATIONS
+
+from . import metrics
+from .dead_letters import DEAD_LETTERS
+from .delivery import Delivery, refused_reply_to
+from .dispatch import Outcome, Request
+from .logs import printable
+
+if TYPE_CHECKING:
+    from .consumer import WorkerPool
+
+#: the pool's logger: request and dead-letter lines read as before this module split off
+log = logging.getLogger("dataspace_worker.consumer")
+#: bodies one batch may hold: small requests batch by the prefetch window, large
+#: ones run alone (a batch's transaction holds several copies of each value)
+BATCH_BYTES = 8 * 1024 * 1024
+
+
+class Consumer:
+    """One channel on a queue and the thread that runs its deliveries in order."""
+
+    def __init__(
+        self,
+        index: int,
+        pool: WorkerPool,
+        queue_name: str,
+        dispatcher,
+        prefetch: int,
+        lane: int | None = None,
+    ):
+        self.index = index
+        #: the ordering lane this consumer serves, or None (docs/scaling.md)
+        self.lane = lane
+        #: when its channel last delivered (I/O thread): a lane that delivers is one
+        #: this worker is the single active consumer of
+        self.last_delivery = 0.0
+        #: its channel is being closed on purpose, to hand the lane to another worker
+        self.yielding = False
+        #: a lane stopping: run nothing more; what it holds goes back to the lane
+        self.stop_now = False
+        #: a lane channel given back after a request to retry: what else it delivered
+        #: is skipped (the broker returns it, in order, when the channel closes)
+        self.given_back = None
+        self.pool = pool
+        self.queue_name = queue_name
+        self.dispatcher = dispatcher
+        self.prefetch = prefetch
+        self.inbox: queue.Queue[Delivery | None] = queue.Queue()
+        self.channel = None
+        self.consumer_tag: str | None = None
+        #: the tag the broker's consume-ok confirmed (the subscription is in place)
+        self.confirmed_tag: str | None = None
+        self.handled = 0
+        #: the prefetch its current subscription was made with (request queue consumers)
+        self.granted: int | None = None
+        #: deliveries of this channel whose ack waits for a dead letter's confirm
+        self.held = 0
+        self._carry: Delivery | None = None  # taken from the inbox, for the next batch
+        self.thread = threading.Thread(
+            target=self._work, name=f"dataspace-consumer-{index}", daemon=True
+        )
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            started = time.monotonic()
+            with metrics.IN_FLIGHT.track_inprogress():
+                outcomes = [self.pool.sendable(o) for o in self._handle_bounded(batch)]
+            # what a dead letter keeps of a large refused body: cut here, off the I/O
+            # thread, and the whole body let go of before the reply goes out
+            batch = [self.pool.keepable(d, o) for d, o in zip(batch, outcomes, strict=True)]
+            elapsed = time.monotonic() - started
+            if self.lane is not None and any(o.retry for o in outcomes):
+                self.given_back = batch[0].channel  # see WorkerPool.finish
+            for delivery, outcome in zip(batch, outcomes, strict=True):
+                self._report(delivery, outcome, elapsed)
+            self.handled += len(batch)
+            self.pool.schedule_finish(self, list(zip(batch, outcomes, strict=True)))
+            # hold no body while waiting for the next batch (up to prefetch x size)
+            batch = outcomes = delivery = outcome = None
+
+    def _take(self) -> list[Delivery] | None:
+        """The next deliveries to run: one, waited for, then whatever else the
+        prefetch window already holds (without waiting), up to ``BATCH_BYTES`` of
+        bodies (large values go one at a time); None to stop."""
+        batch: list[Delivery] = []
+        size = 0
+        delivery = self._carry or self.inbox.get()
+        self._carry = None
+        while delivery is not None:
+            if self.stop_now:  # unacked: returned to the lane when its channel closes
+                return None
+            if delivery.channel.is_open and delivery.channel is not self.given_back:
+                if batch and size + len(delivery.body) > BATCH_BYTES:
+                    self._carry = delivery  # starts the next batch
+                    return batch
+                batch.append(delivery)
+                size += len(delivery.body)
+            if len(batch) >= self.prefetch:
+                break
+            try:
+                delivery = self.inbox.get_nowait()
+            except queue.Empty:
+                if batch:
+                    break
+                delivery = self.inbox.get()
+        else:
+            if not batch:
+                return None
+            self.inbox.put(None)  # stop after this batch
+        return batch
+
+    def _handle_bounded(self, batch: list[Delivery]) -> list[Outcome]:
+        """``_handle``, except that a request whose header table is over the limit
+        is refused unread (WorkerPool.oversized_headers)."""
+        outcomes = [self.pool.oversized_headers(d) for d in batch]
+        admitted = [d for d, o in zip(batch, outcomes, strict=True) if o is None]
+        if len(admitted) == len(batch):
+            return self._handle(batch)
+        handled = iter(self._handle(admitted) if admitted else [])
+        return [o if o is not None else next(handled) for o in outcomes]
+
+    def _handle(self, batch: list[Delivery]) -> list[Outcome]:
+        refused = [refused_reply_to(d) for d in batch]
+        if any(refused):  # not run, not answered: only the others run
+            kept = [d for d, r in zip(batch, refused, strict=True) if r is None]
+            outcomes = iter(self._handle(kept) if kept else [])
+            return [r or next(outcomes) for r in refused]
+        requests = [
+            Request(
+                d.body,
+                p.message_id,
+                p.content_type,
+                p.headers,
+                d.routing_key,
+                p.user_id,
+                p.correlation_id,
+            )
+            for d, p in ((d, d.properties) for d in batch)
+        ]
+        return self.dispatcher.handle_batch(requests)
+
+    def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
+        props = delivery.properties
+        _count(outcome, elapsed, props.reply_to)
+        if log.isEnabledFor(logging.DEBUG):  # one line per request: DEBUG only
+            log.debug(
+                "%s %s%s in %.1f ms (%s)",
+                outcome.operation,
+                outcome.code,
+                " (replayed)" if outcome.replayed else "",
+                elapsed * 1000,
+                # a fire-and-forget request has no correlation id: its message_id
+                f"correlation {printable(props.correlation_id)}"
+                if props.correlation_id is not None
+                else f"message_id {printable(props.message_id)}",
+                extra={
+                    "operation": outcome.operation,
+                    "outcome": outcome.code,
+                    "correlation_id": props.correlation_id,
+                    "message_id": props.message_id,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+        known = outcome.operation in OPERATIONS
+        if outcome.dead_letter(props.reply_to) and DEAD_LETTERS.add(
+            f"{outcome.code} {outcome.operation}" if known else outcome.code
+        ):
+            log.warning(
+                "dead-lettering %s request %s: %s (more within a minute are summed up in one line)",
+                # a body that names no operation: the routing key it was sent with
+                outcome.operation if known else printable(delivery.routing_key),
+                printable(props.message_id),
+                outcome.reason,
+            )
+
+
+def _count(outcome: Outcome, elapsed: float, reply_to: str | None) -> None:
+    metrics.REQUESTS.labels(outcome.operation, outcome.code).inc()
+    metrics.LATENCY.labels(outcome.operation).observe(elapsed)
+    if outcome.replayed:
+        metrics.IDEMPOTENT_DUPLICATES.inc()
+    if outcome.dead_letter(reply_to):
+        metrics.DEAD_LETTERED.labels(outcome.code).inc()
+    if outcome.operation == "reap":
+        metrics.REAPS.labels(outcome.code).inc()
