@@ -446,14 +446,12 @@ def test_workers_are_counted_on_the_pools_own_connection(own_vhost, pool_factory
         raise AssertionError("rebalance opened a connection")
 
     monkeypatch.setattr(pika, "BlockingConnection", no_connection)
-    assert first._count_lane_workers() == 1
+    assert first.census.count() == 1
     monkeypatch.undo()
     second = pool_factory(own_vhost, consumers=1, lanes=LANES)
     monkeypatch.setattr(pika, "BlockingConnection", no_connection)
-    counts, _ = services.poll(
-        lambda: (first._count_lane_workers(), second._count_lane_workers()) == (2, 2), 10
-    )
-    assert counts, (first._count_lane_workers(), second._count_lane_workers())
+    counts, _ = services.poll(lambda: (first.census.count(), second.census.count()) == (2, 2), 10)
+    assert counts, (first.census.count(), second.census.count())
     assert first.rebalance() == [] and second.rebalance() == []  # nothing delivered yet
 
 

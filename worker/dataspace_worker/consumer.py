@@ -65,6 +65,7 @@ from .dispatch import Dispatcher, Outcome
 from .guarded_replies import GuardedReplies, GuardedReply, Result
 from .identity import Identity
 from .intake import Intake
+from .lanes import LaneCensus, give_up, lanes_to_give
 from .reply_addresses import ReplyAddress
 from .topology import Topology, declare_blocking
 
@@ -163,10 +164,18 @@ class WorkerPool:
         )
         # the channel consuming dataspace.lanes.workers, once it consumes, and the
         # counts asked on it not yet answered (I/O thread)
-        self._census_channel = None
-        self._census_asked: list[threading.Event] = []
 
         self.identity = identity or Identity.of_this_process()
+        self.census = None
+        if topology.lane_workers_queue is not None:
+            self.census = LaneCensus(
+                topology.lane_workers_queue,
+                self.identity.consumer_tag,
+                self.call_soon,
+                self._reopen_later,
+                self._census_wanted,
+                CHANNEL_REOPEN_PAUSE,
+            )
 
         def configure(params) -> None:
             params.connection_attempts = 1
@@ -400,8 +409,8 @@ class WorkerPool:
         self.dead_letters.opened(channel)
         if not with_consumers:
             return
-        if self.topology.lane_workers_queue is not None:
-            channel.connection.channel(on_open_callback=self._on_census_channel_open)
+        if self.census is not None:
+            channel.connection.channel(on_open_callback=self.census.open)
         for consumer in self.consumers:
             channel.connection.channel(on_open_callback=partial(self._on_channel_open, consumer))
 
@@ -419,38 +428,11 @@ class WorkerPool:
             CHANNEL_REOPEN_PAUSE, partial(self._on_dead_channel_open, with_consumers=False)
         )
 
-    def _on_census_channel_open(self, channel) -> None:
-        """Be counted among the workers serving lanes: consume ``dataspace.lanes.workers``,
-        declared again first (it is transient: it goes when its node goes down, and the
-        broker then cancels this consumer; the channel is opened again a second later)."""
-        queue = self.topology.lane_workers_queue
-        channel.add_on_close_callback(self._on_census_channel_closed)
-        channel.add_on_cancel_callback(lambda _frame: channel.close())
-
-        def consume(_frame) -> None:
-            channel.basic_consume(
-                queue.name,
-                lambda *_delivery: None,
-                auto_ack=True,
-                consumer_tag=self.identity.consumer_tag(queue.name),
-            )
-            self._census_channel = channel
-
-        channel.queue_declare(
-            queue.name, durable=queue.durable, arguments=queue.arguments, callback=consume
-        )
-
-    def _on_census_channel_closed(self, channel, reason) -> None:
-        if self._census_channel is channel:
-            self._census_channel = None
-            for asked in self._census_asked:  # unanswered: released without a count
-                asked.set()
-            self._census_asked.clear()
+    def _census_wanted(self) -> bool:
+        """A closed census channel is opened again unless stopping or the connection
+        is gone (a new connection opens a new one)."""
         connection = self._connection
-        if self.stopping.is_set() or connection is None or not connection.is_open:
-            return  # a new connection opens a new one
-        log.info("no longer counted among the lane workers (%s); again in a second", reason)
-        self._reopen_later(CHANNEL_REOPEN_PAUSE, self._on_census_channel_open)
+        return not self.stopping.is_set() and connection is not None and connection.is_open
 
     def _on_open_error(self, connection, error) -> None:
         log.warning("cannot connect to %s: %s", self._addresses.current_url, describe(error))
@@ -568,14 +550,11 @@ class WorkerPool:
         """
         if not self.lanes or self.stopping.is_set():
             return []
-        counted = self._count_lane_workers()
+        counted = self.census.count() if self.census is not None else None
         if counted is None:
             return []  # not counted now (reconnecting, or the queue went with its node)
         workers = max(1, counted)
-        share = -(-len(self.lanes) // workers)
-        now = time.monotonic()
-        active = [c for c in self.lanes if c.channel is not None and now - c.last_delivery < window]
-        extra = active[share:]
+        active, extra = lanes_to_give(self.lanes, workers, window)
         if extra:
             log.info(
                 "active on %d of %d lanes with %d workers: handing lanes %s to the others",
@@ -584,44 +563,8 @@ class WorkerPool:
                 workers,
                 [c.lane for c in extra],
             )
-            self.call_soon(lambda: self._yield(extra))
+            self.call_soon(lambda: give_up(extra))
         return [c.lane for c in extra]
-
-    def _count_lane_workers(self, timeout: float = 5.0) -> int | None:
-        """The consumer count of ``dataspace.lanes.workers``, asked on the census
-        channel (a short-lived connection every few seconds would fill the broker's
-        log and the management UI with connections); None if it cannot be had now."""
-        answer: list[int] = []
-        done = threading.Event()
-
-        def ask() -> None:
-            channel = self._census_channel
-            if channel is None or not channel.is_open:
-                done.set()
-                return
-
-            def counted(frame) -> None:
-                answer.append(frame.method.consumer_count)
-                self._census_asked.remove(done)
-                done.set()
-
-            # A 404 closes the channel (declared again a second later): no answer.
-            self._census_asked.append(done)
-            channel.queue_declare(
-                self.topology.lane_workers_queue.name, passive=True, callback=counted
-            )
-
-        if not self.call_soon(ask) or not done.wait(timeout):
-            return None
-        return answer[0] if answer else None
-
-    def _yield(self, consumers: list[Consumer]) -> None:
-        for consumer in consumers:
-            channel = consumer.channel
-            if channel is not None and channel.is_open:
-                consumer.yielding = True
-                consumer.last_delivery = 0.0
-                close_without_cancel(channel)  # unacked ones return first: order holds
 
     def _on_cancelled(self, consumer: Consumer, _frame) -> None:
         """The broker cancelled a consumer (its queue was deleted, say)."""
