@@ -24,6 +24,10 @@ def _postgres_admin_dsn(stack: contextlib.ExitStack) -> str:
     pytest.exit(f"PostgreSQL is not reachable at {dsn} and no Docker engine runs", returncode=3)
 
 
+#: broker URLs of containers this process started (each test process its own)
+_CONTAINERS: set[str] = set()
+
+
 def _amqp_base_url(stack: contextlib.ExitStack) -> str:
     url = os.environ.get("DATASPACE_TEST_AMQP_URL", services.DEFAULT_AMQP_URL)
     if services.amqp_reachable(url):
@@ -35,7 +39,9 @@ def _amqp_base_url(stack: contextlib.ExitStack) -> str:
         container = stack.enter_context(RabbitMqContainer("rabbitmq:3.10-management"))
         host = container.get_container_host_ip()
         port = container.get_exposed_port(container.port)
-        return f"amqp://guest:guest@{host}:{port}/%2F"
+        url = f"amqp://guest:guest@{host}:{port}/%2F"
+        _CONTAINERS.add(url)  # this process's own broker: isolated as it is
+        return url
     pytest.exit(f"RabbitMQ is not reachable at {url} and no Docker engine runs", returncode=3)
 
 
@@ -53,8 +59,16 @@ def pg_dsn(_stack) -> str:
 
 @pytest.fixture(scope="session")
 def amqp_url(_stack) -> str:
-    """URL of a vhost of this run's own."""
-    return _stack.enter_context(services.scratch_vhost(_amqp_base_url(_stack)))
+    """URL of a vhost of this run's own (of this test process's own under ``-n``)."""
+    base = _amqp_base_url(_stack)
+    url = _stack.enter_context(services.scratch_vhost(base))
+    if url == base and os.environ.get("PYTEST_XDIST_WORKER") and base not in _CONTAINERS:
+        pytest.exit(
+            f"no rabbitmqctl here to give each test process a vhost of its own on {base}: "
+            "their workers would answer each other's requests; run without -n",
+            returncode=3,
+        )
+    return url
 
 
 def inprocess_config(pg_dsn: str, **extra) -> dict:
@@ -148,3 +162,22 @@ def pytest_collection_modifyitems(config, items):
         path = item.path
         if path.parent.name == "faults" or path.name in _SERIAL_FILES:
             item.add_marker(pytest.mark.xdist_group("serial"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every fault test's figures (``report_figures`` in tests/faults/conftest.py),
+    pass or fail, read from the reports' user properties, which pytest-xdist carries
+    back from its worker processes. Here, not in tests/faults/: under ``-n`` the
+    main process collects nothing, so only this conftest is loaded there."""
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "fault figures"
+    ]
+    if lines:
+        terminalreporter.section("fault figures")
+        for line in lines:
+            terminalreporter.write_line(line)

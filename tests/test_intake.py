@@ -30,7 +30,10 @@ class FakeChannel:
 
 
 class _AsyncPlaintextTransport:  # named as pika's: only a plain transport is held
+    _STATE_ACTIVE = 1
+
     def __init__(self):
+        self._state = self._STATE_ACTIVE
         self.readers: list[tuple] = []
         self._nbio = self
         self._sock = self
@@ -51,19 +54,22 @@ class _AsyncPlaintextTransport:  # named as pika's: only a plain transport is he
 class FakeConnection:
     is_open = True
 
-    def __init__(self):
+    def __init__(self, heartbeat: int = 60):
         self._transport = _AsyncPlaintextTransport()
         self.ioloop = self
+        self.params = pika.ConnectionParameters(heartbeat=heartbeat)
         self.later: list[float] = []
+        self.callbacks: list = []
 
-    def call_later(self, delay, _callback):
+    def call_later(self, delay, callback):
         self.later.append(delay)
+        self.callbacks.append(callback)
 
 
-def _intake(bound=10 * MIB, large=4 * MIB, confirms=lambda: False):
+def _intake(bound=10 * MIB, large=4 * MIB, confirms=lambda: False, stopping=lambda: False):
     calls = []
-    intake = Intake(bound, large, lambda: calls.append("resubscribe"), confirms)
-    connection = FakeConnection()
+    intake = Intake(bound, large, lambda: calls.append("resubscribe"), confirms, stopping)
+    connection = FakeConnection(heartbeat=8)
     intake.opened(connection)
     return intake, calls, connection
 
@@ -159,3 +165,40 @@ def test_a_lost_connection_forgets_everything():
         intake.took(channel, tag, 2 * MIB)
     intake.lost()
     assert intake.ledger.total == 0 and not intake.paused and intake.reads_held_for is None
+
+
+def test_with_nothing_in_hand_a_body_over_the_bound_is_read_at_once():
+    """No settlement would ever end that hold: the worker would stall until pika
+    gave the connection up for its heartbeats, again and again."""
+    intake, _, connection = _intake(bound=10 * MIB, large=4 * MIB)
+    channel = FakeChannel()
+    intake.watch_headers(channel)
+    channel._content_assembler.process(_header(20 * MIB))
+    assert intake.reads_held_for is None and connection._transport.readers == []
+
+
+def test_a_hold_lasts_half_a_heartbeat_at_most_then_reads_go_on_until_a_settlement():
+    intake, _, connection = _intake(bound=10 * MIB, large=4 * MIB)
+    channel = FakeChannel()
+    intake.track(channel)
+    intake.watch_headers(channel)
+    intake.took(channel, 1, 8 * MIB)
+    channel._content_assembler.process(_header(8 * MIB))
+    assert intake.reads_held_for == 8 * MIB and 4.0 in connection.later  # heartbeat 8 s
+    connection.callbacks[connection.later.index(4.0)]()  # the request in hand is stuck
+    assert intake.reads_held_for is None
+    intake.took(channel, 2, 8 * MIB)
+    channel._content_assembler.process(_header(8 * MIB))
+    assert intake.reads_held_for is None  # not again before a settlement
+    channel.basic_ack(1)
+    channel._content_assembler.process(_header(8 * MIB))
+    assert intake.reads_held_for == 8 * MIB
+
+
+def test_no_hold_while_stopping():
+    intake, _, connection = _intake(bound=10 * MIB, large=4 * MIB, stopping=lambda: True)
+    channel = FakeChannel()
+    intake.watch_headers(channel)
+    intake.took(channel, 1, 8 * MIB)
+    channel._content_assembler.process(_header(8 * MIB))
+    assert intake.reads_held_for is None

@@ -31,23 +31,6 @@ def pytest_configure(config):
     )
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Every fault test's figures, pass or fail; read from the reports' user
-    properties, which pytest-xdist carries back from its worker processes."""
-    lines = [
-        value
-        for reports in terminalreporter.stats.values()
-        for report in reports
-        if getattr(report, "when", None) == "call"
-        for name, value in getattr(report, "user_properties", ())
-        if name == "fault figures"
-    ]
-    if lines:
-        terminalreporter.section("fault figures")
-        for line in lines:
-            terminalreporter.write_line(line)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_pika():
     """The client's pika logs every refused reconnection attempt at ERROR: noise here."""

@@ -152,6 +152,7 @@ class WorkerPool:
             max(1, max_bytes_in_hand // (prefetch * len(self.consumers))),
             self._resubscribe,
             lambda: self.dead_letters.pending,
+            self.stopping.is_set,
         )
         self.consuming = threading.Event()
         self.connections_opened = 0
@@ -563,7 +564,7 @@ class WorkerPool:
                 workers,
                 [c.lane for c in extra],
             )
-            self.call_soon(lambda: give_up(extra))
+            self.call_soon(lambda: self._give_up_lanes(extra))
         return [c.lane for c in extra]
 
     def _on_cancelled(self, consumer: Consumer, _frame) -> None:
@@ -576,6 +577,7 @@ class WorkerPool:
         log.warning("%s; reconnecting", reason)
         connection = self._connection
         if connection is not None and connection.is_open:
+            self.intake.resume_reads()  # its close-ok must be read
             connection.close()
 
     def _on_message(self, consumer: Consumer, channel, method, properties, body) -> None:
@@ -698,7 +700,7 @@ class WorkerPool:
                 # back instead, in order, and take it again after a pause.
                 self._ack(consumer, channel, ackable, len(ackable))
                 consumer.yielding = True
-                close_without_cancel(channel)
+                self._give_back(channel)
                 return
             if outcome.retry:
                 channel.basic_nack(delivery.tag, requeue=True)
@@ -756,7 +758,7 @@ class WorkerPool:
         if result == "failed" and consumer.lane is not None:
             # stopping with the reply unsent: the lane's window goes back in order
             consumer.yielding = True
-            close_without_cancel(channel)
+            self._give_back(channel)
         elif result == "failed":  # stopping with the reply unsent: it is run (or replayed) again
             channel.basic_nack(delivery.tag, requeue=True)
         elif outcome.dead_letter(delivery.properties.reply_to):
@@ -796,7 +798,19 @@ class WorkerPool:
         for consumer in self.lanes:
             channel = consumer.channel
             if channel is not None and channel.is_open:
-                close_without_cancel(channel)
+                self._give_back(channel)
 
     def _close_connection(self) -> None:
+        self.intake.resume_reads()  # its close-ok must be read
         close_select_connection(self._connection)
+
+    def _give_back(self, channel) -> None:
+        """Close a lane's channel without a cancel: its unacked window returns to the
+        lane in order. Reads go on first, so that its close-ok comes in (its bodies
+        leave the bytes in hand only then)."""
+        self.intake.resume_reads()
+        close_without_cancel(channel)
+
+    def _give_up_lanes(self, consumers: list[Consumer]) -> None:
+        self.intake.resume_reads()  # the channels' close-oks must be read
+        give_up(consumers)

@@ -36,6 +36,11 @@ log = logging.getLogger("dataspace_worker.consumer")
 
 #: seconds without a large delivery before the channels' prefetch goes back up from 1
 CAREFUL_FOR = 5.0
+#: longest a hold of the socket's reads lasts (at most half the connection's
+#: heartbeat): past it, reads go on until something is settled. Requests in hand
+#: that cannot be settled (the database is down, say) must not cost the connection
+#: its heartbeats, and them a delivery attempt each when pika gives it up
+HOLD_MAX = 10.0
 
 
 class Intake:
@@ -47,12 +52,14 @@ class Intake:
         large: int,
         resubscribe: Callable[[], None],
         confirms_pending: Callable[[], bool],
+        stopping: Callable[[], bool] = lambda: False,
     ):
         self.max_bytes_in_hand = max_bytes_in_hand
         #: a delivery this large lowers every channel's prefetch to 1 for a while
         self.large = large
         self._resubscribe = resubscribe
         self._confirms_pending = confirms_pending
+        self._stopping = stopping
         #: request body bytes delivered and not settled, by channel and tag
         self.ledger = Ledger()
         #: taking no more deliveries on the request queue while over the bound
@@ -65,6 +72,8 @@ class Intake:
         #: bytes of the large body whose header made the pool stop reading its
         #: socket, or None while it reads
         self.reads_held_for: int | None = None
+        #: a hold ran HOLD_MAX out: no other until something is settled
+        self._hold_spent = False
         self._connection = None
 
     # -- connection life ---------------------------------------------------------------
@@ -73,6 +82,7 @@ class Intake:
         self._connection = connection
         self.probing = True
         self.reads_held_for = None
+        self._hold_spent = False
 
     def lost(self) -> None:
         """The connection is gone: the broker took back everything in hand."""
@@ -80,6 +90,7 @@ class Intake:
         self.ledger.clear()
         self.paused = False
         self.reads_held_for = None
+        self._hold_spent = False
         self.careful_until = 0.0
         metrics.BYTES_IN_HAND.set(0)
 
@@ -141,19 +152,28 @@ class Intake:
     # -- the socket ------------------------------------------------------------------------
     def hold_reads(self, size: int) -> None:
         """Stop reading the socket before a body of ``size`` bytes comes in over the
-        bound. Only on a plain TCP transport (a TLS one manages its reader itself),
-        and never while a dead letter awaits its confirm (the confirm settles its
-        request, and needs reading)."""
-        transport = getattr(self._connection, "_transport", None)
+        bound, until something in hand is settled (``released``), or for HOLD_MAX
+        seconds at most. Not when nothing is in hand (no settlement would end it),
+        nor while a dead letter awaits its confirm (the confirm settles its request,
+        and needs reading), nor while stopping; only on a plain TCP transport (a TLS
+        one manages its reader itself)."""
+        connection = self._connection
+        transport = getattr(connection, "_transport", None)
         if (
             self.reads_held_for is not None
+            or self._hold_spent
+            or self.ledger.total == 0
             or self._confirms_pending()
+            or self._stopping()
             or type(transport).__name__ != "_AsyncPlaintextTransport"
         ):
             return
         transport._nbio.remove_reader(transport._sock.fileno())
         self.reads_held_for = size
-        metrics.CONSUMPTION_PAUSES.inc()
+        heartbeat = getattr(connection.params, "heartbeat", None)
+        limit = HOLD_MAX if not isinstance(heartbeat, int) or heartbeat <= 0 else heartbeat / 2
+        connection.ioloop.call_later(min(HOLD_MAX, limit), partial(self._hold_over, connection))
+        metrics.READ_HOLDS.inc()
         log.debug(
             "holding %d bytes of requests: reading the next %d-byte one once settled",
             self.ledger.total,
@@ -161,14 +181,24 @@ class Intake:
         )
 
     def resume_reads(self) -> None:
-        """Read the socket again (after ``hold_reads``)."""
+        """Read the socket again (after ``hold_reads``). Called before anything whose
+        answer must be read: a dead letter's confirm, a channel or connection close,
+        the cancels at stop. The reader goes back whenever the transport still runs
+        (a closing connection must read its close-ok)."""
         if self.reads_held_for is None:
             return
         self.reads_held_for = None
-        connection = self._connection
-        transport = getattr(connection, "_transport", None)
-        if transport is not None and connection.is_open:
+        transport = getattr(self._connection, "_transport", None)
+        if transport is not None and transport._state == transport._STATE_ACTIVE:
             transport._nbio.set_reader(transport._sock.fileno(), transport._on_socket_readable)
+
+    def _hold_over(self, connection) -> None:
+        """HOLD_MAX ran out with reads still held: read again, and hold no more until
+        something is settled."""
+        if connection is self._connection and self.reads_held_for is not None:
+            log.debug("holding reads for long: reading on until a request is settled")
+            self._hold_spent = True
+            self.resume_reads()
 
     # -- what was settled ------------------------------------------------------------------
     def track(self, channel) -> None:
@@ -209,6 +239,7 @@ class Intake:
         down to half the bound."""
         total = self.ledger.total
         metrics.BYTES_IN_HAND.set(total)
+        self._hold_spent = False
         held = self.reads_held_for
         if held is not None and (total == 0 or total + held <= self.max_bytes_in_hand):
             self.resume_reads()

@@ -141,6 +141,12 @@ CONSUMPTION_PAUSES = Counter(
     "Times the worker stopped taking requests, holding over max_bytes_in_hand",
     registry=REGISTRY,
 )
+READ_HOLDS = Counter(
+    "dataspace_read_holds",
+    "Times the worker stopped reading its broker socket before a large body that would "
+    "take it over max_bytes_in_hand",
+    registry=REGISTRY,
+)
 REPLIES_TOO_LARGE = Counter(
     "dataspace_replies_too_large",
     "Replies over the broker's max_message_size, answered with a too_large error instead",
