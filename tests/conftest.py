@@ -10,6 +10,7 @@ import pytest
 
 from dataspace_client import DataSpace
 from tests import services
+from tests.support.configs import inprocess_config, remote_config
 
 
 def _postgres_admin_dsn(stack: contextlib.ExitStack) -> str:
@@ -69,32 +70,6 @@ def amqp_url(_stack) -> str:
             returncode=3,
         )
     return url
-
-
-def inprocess_config(pg_dsn: str, **extra) -> dict:
-    return {
-        "dataspace": {
-            "datasource": {
-                "module": "dataspace_worker.postgres",
-                "name": "PostgresDataSource",
-                "config": {"dsn": pg_dsn, "pool_size": 4},
-            },
-            **extra,
-        }
-    }
-
-
-def remote_config(amqp_url: str, timeout: float = 30, **extra) -> dict:
-    return {
-        "dataspace": {
-            "datasource": {
-                "module": "dataspace_client.remote",
-                "name": "RemoteDataSource",
-                "config": {"url": amqp_url, "timeout": timeout, "app_id": "dataspace-tests"},
-            },
-            **extra,
-        }
-    }
 
 
 @pytest.fixture

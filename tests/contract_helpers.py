@@ -7,7 +7,7 @@ import uuid
 import psycopg2
 
 from dataspace_client import DataSource, DataSpace
-from tests.conftest import inprocess_config, remote_config
+from tests.support.configs import inprocess_config, remote_config
 
 #: Header/metadata times used where a test wants fixed, recognisable values.
 T0 = 1_700_000_000

@@ -7,9 +7,9 @@ import pytest
 
 from dataspace_client import DataSpace, DataSpaceConfigurationError, DataSpaceConnectionError
 from dataspace_core.urls import BrokerAddresses, mask_password, split_urls
-from tests.conftest import remote_config
 from tests.contract_helpers import header, metadata, new_taskmanager
 from tests.faults.instances import free_port
+from tests.support.configs import remote_config
 
 
 def _dead_url(amqp_url: str) -> str:

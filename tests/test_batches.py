@@ -26,8 +26,8 @@ from dataspace_worker import operations
 from dataspace_worker.dispatch import Dispatcher, Outcome, Request
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import declare_blocking, topology
-from tests.conftest import remote_config
 from tests.contract_helpers import fresh, header, metadata, new_uuid, sql_rows
+from tests.support.configs import remote_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,7 +25,6 @@ from dataspace_client import (
 )
 from dataspace_client.remote import RemoteDataSource
 from dataspace_worker.postgres import PostgresDataSource
-from tests.conftest import inprocess_config, remote_config
 from tests.contract_helpers import (
     T0,
     RecordingSource,
@@ -37,6 +36,7 @@ from tests.contract_helpers import (
     sql_execute,
     sql_rows,
 )
+from tests.support.configs import inprocess_config, remote_config
 
 UTC = dt.timezone.utc
 TM_KEYS = {"name", "sequence_id", "taskmanager_id", "datestamp"}

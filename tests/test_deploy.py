@@ -35,7 +35,7 @@ from dataspace_worker import definitions as defs
 from dataspace_worker.config import SETTINGS
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -388,7 +388,7 @@ def test_a_mapping_that_is_not_a_dict_configures_dataspace_and_reaper(pg_dsn):
     """The engine hands its configuration over as a ``UserDict`` (``ValidConfig``)."""
     from collections import UserDict
 
-    from tests.conftest import inprocess_config
+    from tests.support.configs import inprocess_config
 
     config = UserDict(inprocess_config(pg_dsn))
     with DataSpace(config) as space:

@@ -31,7 +31,7 @@ import pytest
 
 from dataspace_client import DataBlock, DataSpace, Header, Metadata
 from tests import services
-from tests.conftest import inprocess_config, remote_config
+from tests.support.configs import inprocess_config, remote_config
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -49,8 +49,8 @@ from dataspace_core.protocol import (
     REQUEST_QUEUE,
 )
 from tests import services
-from tests.conftest import remote_config
 from tests.contract_helpers import header, metadata, sql_rows
+from tests.support.configs import remote_config
 
 pytestmark = pytest.mark.timeout(60)
 

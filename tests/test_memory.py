@@ -15,8 +15,8 @@ import pytest
 
 from dataspace_client import DataSpace, Header
 from dataspace_worker import memory
-from tests.conftest import remote_config
-from tests.test_worker_cli import WorkerProcess
+from tests.support.configs import remote_config
+from tests.support.worker_process import WorkerProcess
 
 MIB = 1024 * 1024
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")

@@ -18,9 +18,9 @@ import pika
 import pytest
 
 from dataspace_client import DataSpace, Header
-from tests.conftest import remote_config
 from tests.services import drain_queue, poll
-from tests.test_worker_cli import WorkerProcess
+from tests.support.configs import remote_config
+from tests.support.worker_process import WorkerProcess
 
 MIB = 1024 * 1024
 #: the worker's max_bytes_in_hand in these tests (default 256 MiB)

@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from dataspace_client import DataSpace
-from tests.conftest import remote_config
 from tests.faults.instances import free_port, throwaway_postgres
-from tests.test_worker_cli import WorkerProcess
+from tests.support.configs import remote_config
+from tests.support.worker_process import WorkerProcess
 
 
 def _get(url: str) -> tuple[int, bytes]:

@@ -12,7 +12,7 @@ from dataspace_client import DataSpace, DataSpaceNoWorkerError, DataSpaceTimeout
 from dataspace_core.protocol import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, REQUEST_QUEUE
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 
 pytestmark = pytest.mark.timeout(120)
 

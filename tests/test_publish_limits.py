@@ -27,7 +27,7 @@ from dataspace_worker.dispatch import Outcome
 from dataspace_worker.in_hand import Ledger
 from dataspace_worker.topology import topology
 from tests import services
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -23,8 +23,8 @@ from dataspace_client import (
 from dataspace_client.reaper import State
 from dataspace_worker.postgres import PostgresDataSource
 from tests import services
-from tests.conftest import inprocess_config, remote_config
-from tests.test_worker_cli import WORKER, WorkerProcess
+from tests.support.configs import inprocess_config, remote_config
+from tests.support.worker_process import WORKER, WorkerProcess
 
 HEADER = {
     "create_time": 1,

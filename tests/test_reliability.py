@@ -21,7 +21,7 @@ from dataspace_core.protocol import OPERATIONS, decode_request
 from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 
 FUZZ_MAX_BODY = 64 * 1024
 

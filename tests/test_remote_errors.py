@@ -15,7 +15,7 @@ from dataspace_client import (
     DataSpaceTimeoutError,
 )
 from dataspace_worker.topology import declare_blocking, topology
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 
 
 @pytest.fixture

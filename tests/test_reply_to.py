@@ -43,7 +43,7 @@ from dataspace_core.protocol import (
 from dataspace_worker.reaper import Schedule
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 from tests.test_guarded_replies import ReplyClient
 
 PREFIX = "amq.rabbitmq.reply-to."

@@ -17,7 +17,7 @@ import pytest
 
 from dataspace_client import DataSpace
 from dataspace_core.protocol import EXCHANGE, FRAME_MAGIC, LANE_HEADER
-from tests.conftest import remote_config
+from tests.support.configs import remote_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,7 +19,7 @@ from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.dispatch import Dispatcher
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import topology
-from tests.test_worker_cli import WORKER, WorkerProcess
+from tests.support.worker_process import WORKER, WorkerProcess
 
 pytestmark = pytest.mark.timeout(120)
 

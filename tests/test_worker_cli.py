@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,59 +12,9 @@ import psycopg2
 import pytest
 
 from dataspace_client import DataBlock, DataSpace, DataSpaceError, Header
-from tests.conftest import remote_config
 from tests.services import poll
-
-WORKER = shutil.which("dataspace-worker") or os.path.join(
-    os.path.dirname(sys.executable), "dataspace-worker"
-)
-
-
-class WorkerProcess:
-    """``dataspace-worker`` in a subprocess, its stderr collected line by line."""
-
-    def __init__(self, env: dict, *args: str, wrap=None):
-        """``wrap(argv)``: the command line to run instead (e.g. inside a network namespace)."""
-        argv = [WORKER, *args]
-        self.proc = subprocess.Popen(
-            wrap(argv) if wrap else argv,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"worker never printed {text!r}; output:\n{self.output}")
-
-    def terminate(self, timeout: float = 30) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+from tests.support.configs import remote_config
+from tests.support.worker_process import WORKER, WorkerProcess
 
 
 @pytest.fixture

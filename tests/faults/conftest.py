@@ -17,8 +17,8 @@ from psycopg2 import extensions
 
 from dataspace_client import DataSpace
 from tests import services
+from tests.support.worker_process import WorkerProcess
 from tests.test_lanes import lanes_space
-from tests.test_worker_cli import WorkerProcess
 
 from .instances import InstanceUnavailable, throwaway_postgres, throwaway_rabbitmq
 

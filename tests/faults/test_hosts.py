@@ -66,7 +66,7 @@ import pytest
 from dataspace_client import DataSpaceTimeoutError
 from dataspace_core.protocol import EXCHANGE, LANE_HEADER, LANE_QUEUE_PREFIX
 from tests import services
-from tests.test_worker_cli import WorkerProcess
+from tests.support.worker_process import WorkerProcess
 
 from .conftest import CONSUMING, WorkerStarter, tail, worker_env
 from .load import MARGIN, Load, probe, verify

@@ -40,8 +40,8 @@ import pytest
 
 from dataspace_client import DataSpace
 from dataspace_core.protocol import DEAD_LETTER_QUEUE, LANE_QUEUE_PREFIX
-from tests.conftest import remote_config
 from tests.contract_helpers import header, metadata
+from tests.support.configs import remote_config
 from tests.test_lanes import add_applied_log, check_applied, not_at_last, rabbitmqctl_json
 
 from .conftest import worker_env
