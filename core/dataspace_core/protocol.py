@@ -93,6 +93,22 @@ DEAD_BODY_SHA256_HEADER = "x-dataspace-body-sha256"
 DEAD_HEADERS_DROPPED_HEADER = "x-dataspace-headers-dropped"
 #: a worker's own sequence number on a dead letter, matching its publisher confirm
 PUBLISH_SEQ_HEADER = "x-dataspace-publish-seq"
+#: every header a worker sets on a dead letter: never copied from the request, and
+#: dropped again when a dead letter is replayed
+DEAD_LETTER_OWN_HEADERS = frozenset(
+    {
+        DEAD_REASON_HEADER,
+        DEAD_CODE_HEADER,
+        DEAD_EXCHANGE_HEADER,
+        DEAD_ROUTING_KEY_HEADER,
+        DEAD_BY_HEADER,
+        DEAD_AT_HEADER,
+        DEAD_BODY_SIZE_HEADER,
+        DEAD_BODY_SHA256_HEADER,
+        DEAD_HEADERS_DROPPED_HEADER,
+        PUBLISH_SEQ_HEADER,
+    }
+)
 #: error code of a request whose ``reply_to`` is not a direct reply-to address: it
 #: is dead-lettered without running and never answered (the name could be any queue)
 BAD_REPLY_TO = "bad_reply_to"

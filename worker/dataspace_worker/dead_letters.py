@@ -25,6 +25,7 @@ from dataspace_core.protocol import (
     DEAD_EXCHANGE_HEADER,
     DEAD_HEADERS_DROPPED_HEADER,
     DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_OWN_HEADERS,
     DEAD_REASON_HEADER,
     DEAD_ROUTING_KEY_HEADER,
     PUBLISH_SEQ_HEADER,
@@ -44,21 +45,6 @@ DEAD_LETTER_BODY = 1024 * 1024
 #: of the connection's frame_max): with the worker's own headers and the short-string
 #: properties, the dead letter's header frame stays far below one frame
 DEAD_LETTER_HEADERS = 8 * 1024
-#: the headers a dead letter's own information travels in (never copied from the request)
-DEAD_LETTER_OWN = frozenset(
-    {
-        DEAD_REASON_HEADER,
-        DEAD_CODE_HEADER,
-        DEAD_EXCHANGE_HEADER,
-        DEAD_ROUTING_KEY_HEADER,
-        DEAD_BY_HEADER,
-        DEAD_AT_HEADER,
-        DEAD_BODY_SIZE_HEADER,
-        DEAD_BODY_SHA256_HEADER,
-        DEAD_HEADERS_DROPPED_HEADER,
-        PUBLISH_SEQ_HEADER,
-    }
-)
 
 #: dead letters in the log: the first of a quiet spell in full, then a summary a
 #: minute (a flood of bad requests is a few lines, not thousands)
@@ -136,7 +122,7 @@ def bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
     used = 4
     for name, value in (original or {}).items():
         size = table_size({name: value})
-        if name in DEAD_LETTER_OWN or size is None or used + size - 4 > budget:
+        if name in DEAD_LETTER_OWN_HEADERS or size is None or used + size - 4 > budget:
             dropped.append(name)
             continue
         kept[name] = value

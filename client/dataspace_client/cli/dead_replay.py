@@ -21,19 +21,7 @@ from pika.exceptions import (
 )
 
 from dataspace_core.errors import DataSpaceConnectionError
-from dataspace_core.protocol import (
-    DEAD_AT_HEADER,
-    DEAD_BODY_SHA256_HEADER,
-    DEAD_BODY_SIZE_HEADER,
-    DEAD_BY_HEADER,
-    DEAD_CODE_HEADER,
-    DEAD_EXCHANGE_HEADER,
-    DEAD_HEADERS_DROPPED_HEADER,
-    DEAD_REASON_HEADER,
-    DEAD_ROUTING_KEY_HEADER,
-    EXCHANGE,
-    PUBLISH_SEQ_HEADER,
-)
+from dataspace_core.protocol import DEAD_BODY_SIZE_HEADER, DEAD_LETTER_OWN_HEADERS, EXCHANGE
 from dataspace_core.urls import mask_password
 
 from .broker import _close, _vhost
@@ -62,22 +50,7 @@ from .output import (
 )
 
 #: headers a dead letter gained on its way to dataspace.dead; a replay drops them
-DEAD_LETTER_HEADERS = frozenset(
-    {
-        DEAD_REASON_HEADER,
-        DEAD_CODE_HEADER,
-        DEAD_EXCHANGE_HEADER,
-        DEAD_ROUTING_KEY_HEADER,
-        DEAD_BY_HEADER,
-        DEAD_AT_HEADER,
-        DEAD_BODY_SIZE_HEADER,
-        DEAD_BODY_SHA256_HEADER,
-        DEAD_HEADERS_DROPPED_HEADER,
-        PUBLISH_SEQ_HEADER,
-        "x-death",
-        "x-delivery-count",
-    }
-)
+DEAD_LETTER_HEADERS = DEAD_LETTER_OWN_HEADERS | {"x-death", "x-delivery-count"}
 DEAD_LETTER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
