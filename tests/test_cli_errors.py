@@ -8,8 +8,6 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import select
-import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import pytest
 
 from dataspace_client import cli
 from dataspace_worker.topology import declare_blocking, topology
+from tests.faults.instances import free_port
+from tests.support.terminal import read_terminal
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "dataspace")
 #: every command that talks to the broker, with what it needs to get that far
@@ -47,12 +47,6 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("DATASPACE_")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def _no_urls_from_the_environment(monkeypatch):
     monkeypatch.delenv("DATASPACE_MANAGEMENT_URL", raising=False)
@@ -73,7 +67,7 @@ def test_a_wrong_password_is_the_same_line_and_exit_2_everywhere(capsys, amqp_ur
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
 def test_a_closed_port_is_cannot_reach_and_exit_3_everywhere(capsys, amqp_url, command):
-    port = _free_port()
+    port = free_port()
     url = amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{port}")
     code, out, err = _run(capsys, *command, "-u", url, "-t", "5")
     line = (
@@ -180,25 +174,13 @@ def _on_a_terminal(argv: list[str]) -> tuple[int, str, str]:
         [SCRIPT, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=_env()
     )
     os.close(slave)
-    shown = b""
     try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the process closed its end
-                    break
-                if not chunk:
-                    break
-                shown += chunk
-            elif process.poll() is not None:
-                break
+        shown = read_terminal(master, process)
         out = process.stdout.read().decode()
         process.wait(60)
     finally:
         os.close(master)
-    return process.returncode, out, shown.decode("utf-8", "replace")
+    return process.returncode, out, shown
 
 
 def test_reap_shows_the_time_elapsed_on_a_terminal_and_prints_one_format(amqp_url, worker_pool):

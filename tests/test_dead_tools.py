@@ -38,6 +38,7 @@ import pytest
 
 from dataspace_client import cli
 from dataspace_worker.topology import declare_blocking, topology
+from tests.support.terminal import read_terminal
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "dataspace")
 EPOCH = 1700000000  # 2023-11-14T22:13:20Z
@@ -346,24 +347,6 @@ def test_replay_of_those_matching_keeps_the_others_in_order(capsys, dead):
     assert _ids(url, "dataspace.requests") == [f"m{i}" for i in range(0, 40, 4)]
 
 
-def _read_terminal(master: int, process: subprocess.Popen) -> str:
-    """Everything written to the pseudo-terminal until the process ends."""
-    text = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the last writer closed it
-                break
-            if not chunk:
-                break
-            text += chunk
-        elif process.poll() is not None:
-            break
-    return text.decode("utf-8", "replace")
-
-
 def test_replay_shows_progress_on_a_terminal_only(dead):
     url, publish = dead
     for i in range(5):
@@ -379,7 +362,7 @@ def test_replay_shows_progress_on_a_terminal_only(dead):
     )
     os.close(slave)
     try:
-        terminal = _read_terminal(master, process)
+        terminal = read_terminal(master, process)
         out = process.stdout.read().decode()
         process.wait(30)
     finally:

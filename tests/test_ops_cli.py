@@ -8,7 +8,6 @@ look only at their own (by message_id) and take them out of dataspace.dead again
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataspace_client.management import ManagementClient, management_url_for, vh
 from dataspace_client.remote import RemoteDataSource
 from dataspace_client.values import encode_value
 from dataspace_core.protocol import OPERATIONS, encode_request
+from tests.faults.instances import free_port
 from tests.test_protocol import RawClient
 
 UNREACHABLE = "management API not reachable at http://127.0.0.1:{port}/: enable the "
@@ -34,12 +34,6 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _remove_dead_letters(url: str, message_ids: set[str]) -> set[str]:
@@ -176,7 +170,7 @@ def test_replay_takes_the_original_routing_key_and_drops_the_dead_letter_headers
 
 # -- against the broker and the worker pool ----------------------------------------------
 def test_status_with_the_management_api_unreachable_exits_3(capsys, amqp_url, monkeypatch):
-    port = _free_port()
+    port = free_port()
     code, out, err = _run(
         capsys, "status", "--url", amqp_url, "--management-url", f"http://127.0.0.1:{port}/"
     )
@@ -448,7 +442,7 @@ def test_exit_codes_of_the_console_script(amqp_url, source):
     script = Path(sys.executable).with_name("dataspace")
     assert script.exists(), f"console script missing: {script} (pip install -e .)"
     tm = source.store_taskmanager(f"ops-cli-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:32])
-    port = _free_port()
+    port = free_port()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATASPACE_")}
 

@@ -19,6 +19,7 @@ import pytest
 
 from dataspace_client import cli
 from dataspace_worker.topology import declare_blocking, topology
+from tests.faults.instances import free_port
 
 WORKER_NAME = "dataspace-worker test-w1 on testhost pid 4242"
 MANAGEMENT = "http://guest:guest@127.0.0.1:15672/"
@@ -28,12 +29,6 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_port(url: str, port: int) -> str:
@@ -163,7 +158,7 @@ def test_consumers_are_shown_by_connection_name_and_tag(capsys, served):
 def test_a_closed_amqp_port_is_not_healthy(capsys, served):
     """The management API answers, the AMQP port does not: unreachable, exit 3."""
     url, _ = served
-    port = _free_port()
+    port = free_port()
     bad = _with_port(url, port)
     code, out, err = _run(capsys, "status", "--url", bad, "--management-url", MANAGEMENT)
     expected = (
@@ -210,7 +205,8 @@ def test_wrong_amqp_credentials_are_configuration(capsys, served):
 
 
 def test_both_unreachable_says_both(capsys, declared):
-    port, api_port = _free_port(), _free_port()
+    port = free_port()
+    api_port = free_port(exclude=(port,))
     bad = _with_port(declared, port)
     code, out, err = _run(
         capsys, "status", "-u", bad, "--management-url", f"http://127.0.0.1:{api_port}/"
