@@ -53,3 +53,22 @@ def close_without_cancel(channel) -> None:
     """
     channel._cancelled.update(channel.consumer_tags)
     channel.close()
+
+
+def stop_reading(connection) -> bool:
+    """Stop reading a SelectConnection's socket (the broker's later frames wait in
+    the kernel and then in the broker); False, doing nothing, unless the transport
+    is pika's plain TCP one (a TLS transport switches its reader on and off itself)."""
+    transport = getattr(connection, "_transport", None)
+    if type(transport).__name__ != "_AsyncPlaintextTransport":
+        return False
+    transport._nbio.remove_reader(transport._sock.fileno())
+    return True
+
+
+def read_again(connection) -> None:
+    """Read the socket again after ``stop_reading``, if the transport still runs (a
+    closing connection must still read its close-ok)."""
+    transport = getattr(connection, "_transport", None)
+    if transport is not None and transport._state == transport._STATE_ACTIVE:
+        transport._nbio.set_reader(transport._sock.fileno(), transport._on_socket_readable)

@@ -29,6 +29,8 @@ from functools import partial
 
 import pika.frame
 
+from dataspace_core.pika_patches import read_again, stop_reading
+
 from . import metrics
 from .in_hand import Ledger
 
@@ -158,17 +160,15 @@ class Intake:
         and needs reading), nor while stopping; only on a plain TCP transport (a TLS
         one manages its reader itself)."""
         connection = self._connection
-        transport = getattr(connection, "_transport", None)
         if (
             self.reads_held_for is not None
             or self._hold_spent
             or self.ledger.total == 0
             or self._confirms_pending()
             or self._stopping()
-            or type(transport).__name__ != "_AsyncPlaintextTransport"
+            or not stop_reading(connection)
         ):
             return
-        transport._nbio.remove_reader(transport._sock.fileno())
         self.reads_held_for = size
         heartbeat = getattr(connection.params, "heartbeat", None)
         limit = HOLD_MAX if not isinstance(heartbeat, int) or heartbeat <= 0 else heartbeat / 2
@@ -188,9 +188,7 @@ class Intake:
         if self.reads_held_for is None:
             return
         self.reads_held_for = None
-        transport = getattr(self._connection, "_transport", None)
-        if transport is not None and transport._state == transport._STATE_ACTIVE:
-            transport._nbio.set_reader(transport._sock.fileno(), transport._on_socket_readable)
+        read_again(self._connection)
 
     def _hold_over(self, connection) -> None:
         """HOLD_MAX ran out with reads still held: read again, and hold no more until
