@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dataspace_client import DataSpace, DataSpaceConfigurationError, DataSpaceConnectionError
-from dataspace_core.urls import BrokerAddresses, mask_password, split_urls
+from dataspace_core.amqp.addresses import BrokerAddresses
+from dataspace_core.urls import mask_password, split_urls
 from tests.contract_helpers import header, metadata, new_taskmanager
 from tests.faults.instances import free_port
 from tests.support.configs import remote_config

@@ -430,3 +430,22 @@ def test_what_a_quorum_queue_does_with_messages_given_back(dead):
         assert sorted(shuffled) == sorted(_ids_of(40)) and shuffled != _ids_of(40)
     finally:
         connection.close()
+
+
+def test_a_cluster_list_works_as_the_worker_takes_it(capsys, dead):
+    """``-u`` (or DATASPACE_AMQP_URL) may name a cluster's nodes, comma-separated, as
+    the worker's setting does: a node that does not answer is passed over, and the
+    vhost is the one in the URLs (not ``'/,amqp:'``)."""
+    from tests.test_addresses import _dead_url
+
+    url, publish = dead
+    for i in range(3):
+        publish(i)
+    cluster = f"{_dead_url(url)},{url}"
+    code, out, err = _run(capsys, "dead", "list", "-u", cluster)
+    assert code == 0, err
+    assert all(f"m{i}" in out for i in range(3))
+    code, out, err = _run(capsys, "dead", "replay", "-y", "-u", cluster)
+    assert code == 0, err
+    assert out == "replayed 3, skipped 0\n"
+    assert _ids(url, "dataspace.requests") == ["m0", "m1", "m2"]

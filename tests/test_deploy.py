@@ -578,7 +578,7 @@ def test_worker_user_dead_letters_and_arms_the_schedule(broker, restricted_pool)
     finally:
         worker.close()
     # the schedule is published through the default exchange; one run pending at most
-    schedule = Schedule(pika.URLParameters(broker.worker_url), 7, 7080)
+    schedule = Schedule(broker.worker_url, 7, 7080)
     assert schedule.arm() is True
     assert schedule.arm() is False
 

@@ -520,12 +520,11 @@ def _scheduled(days: float, user: str = "guest", **changes):
 
 def test_scheduled_reaps_that_piled_up_run_once(pg_dsn, reaper_vhost):
     import orjson
-    import pika
 
     from dataspace_worker.reaper import ReaperDispatcher, Schedule
 
     source = PostgresDataSource({"dsn": pg_dsn, "pool_size": 2})
-    schedule = Schedule(pika.URLParameters(reaper_vhost), 30, interval=3600)
+    schedule = Schedule(reaper_vhost, 30, interval=3600)
     handler = ReaperDispatcher(source, schedule, 1 << 20)
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM dataspace_reap")  # no recent reap: the first one is due
@@ -538,7 +537,6 @@ def test_scheduled_reaps_that_piled_up_run_once(pg_dsn, reaper_vhost):
 
 def test_a_scheduled_reap_uses_this_workers_retention_not_the_armers(pg_dsn, reaper_vhost):
     import orjson
-    import pika
 
     from dataspace_worker.reaper import ReaperDispatcher, Schedule
 
@@ -553,7 +551,7 @@ def test_a_scheduled_reap_uses_this_workers_retention_not_the_armers(pg_dsn, rea
         reply = orjson.loads(off.handle_request(scheduled).body)
         assert reply["result"]["skipped"] is True
         assert _rows(pg_dsn, seq)["taskmanager"] == 1
-        keep_90 = Schedule(pika.URLParameters(reaper_vhost), 90, interval=3600)
+        keep_90 = Schedule(reaper_vhost, 90, interval=3600)
         reply = orjson.loads(
             ReaperDispatcher(source, keep_90, 1 << 20).handle_request(scheduled).body
         )
@@ -711,8 +709,6 @@ def test_rearming_the_schedule_is_quiet_after_the_first_arm(pg_dsn, reaper_vhost
     "Message was Nack'ed" warning included."""
     import logging
 
-    import pika
-
     from dataspace_worker.reaper import ReaperDispatcher, Schedule
 
     # pika's connection chatter off but its warnings on (the quiet must not depend on
@@ -720,7 +716,7 @@ def test_rearming_the_schedule_is_quiet_after_the_first_arm(pg_dsn, reaper_vhost
     # set_level sets the handler's level too)
     caplog.set_level(logging.WARNING, logger="pika")
     caplog.set_level(logging.INFO)
-    schedule = Schedule(pika.URLParameters(reaper_vhost), 30, interval=3600)
+    schedule = Schedule(reaper_vhost, 30, interval=3600)
     assert schedule.arm() is True
     first = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert [r.getMessage().split(" at ")[0] for r in first] == ["next reap scheduled"], first
@@ -731,7 +727,7 @@ def test_rearming_the_schedule_is_quiet_after_the_first_arm(pg_dsn, reaper_vhost
     schedule.try_arm()
     # another worker armed it between this one's look and its publish: the broker
     # refuses the publish (a nack), which is as normal
-    racing = Schedule(pika.URLParameters(reaper_vhost), 30, interval=3600)
+    racing = Schedule(reaper_vhost, 30, interval=3600)
     racing._reported = True  # not its first attempt
     racing._pending = lambda connection: 0  # it looked before the other published
     publish, published = racing._publish, []

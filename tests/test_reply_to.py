@@ -326,7 +326,7 @@ def test_the_schedule_survives_hostile_reply_to(own_vhost, pool_factory):
         )
         time.sleep(1.0)
         assert _message_count(own_vhost, SCHEDULE_QUEUE) == 0, "a reply took the schedule's slot"
-        schedule = Schedule(pika.URLParameters(own_vhost), 30, interval=3600)
+        schedule = Schedule(own_vhost, 30, interval=3600)
         assert schedule.arm(), "the next scheduled reap could not be armed"
         publish_request(channel, "get_taskmanagers", {}, SCHEDULE_QUEUE)
         services.poll(lambda: pool.handled >= handled + 4, 20)

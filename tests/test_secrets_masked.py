@@ -20,8 +20,9 @@ import pytest
 from dataspace_client import cli
 from dataspace_client.management import ManagementClient
 from dataspace_client.remote import RemoteDataSource
+from dataspace_core.amqp.addresses import BrokerAddresses
 from dataspace_core.errors import DataSpaceError
-from dataspace_core.urls import BrokerAddresses, mask_password
+from dataspace_core.urls import mask_password
 
 #: pieces a leak would show; each is distinctive enough not to occur by chance
 PIECES = ("Zq9", "Wv8", "Xk7", "Yj6", "Rt5")

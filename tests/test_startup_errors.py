@@ -14,7 +14,7 @@ import psycopg2
 import pytest
 from psycopg2 import extensions
 
-from dataspace_core.connection_errors import describe
+from dataspace_core.amqp.failures import describe
 from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.dispatch import Dispatcher
 from dataspace_worker.postgres import PostgresDataSource

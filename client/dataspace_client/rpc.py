@@ -47,8 +47,12 @@ from dataclasses import dataclass, field
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
-from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break the connection)
-from dataspace_core.connection_errors import describe
+from dataspace_core.amqp import patches  # noqa: F401  (one bad header must not break the connection)
+from dataspace_core.amqp.addresses import broker_addresses
+from dataspace_core.amqp.confirms import ConfirmTracker
+from dataspace_core.amqp.failures import describe
+from dataspace_core.amqp.patches import close_select_connection
+from dataspace_core.amqp.reconnect import ConnectionCallbacks, ConnectionLoop
 from dataspace_core.errors import (
     DataSpaceConnectionError,
     DataSpaceError,
@@ -58,7 +62,6 @@ from dataspace_core.errors import (
     DataSpaceTimeoutError,
 )
 from dataspace_core.limits import MAX_MESSAGE_BYTES, MAX_SHORT_STRING
-from dataspace_core.pika_patches import close_select_connection
 from dataspace_core.protocol import (
     DIRECT_REPLY_TO,
     EXCHANGE,
@@ -69,12 +72,10 @@ from dataspace_core.protocol import (
     content_type,
     queue_for,
 )
-from dataspace_core.urls import BrokerAddresses, mask_password
+from dataspace_core.urls import mask_password
 
 log = logging.getLogger(__name__)
 
-RECONNECT_BACKOFF_MIN = 0.1
-RECONNECT_BACKOFF_MAX = 5.0
 CHANNEL_REOPEN_DELAY = 1.0
 #: seconds a call waits for its reply before asking whether any worker consumes its
 #: queue (RemoteDataSource's ``no_worker_check``): a worker answers a request in
@@ -161,26 +162,23 @@ class RpcClient:
         self.no_worker_check = no_worker_check
         self._pid = os.getpid()  # the process this client (and its I/O thread) belongs to
 
-        def configure(params) -> None:
-            params.connection_attempts = 1
-            params.socket_timeout = connect_timeout
-            # A broker under a resource alarm blocks publishers; give up rather than
-            # buffer requests without bound (their calls are re-sent after reconnecting).
-            params.blocked_connection_timeout = max(timeout, connect_timeout)
-            params.client_properties = {
-                "connection_name": f"{app_id} {socket.gethostname()}:{os.getpid()}"
-            }
-
         try:
-            # several URLs: a cluster's nodes, tried in turn (urls.BrokerAddresses)
-            self._addresses = BrokerAddresses(url, configure)
+            # several URLs: a cluster's nodes, tried in turn. A broker under a
+            # resource alarm blocks publishers: give up rather than buffer requests
+            # without bound (their calls are re-sent after reconnecting).
+            self._addresses = broker_addresses(
+                url,
+                name=f"{app_id} {socket.gethostname()}:{os.getpid()}",
+                connect_timeout=connect_timeout,
+                blocked_timeout=max(timeout, connect_timeout),
+            )
         except ValueError as exc:
             raise DataSpaceConnectionError(str(exc)) from None
         # Everything below is guarded by _state (a Condition on one lock).
         self._state = threading.Condition()
         self._calls: dict[str, _Call] = {}
         # delivery tag -> correlation_id of a call, or the _Publication itself
-        self._unconfirmed: dict[int, str | _Publication] = {}
+        self._unconfirmed: ConfirmTracker[str | _Publication] = ConfirmTracker()
         # fire-and-forget requests not yet confirmed, by message_id, in publish order
         self._pending: dict[str, _Publication] = {}
         self._pending_bytes = 0
@@ -188,7 +186,6 @@ class RpcClient:
         self._drain_scheduled = False
         self._failures: list[str] = []  # publications refused for good, until flush
         self._recycling = False  # the channel is being closed to be opened again (I/O thread)
-        self._published = 0
         self._open = False
         self._closing = False
         self._refusing = False  # stop_publishing() was called: publish raises
@@ -198,7 +195,17 @@ class RpcClient:
         #: the last attempt was refused for a reason retrying cannot cure (credentials,
         #: vhost, a certificate): configuration
         self._refused = False
-        self._connection: pika.SelectConnection | None = None
+        self._loop = ConnectionLoop(
+            self._addresses,
+            ConnectionCallbacks(
+                self._on_connection_open,
+                self._on_connection_open_error,
+                self._on_connection_closed,
+            ),
+            stopped=lambda: self._closing,
+            wait=time.sleep,
+            lock=self._state,  # close() sees a new connection, or none is made
+        )
         self._channel = None
         self._thread = threading.Thread(target=self._run, name="dataspace-rpc-io", daemon=True)
         self._thread.start()
@@ -513,39 +520,23 @@ class RpcClient:
                     os.close(devnull)
 
     # -- I/O thread ----------------------------------------------------------------
+    @property
+    def _connection(self) -> pika.SelectConnection | None:
+        return self._loop.connection
+
     def _run(self) -> None:
-        backoff = RECONNECT_BACKOFF_MIN
-        while True:
-            with self._state:
-                if self._closing:
-                    break
-                connection = pika.SelectConnection(
-                    self._addresses.current,
-                    on_open_callback=self._on_connection_open,
-                    on_open_error_callback=self._on_connection_open_error,
-                    on_close_callback=self._on_connection_closed,
-                )
-                self._connection = connection
-                self._reached = False
-            try:
-                connection.ioloop.start()
-            except Exception as exc:  # never let the I/O thread die silently
-                log.exception("broker I/O loop failed")
-                self._lost(f"I/O loop failed: {exc}")
-            connection.ioloop.close()
-            with self._state:
-                self._attempts += 1
-                self._state.notify_all()
-                if self._closing:
-                    break
-                reached = self._reached
-            # the next node at once, unless a whole round of them failed
-            new_round = self._addresses.advance()
-            if reached or not new_round:
-                backoff = RECONNECT_BACKOFF_MIN
-            else:
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
-            time.sleep(backoff)
+        self._loop.run(self._connection_ended)
+
+    def _connection_ended(self, _connection, crash: BaseException | None) -> bool:
+        """After a connection's loop: wake whoever waits for the first attempt;
+        whether it got as far as consuming replies."""
+        if crash is not None:
+            self._lost(f"I/O loop failed: {crash}")
+        with self._state:
+            self._attempts += 1
+            self._state.notify_all()
+            reached, self._reached = self._reached, False
+            return reached
 
     def _on_connection_open(self, connection) -> None:
         if self._closing:
@@ -574,8 +565,7 @@ class RpcClient:
 
     def _on_consuming(self, _frame) -> None:
         with self._state:
-            self._published = 0
-            self._unconfirmed.clear()
+            self._unconfirmed.restart()
             self._open = True
             self._reached = True
             # everything unconfirmed goes again, in the order it was first published
@@ -658,8 +648,7 @@ class RpcClient:
             call.fail(_ConnectionLost(f"{operation}: publish failed: {exc}"))
             return
         with self._state:
-            self._published += 1
-            self._unconfirmed[self._published] = correlation_id
+            self._unconfirmed.add(correlation_id)
 
     def _drain_outbox(self) -> None:
         """Publish what ``publish`` queued (I/O thread)."""
@@ -693,26 +682,13 @@ class RpcClient:
                 log.info("publish failed (%s); sent again after reconnecting", exc)
                 return
             with self._state:
-                self._published += 1
-                self._unconfirmed[self._published] = publication
-
-    def _confirmed_tags(self, tag: int, multiple: bool) -> list:
-        """Pop what ``tag`` (and, with ``multiple``, every earlier tag) confirms (under _state)."""
-        if not multiple:
-            item = self._unconfirmed.pop(tag, None)
-            return [] if item is None else [item]
-        done = []
-        for t in self._unconfirmed:  # in tag order: stop at the first later one
-            if t > tag:
-                break
-            done.append(t)
-        return [self._unconfirmed.pop(t) for t in done]
+                self._unconfirmed.add(publication)
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
         nacked = isinstance(method, pika.spec.Basic.Nack)
         with self._state:
-            items = self._confirmed_tags(method.delivery_tag, method.multiple)
+            items = self._unconfirmed.settle(method.delivery_tag, method.multiple)
             for item in items:
                 if isinstance(item, _Publication) and not nacked:
                     if self._pending.get(item.message_id) is item:

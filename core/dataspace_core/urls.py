@@ -30,7 +30,7 @@ A path holding ``&``, ``#`` or ``%`` is percent-encoded like any query value.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import pika
@@ -181,42 +181,6 @@ def tls_context_of(url: str) -> ssl.SSLContext | None:
     management API over https is checked with as well."""
     params = connection_parameters(split_urls(url)[0])
     return params.ssl_options.context if params.ssl_options else None
-
-
-class BrokerAddresses:
-    """The connection parameters of each broker URL, and which one to try now."""
-
-    def __init__(self, urls: str | Sequence[str], configure: Callable[[object], None]):
-        """``configure(params)`` sets what every connection shares (timeouts, name).
-        Raises ValueError for an empty setting or a URL that cannot be used."""
-        self.urls = split_urls(urls)
-        self.params = []
-        for url in self.urls:
-            params = connection_parameters(url)
-            configure(params)
-            self.params.append(params)
-        self._index = 0
-
-    @property
-    def current(self):
-        """The parameters to connect with next."""
-        return self.params[self._index]
-
-    @property
-    def current_url(self) -> str:
-        return mask_password(self.urls[self._index])
-
-    def advance(self) -> bool:
-        """Go on to the next address; True when that starts a new round."""
-        self._index = (self._index + 1) % len(self.params)
-        return self._index == 0
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-    @property
-    def masked(self) -> str:
-        return mask_password(self.urls)
 
 
 def causes(exc: BaseException | None, seen: set[int] | None = None):

@@ -15,12 +15,13 @@ import signal
 import sys
 import threading
 
+from dataspace_core.amqp.addresses import broker_addresses
 from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
 )
-from dataspace_core.urls import connection_parameters, mask_password, split_urls
+from dataspace_core.urls import mask_password
 
 from . import __version__, config, logs, memory, metrics
 from .config import mask_dsn
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = None
     if settings.retention_days:
         schedule = Schedule(
-            [connection_parameters(url) for url in split_urls(settings.amqp_url)],
+            settings.amqp_url,
             settings.retention_days,
             settings.reap_interval,
             queue_arguments=topo.schedule_queue.arguments,
@@ -204,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.max_body,
             # the account the schedule's messages carry as user_id: only those are
             # trusted as the scheduled reap
-            service_user=connection_parameters(
-                split_urls(settings.amqp_url)[0]
-            ).credentials.username,
+            service_user=broker_addresses(settings.amqp_url).user,
         ),
     )
     log.info(

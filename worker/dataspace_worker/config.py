@@ -373,10 +373,10 @@ def _check_pg_dsn(dsn: str) -> None:
 
 
 def _check_amqp_url(url: str) -> None:
-    from dataspace_core.urls import BrokerAddresses
+    from dataspace_core.amqp.addresses import broker_addresses
 
     try:
-        BrokerAddresses(url, lambda _params: None)
+        broker_addresses(url)
     except ValueError as exc:
         raise DataSpaceConfigurationError(f"setting 'amqp_url': {exc}") from None
 

@@ -42,16 +42,18 @@ from pika.exceptions import (
     ChannelClosedByBroker,
 )
 
-from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break us)
-from dataspace_core.connection_errors import describe
+from dataspace_core.amqp import patches  # noqa: F401  (one bad header must not break us)
+from dataspace_core.amqp.addresses import broker_addresses
+from dataspace_core.amqp.failures import describe
+from dataspace_core.amqp.patches import close_select_connection, close_without_cancel
+from dataspace_core.amqp.reconnect import ConnectionCallbacks, ConnectionLoop
 from dataspace_core.errors import DataSpaceTooLargeError
 from dataspace_core.limits import MAX_MESSAGE_BYTES
-from dataspace_core.pika_patches import close_select_connection, close_without_cancel
 from dataspace_core.protocol import (
     ProtocolError,
     encode_error,
 )
-from dataspace_core.urls import BrokerAddresses, mask_password
+from dataspace_core.urls import mask_password
 
 from . import metrics
 from .database_thread import Consumer
@@ -70,8 +72,6 @@ from .reply_addresses import ReplyAddress
 from .topology import Topology, declare_blocking
 
 log = logging.getLogger(__name__)
-RECONNECT_BACKOFF_MIN = 0.2
-RECONNECT_BACKOFF_MAX = 5.0
 #: seconds before a channel closed on purpose is opened again (a lane handed to
 #: another worker, a dead-letter channel that refused a publish)
 CHANNEL_REOPEN_PAUSE = 1.0
@@ -178,23 +178,26 @@ class WorkerPool:
                 CHANNEL_REOPEN_PAUSE,
             )
 
-        def configure(params) -> None:
-            params.connection_attempts = 1
-            params.socket_timeout = connect_timeout
-            params.client_properties = {
-                "connection_name": self.identity.connection_name("consumers")
-            }
-
-        # several URLs: a cluster's nodes, tried in turn (dataspace_core.urls)
-        self._addresses = BrokerAddresses(amqp_url, configure)
+        # several URLs: a cluster's nodes, tried in turn (dataspace_core.amqp)
+        self._addresses = broker_addresses(
+            amqp_url,
+            name=self.identity.connection_name("consumers"),
+            connect_timeout=connect_timeout,
+        )
         # replies that may crash their channel go out on a connection of their own
         self._guard = GuardedReplies(
             lambda: self._addresses.current,
             self.stopping,
             self.identity.connection_name("guarded replies"),
         )
-        self._connection: pika.SelectConnection | None = None
         self._lock = threading.Lock()
+        self._loop = ConnectionLoop(
+            self._addresses,
+            ConnectionCallbacks(self._on_open, self._on_open_error, self._on_closed),
+            stopped=self.stopping.is_set,
+            wait=self.stopping.wait,
+            lock=self._lock,
+        )
         self._io_thread = threading.Thread(target=self._run, name="dataspace-amqp-io", daemon=True)
 
     # -- control (any thread) ---------------------------------------------------
@@ -222,12 +225,11 @@ class WorkerPool:
 
     def call_soon(self, callback) -> bool:
         """Run ``callback`` on the I/O thread; False if the connection is gone."""
-        with self._lock:
-            connection = self._connection
-            if connection is None:
-                return False
-            connection.ioloop.add_callback_threadsafe(callback)
-            return True
+        return self._loop.call_soon(callback)
+
+    @property
+    def _connection(self) -> pika.SelectConnection | None:
+        return self._loop.connection
 
     def schedule_finish(self, consumer: Consumer, handled: list[tuple[Delivery, Outcome]]) -> None:
         """Hand handled requests to the I/O thread for their replies and acks."""
@@ -285,72 +287,38 @@ class WorkerPool:
 
     # -- I/O thread ---------------------------------------------------------------
     def _run(self) -> None:
-        backoff = RECONNECT_BACKOFF_MIN
-        while not self.stopping.is_set():
-            try:
-                self._declare_topology()
-            except ChannelClosedByBroker as exc:
-                if exc.reply_code in (403, 406):  # no permission, or inequivalent arguments
-                    self._give_up(f"the broker refused the topology: {exc.reply_text}")
-                    break
-                self._pause(exc, backoff)
-                backoff = self._next_address(backoff, reached=False)
-                continue
-            except (AMQPError, OSError) as exc:
-                problem = describe(exc)
-                if problem.configuration:  # credentials, vhost, certificate, plugin
-                    self._give_up(
-                        f"broker {self._addresses.current_url} refused this worker: {problem}"
-                    )
-                    break
-                self._pause(exc, backoff)
-                backoff = self._next_address(backoff, reached=False)
-                continue
-            with self._lock:
-                if self.stopping.is_set():
-                    break
-                connection = pika.SelectConnection(
-                    self._addresses.current,
-                    on_open_callback=self._on_open,
-                    on_open_error_callback=self._on_open_error,
-                    on_close_callback=self._on_closed,
-                )
-                self._connection = connection
-            try:
-                connection.ioloop.start()
-            except Exception:  # never let the I/O thread die silently
-                log.exception("AMQP I/O loop failed; reconnecting")
-            with self._lock:
-                self._connection = None
-                # callbacks scheduled on that loop will never run; the broker has
-                # requeued their deliveries with the connection
-                self._finishing = 0
-            self.intake.lost()
-            connection.ioloop.close()
-            reached = self.consuming.is_set()
-            self.consuming.clear()
-            backoff = self._next_address(backoff, reached)
-            if not self.stopping.is_set():
-                self.stopping.wait(backoff)
+        self._loop.run(self._connection_ended, prepare=self._prepare)
         for consumer in self.consumers:
             consumer.inbox.put(None)
 
-    def _next_address(self, backoff: float, reached: bool) -> float:
-        """Go on to the next broker address; the pause before trying it: short unless
-        a whole round of addresses failed without reaching a consuming state."""
-        new_round = self._addresses.advance()
-        if reached or not new_round:
-            return RECONNECT_BACKOFF_MIN
-        return min(backoff * 2, RECONNECT_BACKOFF_MAX)
+    def _prepare(self) -> str | None:
+        """Declare the topology before each connection; None when done, else why
+        not (the loop tries the next address after a pause). A refusal retrying
+        cannot cure stops the pool."""
+        try:
+            self._declare_topology()
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code in (403, 406):  # no permission, or inequivalent arguments
+                self._give_up(f"the broker refused the topology: {exc.reply_text}")
+            return describe(exc).text
+        except (AMQPError, OSError) as exc:
+            problem = describe(exc)
+            if problem.configuration:  # credentials, vhost, certificate, plugin
+                self._give_up(
+                    f"broker {self._addresses.current_url} refused this worker: {problem}"
+                )
+            return problem.text
+        return None
 
-    def _pause(self, exc: BaseException, backoff: float) -> None:
-        log.warning(
-            "broker %s unavailable: %s; retrying in %.1fs",
-            self._addresses.current_url,
-            describe(exc),
-            backoff,
-        )
-        self.stopping.wait(backoff)
+    def _connection_ended(self, connection, _crash) -> bool:
+        """After a connection: what was scheduled on its loop will never run (the
+        broker requeued those deliveries); whether it got as far as consuming."""
+        with self._lock:
+            self._finishing = 0
+        self.intake.lost()
+        reached = self.consuming.is_set()
+        self.consuming.clear()
+        return reached
 
     def _give_up(self, reason: str) -> None:
         """A refusal that retrying cannot cure: stop the pool and say why."""

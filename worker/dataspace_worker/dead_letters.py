@@ -16,6 +16,7 @@ import pika
 import pika.data
 import pika.spec
 
+from dataspace_core.amqp.confirms import ConfirmTracker
 from dataspace_core.protocol import (
     DEAD_AT_HEADER,
     DEAD_BODY_SHA256_HEADER,
@@ -158,8 +159,7 @@ class DeadLetterPublisher:
         #: called after each publish (the pool reads its socket again for the confirm)
         self._on_published = on_published
         self.channel = None
-        self._published = 0
-        self._unconfirmed: dict[int, Settlement] = {}
+        self._unconfirmed: ConfirmTracker[Settlement] = ConfirmTracker()
 
     @property
     def pending(self) -> bool:
@@ -169,8 +169,7 @@ class DeadLetterPublisher:
     def opened(self, channel) -> None:
         """``channel`` is the dead-letter channel from now on, in confirm mode."""
         self.channel = channel
-        self._published = 0
-        self._unconfirmed.clear()
+        self._unconfirmed.restart()
         channel.add_on_return_callback(self.on_return)
         channel.confirm_delivery(ack_nack_callback=self.on_confirm)
 
@@ -180,12 +179,11 @@ class DeadLetterPublisher:
         if self.channel is not channel:
             return
         self.channel = None
-        for settlement in self._unconfirmed.values():
+        for settlement in self._unconfirmed.clear():
             delivery, consumer = settlement.delivery, settlement.consumer
             if delivery.channel is consumer.channel and delivery.channel.is_open:
                 consumer.held -= 1
                 delivery.channel.basic_nack(delivery.tag, requeue=True)
-        self._unconfirmed.clear()
 
     def publish(self, consumer, delivery: Delivery, outcome: Outcome) -> None:
         """Publish ``delivery``'s dead letter to ``dataspace.dead``, mandatory and
@@ -197,15 +195,14 @@ class DeadLetterPublisher:
             return
         if delivery.body_size is None and len(delivery.body) > self.dead_letter_body:
             delivery = truncated(delivery, self.dead_letter_body)  # not cut beforehand
-        self._published += 1
         frame_max = getattr(channel.connection.params, "frame_max", 0) or 131072
         props = properties(delivery, outcome, min(DEAD_LETTER_HEADERS, frame_max // 4))
-        props.headers[PUBLISH_SEQ_HEADER] = self._published
+        props.headers[PUBLISH_SEQ_HEADER] = self._unconfirmed.next_tag
         # mandatory: a dead letter with no queue to go to must not be acked away
         channel.basic_publish(
             DEAD_LETTER_EXCHANGE, delivery.routing_key, delivery.body, props, mandatory=True
         )
-        self._unconfirmed[self._published] = Settlement(consumer, delivery)
+        self._unconfirmed.add(Settlement(consumer, delivery))
         consumer.held += 1
         self._on_published()
 
@@ -222,14 +219,7 @@ class DeadLetterPublisher:
         up to it: ack their requests, or requeue them when refused or returned."""
         method = frame.method
         refused = isinstance(method, pika.spec.Basic.Nack)
-        if method.multiple:
-            tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
-        else:
-            tags = [method.delivery_tag]
-        for tag in tags:
-            settlement = self._unconfirmed.pop(tag, None)
-            if settlement is None:
-                continue
+        for settlement in self._unconfirmed.settle(method.delivery_tag, method.multiple):
             consumer, delivery = settlement.consumer, settlement.delivery
             if delivery.channel is not consumer.channel or not delivery.channel.is_open:
                 continue  # requeued when its channel closed

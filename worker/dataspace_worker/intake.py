@@ -29,7 +29,7 @@ from functools import partial
 
 import pika.frame
 
-from dataspace_core.pika_patches import read_again, stop_reading
+from dataspace_core.amqp.patches import read_again, stop_reading
 
 from . import metrics
 from .in_hand import Ledger

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from dataspace_core.pika_patches import close_without_cancel
+from dataspace_core.amqp.patches import close_without_cancel
 
 log = logging.getLogger("dataspace_worker.consumer")
 

@@ -29,6 +29,7 @@ import uuid
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
+from dataspace_core.amqp.addresses import broker_addresses
 from dataspace_core.protocol import (
     CONTENT_TYPE,
     OPERATIONS,
@@ -104,26 +105,26 @@ class Schedule:
 
     def __init__(
         self,
-        params: pika.URLParameters | list[pika.URLParameters],
+        urls: str | list[str],
         retention_days: float,
         interval: float,
         queue_arguments: dict | None = None,
         connection_name: str = "dataspace-worker schedule",
     ):
-        """``params``: one broker's, or a cluster's nodes' (tried in order);
-        ``connection_name``: how the management UI names its short connections."""
-        self.params = params if isinstance(params, list) else [params]
-        for each in self.params:
-            # a broker under a resource alarm must not hold the reaper here
-            each.blocked_connection_timeout = 30
-            each.socket_timeout = 10
-            each.client_properties = {"connection_name": connection_name}
+        """``urls``: one broker's, or a cluster's nodes' (tried in order);
+        ``connection_name``: how the management UI names its short connections.
+        Raises ValueError for a URL that cannot be used."""
+        # a broker under a resource alarm must not hold the reaper here
+        addresses = broker_addresses(
+            urls, name=connection_name, connect_timeout=10, blocked_timeout=30
+        )
+        self.params = addresses.params
         self.retention_days = retention_days
         self.interval = interval
         self.queue_arguments = queue_arguments
         #: the account the schedule message is published as (its ``user_id``, which
         #: the broker checks): what makes a scheduled reap trusted (ReaperDispatcher)
-        self.user = self.params[0].credentials.username
+        self.user = addresses.user
         #: whether an attempt got as far as the broker's answer: the first one logs
         #: at INFO (a worker's start-up says whether it armed the schedule), the
         #: following ones, every minute and after each run, at DEBUG

@@ -60,13 +60,13 @@ from __future__ import annotations
 import sys
 import time
 
+from dataspace_core.amqp.addresses import broker_addresses
 from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpaceTimeoutError,
 )
-from dataspace_core.urls import BrokerAddresses
 
 from .data import _get, _put
 from .dead import _dead_drop, _dead_list, _dead_purge
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         # a URL that cannot be used is said once, without its password, for every command
-        BrokerAddresses(args.url, lambda _params: None)
+        broker_addresses(args.url)
     except ValueError as exc:
         _error(str(exc))
         return EXIT_CONFIG

@@ -18,9 +18,10 @@ from pika.exceptions import (
     StreamLostError,
 )
 
-from dataspace_core import pika_patches  # noqa: F401  (one bad header must not break the connection)
+from dataspace_core.amqp import patches  # noqa: F401  (one bad header must not break the connection)
+from dataspace_core.amqp.addresses import broker_addresses
 from dataspace_core.errors import DataSpaceConfigurationError, DataSpaceConnectionError
-from dataspace_core.urls import BrokerAddresses, causes, mask_password, split_urls, tls_failure
+from dataspace_core.urls import causes, mask_password, split_urls, tls_failure
 
 from ..management import ManagementClient, vhost_of
 from ..remote import RemoteDataSource
@@ -128,17 +129,13 @@ def _connect(
     timeout = _timeout(args, default_timeout)
     seconds = min(timeout, CONNECT_TIMEOUT)
 
-    def configure(params) -> None:
-        params.connection_attempts = 1
-        params.retry_delay = 0
-        params.socket_timeout = seconds
-        params.stack_timeout = seconds
-        params.blocked_connection_timeout = timeout
-        params.client_properties = {
-            "connection_name": f"{CREATOR} {purpose} on {socket.gethostname()} pid {os.getpid()}"
-        }
-
-    addresses = BrokerAddresses(args.url, configure)  # checked by main
+    addresses = broker_addresses(  # checked by main
+        args.url,
+        name=f"{CREATOR} {purpose} on {socket.gethostname()} pid {os.getpid()}",
+        connect_timeout=seconds,
+        stack_timeout=seconds,
+        blocked_timeout=timeout,
+    )
     failures: list[str] = []
     for url, params in zip(addresses.urls, addresses.params):
         try:

@@ -20,7 +20,7 @@ from pika.exceptions import (
     StreamLostError,
 )
 
-from .urls import causes, tls_failure
+from ..urls import causes, tls_failure
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+"""The shared AMQP layer without a broker: confirm bookkeeping, the pause before
+reconnecting, and one function for connection parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataspace_core.amqp.addresses import broker_addresses
+from dataspace_core.amqp.confirms import ConfirmTracker
+from dataspace_core.amqp.reconnect import BACKOFF_MAX, BACKOFF_MIN, Backoff
+
+
+def test_a_confirm_settles_its_own_tag_or_every_one_up_to_it():
+    tracker: ConfirmTracker[str] = ConfirmTracker()
+    assert [tracker.add(x) for x in "abcde"] == [1, 2, 3, 4, 5]
+    assert tracker.settle(2, multiple=False) == ["b"]
+    assert tracker.settle(2, multiple=False) == []  # settled once only
+    assert tracker.settle(4, multiple=True) == ["a", "c", "d"]
+    assert len(tracker) == 1 and tracker.get(5) == "e" and tracker.next_tag == 6
+    assert tracker.settle(99, multiple=True) == ["e"]
+    assert not tracker
+
+
+def test_a_new_channel_numbers_from_one_and_gives_back_what_was_in_doubt():
+    tracker: ConfirmTracker[str] = ConfirmTracker()
+    for x in "abc":
+        tracker.add(x)
+    tracker.settle(1, multiple=False)
+    assert tracker.restart() == ["b", "c"]
+    assert tracker.add("d") == 1
+
+
+def test_forgetting_keeps_the_numbering_of_a_channel_that_goes_on():
+    tracker: ConfirmTracker[str] = ConfirmTracker()
+    tracker.add("a")
+    assert tracker.clear() == ["a"]
+    assert tracker.add("b") == 2  # the broker still counts "a"
+    assert tracker.settle(1, multiple=True) == []
+
+
+def test_the_pause_is_short_within_a_round_and_doubles_between_failed_rounds():
+    addresses = broker_addresses("amqp://a/x,amqp://b/x")
+    backoff = Backoff(addresses)
+    pauses = [backoff.next(reached=False) for _ in range(12)]
+    # a, b: next node at once; after b, a new round after a longer pause each time
+    assert pauses[0] == BACKOFF_MIN
+    assert pauses[1] == 2 * BACKOFF_MIN
+    assert pauses[2] == BACKOFF_MIN and pauses[3] == 4 * BACKOFF_MIN
+    assert max(pauses) == BACKOFF_MAX
+    assert backoff.next(reached=True) == BACKOFF_MIN
+
+
+def test_one_function_sets_what_every_connection_shares():
+    addresses = broker_addresses(
+        "amqp://u:p@a:5672/v,amqp://u:p@b:5673/v?heartbeat=7",
+        name="who",
+        connect_timeout=3,
+        blocked_timeout=30,
+        stack_timeout=4,
+    )
+    for params in addresses.params:
+        assert params.connection_attempts == 1 and params.retry_delay == 0
+        assert params.socket_timeout == 3 and params.stack_timeout == 4
+        assert params.blocked_connection_timeout == 30
+        assert params.client_properties == {"connection_name": "who"}
+        assert params.virtual_host == "v"
+    assert [p.port for p in addresses.params] == [5672, 5673]
+    assert addresses.params[1].heartbeat == 7  # the URL's own settings apply
+    assert addresses.user == "u"
+    with pytest.raises(ValueError, match="\\*\\*\\*"):
+        broker_addresses("amqp://u:secret@a/v,http://u:secret@b/v")
