@@ -1,4 +1,4 @@
-"""The worker takes a decision engine's database over in place (schema.adopt).
+"""The worker takes a decision engine's database over in place (adoption.adopt).
 
 Each test builds the engine's own schema (tests/engine_schema.sql, as its
 SQLAlchemy datasource creates it) in a scratch database of its own, fills it
@@ -33,8 +33,8 @@ from psycopg2 import extensions
 
 from dataspace_client import values
 from dataspace_client.remote import RemoteDataSource
-from dataspace_core.errors import DataSpaceExistsError
-from dataspace_worker import schema
+from dataspace_core.errors import DataSpaceConfigurationError, DataSpaceExistsError
+from dataspace_worker import adoption, schema
 from dataspace_worker.postgres import PostgresDataSource
 from tests import services
 
@@ -505,7 +505,7 @@ def test_an_old_datestamp_out_of_range_leaves_the_check_not_valid(engine, engine
 
 def test_a_session_holding_the_tables_makes_the_adoption_give_up(engine, engine_db, monkeypatch):
     fill_as_the_engine(engine)
-    monkeypatch.setattr(schema, "ADOPT_LOCK_TIMEOUT", "1s")
+    monkeypatch.setattr(adoption, "ADOPT_LOCK_TIMEOUT", "1s")
     idle = psycopg2.connect(engine_db)
     try:
         with idle.cursor() as cur:  # written, and left idle in its transaction
@@ -540,7 +540,7 @@ def test_duplicate_triples_are_refused_and_nothing_is_changed(engine, engine_db)
         "SELECT taskmanager_id, generation_id, key, count(*) FROM dataproduct"
         " GROUP BY taskmanager_id, generation_id, key HAVING count(*) > 1" in message
     )
-    assert isinstance(refused.value, schema.DataSpaceConfigurationError)
+    assert isinstance(refused.value, DataSpaceConfigurationError)
     assert snapshot(engine_db) == before
     assert schema.VERSION_TABLE not in before["tables"]
 
