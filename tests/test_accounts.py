@@ -30,7 +30,8 @@ from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, Connecti
 from dataspace_core.protocol import OPERATIONS
 from dataspace_worker import definitions as defs
 from dataspace_worker.topology import declare_blocking, topology
-from tests.test_deploy import DEFINITIONS_FILE, MANAGEMENT_URL, Management, _amqp_url, retarget
+from tests.support.broker_admin import DEFINITIONS_FILE, MANAGEMENT_URL, Management, retarget
+from tests.support.urls import user_url
 
 # The design (issue 12), written out here rather than taken from the generator:
 # the test checks the generator against it.
@@ -195,12 +196,12 @@ def scratch(tmp_path_factory):
         committed = json.loads(DEFINITIONS_FILE.read_text(encoding="utf-8"))
         api.call("POST", f"/definitions/{path}", retarget(committed, vhost))
         api.call("POST", "/definitions", accounts)
-        guest = pika.BlockingConnection(pika.URLParameters(_amqp_url("guest", "guest", vhost)))
+        guest = pika.BlockingConnection(pika.URLParameters(user_url("guest", "guest", vhost)))
         try:
             declare_blocking(guest.channel(), topology(lanes=2))
         finally:
             guest.close()
-        urls = {role: _amqp_url(users[role], passwords[role], vhost) for role in ROLES}
+        urls = {role: user_url(users[role], passwords[role], vhost) for role in ROLES}
         yield Scratch(api, vhost, users, urls, passwords)
     finally:
         api.call("DELETE", f"/vhosts/{path}", ok=(204, 404))
@@ -420,7 +421,7 @@ def test_dead_letter_queue_is_bounded_by_its_policy(scratch):
             f"/definitions/{path}",
             defs.definitions(vhost=vhost, dead_letter_max_bytes=1000),
         )
-        connection = _connect(_amqp_url("guest", "guest", vhost))
+        connection = _connect(user_url("guest", "guest", vhost))
         try:
             channel = connection.channel()
             channel.confirm_delivery()

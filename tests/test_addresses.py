@@ -8,19 +8,9 @@ import pytest
 from dataspace_client import DataSpace, DataSpaceConfigurationError, DataSpaceConnectionError
 from dataspace_core.amqp.addresses import BrokerAddresses
 from dataspace_core.urls import mask_password, split_urls
-from tests.contract_helpers import header, metadata, new_taskmanager
-from tests.faults.instances import free_port
 from tests.support.configs import remote_config
-
-
-def _dead_url(amqp_url: str) -> str:
-    """The same URL on a port nothing listens on."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(amqp_url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{free_port()}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) > 1 else host))
+from tests.support.contract import header, metadata, new_taskmanager
+from tests.support.urls import dead_url
 
 
 def test_split_urls_takes_lists_and_comma_separated_strings():
@@ -57,7 +47,7 @@ def test_a_bad_url_among_several_is_a_configuration_error():
 
 def test_the_client_connects_past_an_address_that_does_not_answer(worker_pool, amqp_url):
     config = remote_config(amqp_url, timeout=10)
-    config["dataspace"]["datasource"]["config"]["url"] = [_dead_url(amqp_url), amqp_url]
+    config["dataspace"]["datasource"]["config"]["url"] = [dead_url(amqp_url), amqp_url]
     config["dataspace"]["datasource"]["config"]["connect_timeout"] = 2
     with DataSpace(config) as space:
         _, _, tm = new_taskmanager(space)
@@ -66,7 +56,7 @@ def test_the_client_connects_past_an_address_that_does_not_answer(worker_pool, a
 
 
 def test_the_client_reports_every_address_when_none_answers(amqp_url):
-    config = remote_config(",".join([_dead_url(amqp_url), _dead_url(amqp_url)]), timeout=5)
+    config = remote_config(",".join([dead_url(amqp_url), dead_url(amqp_url)]), timeout=5)
     config["dataspace"]["datasource"]["config"]["connect_timeout"] = 1
     with pytest.raises(DataSpaceConnectionError) as info:
         DataSpace(config)
@@ -75,7 +65,7 @@ def test_the_client_reports_every_address_when_none_answers(amqp_url):
 
 
 def test_the_worker_consumes_through_the_second_address(own_vhost, pool_factory):
-    pool_factory(f"{_dead_url(own_vhost)},{own_vhost}", consumers=1)
+    pool_factory(f"{dead_url(own_vhost)},{own_vhost}", consumers=1)
     with DataSpace(remote_config(own_vhost, timeout=20)) as space:
         _, _, tm = new_taskmanager(space)
         space.insert(tm, 1, "k", b"v", header(), metadata())

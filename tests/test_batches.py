@@ -22,12 +22,12 @@ import pytest
 from dataspace_client import DataSpace, DataSpaceExistsError
 from dataspace_core import validate
 from dataspace_core.protocol import OPERATIONS, decode_reply, encode_request
-from dataspace_worker import operations
+from dataspace_worker import queries as operations
 from dataspace_worker.dispatch import Dispatcher, Outcome, Request
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import declare_blocking, topology
-from tests.contract_helpers import fresh, header, metadata, new_uuid, sql_rows
 from tests.support.configs import remote_config
+from tests.support.contract import fresh, header, metadata, new_uuid, sql_rows
 
 pytestmark = pytest.mark.timeout(60)
 

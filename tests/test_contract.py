@@ -25,7 +25,8 @@ from dataspace_client import (
 )
 from dataspace_client.remote import RemoteDataSource
 from dataspace_worker.postgres import PostgresDataSource
-from tests.contract_helpers import (
+from tests.support.configs import inprocess_config, remote_config
+from tests.support.contract import (
     T0,
     RecordingSource,
     fresh,
@@ -36,7 +37,6 @@ from tests.contract_helpers import (
     sql_execute,
     sql_rows,
 )
-from tests.support.configs import inprocess_config, remote_config
 
 UTC = dt.timezone.utc
 TM_KEYS = {"name", "sequence_id", "taskmanager_id", "datestamp"}
@@ -803,8 +803,8 @@ def test_config_unloadable_datasource_raises_configuration_error():
     base = {"config": {}}
     for source in (
         {"module": "no_such_module_xyz", "name": "X", **base},
-        {"module": "tests.contract_helpers", "name": "NoSuchClass", **base},
-        {"module": "tests.contract_helpers", "name": "NotADataSource", **base},
+        {"module": "tests.support.contract", "name": "NoSuchClass", **base},
+        {"module": "tests.support.contract", "name": "NotADataSource", **base},
     ):
         with pytest.raises(DataSpaceConfigurationError, match="Invalid dataspace configuration"):
             DataSpace({"dataspace": {"datasource": source}})
@@ -816,7 +816,7 @@ def test_config_loads_datasource_by_module_and_name_with_its_config():
         {
             "dataspace": {
                 "datasource": {
-                    "module": "tests.contract_helpers",
+                    "module": "tests.support.contract",
                     "name": "RecordingSource",
                     "config": settings,
                 }

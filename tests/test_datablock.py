@@ -29,13 +29,13 @@ from dataspace_client import (
     zdumps,
     zloads,
 )
-from tests import contract_helpers
-from tests.contract_helpers import T0, fresh, new_uuid
+from tests.support import contract
+from tests.support.contract import T0, fresh, new_uuid
 
 
 @pytest.fixture
 def space_factory(backend, request, pg_dsn):
-    yield from contract_helpers.space_factory(backend, request, pg_dsn)
+    yield from contract.space_factory(backend, request, pg_dsn)
 
 
 @dataclasses.dataclass(frozen=True)

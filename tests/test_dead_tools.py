@@ -39,6 +39,7 @@ import pytest
 from dataspace_client import cli
 from dataspace_worker.topology import declare_blocking, topology
 from tests.support.terminal import read_terminal
+from tests.support.urls import dead_url
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "dataspace")
 EPOCH = 1700000000  # 2023-11-14T22:13:20Z
@@ -436,12 +437,10 @@ def test_a_cluster_list_works_as_the_worker_takes_it(capsys, dead):
     """``-u`` (or DATASPACE_AMQP_URL) may name a cluster's nodes, comma-separated, as
     the worker's setting does: a node that does not answer is passed over, and the
     vhost is the one in the URLs (not ``'/,amqp:'``)."""
-    from tests.test_addresses import _dead_url
-
     url, publish = dead
     for i in range(3):
         publish(i)
-    cluster = f"{_dead_url(url)},{url}"
+    cluster = f"{dead_url(url)},{url}"
     code, out, err = _run(capsys, "dead", "list", "-u", cluster)
     assert code == 0, err
     assert all(f"m{i}" in out for i in range(3))

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import secrets
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +32,14 @@ from dataspace_worker import definitions as defs
 from dataspace_worker.config import SETTINGS
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
+from tests.support.broker_admin import DEFINITIONS_FILE, MANAGEMENT_URL, Management, retarget
 from tests.support.configs import remote_config
+from tests.support.urls import user_url
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-DEFINITIONS_FILE = DEPLOY / "rabbitmq" / "definitions.json"
 SETTING_ENVS = {s.env for s in SETTINGS}
 DEFAULT_DRAIN_TIMEOUT = next(s.default for s in SETTINGS if s.name == "drain_timeout")
-MANAGEMENT_URL = os.environ.get(
-    "DATASPACE_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672"
-)
 
 
 def _yaml_files() -> list[Path]:
@@ -351,51 +346,6 @@ def test_systemd_unit_outlasts_the_drain():
 # -- the definitions on a real broker -------------------------------------------------
 
 
-class Management:
-    """The management HTTP API, with urllib."""
-
-    def __init__(self, url: str):
-        parts = urlsplit(url)
-        self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}/api"
-        token = f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()
-        self.auth = "Basic " + base64.b64encode(token).decode()
-
-    def call(self, method: str, path: str, body=None, ok=(200, 201, 204)):
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Authorization": self.auth, "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, payload = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        assert status in ok, f"{method} {path}: {status} {payload[:500]!r}"
-        return json.loads(payload) if payload else None
-
-    def reachable(self) -> bool:
-        try:
-            self.call("GET", "/overview")
-            return True
-        except (OSError, AssertionError):
-            return False
-
-
-def retarget(doc: dict, vhost: str) -> dict:
-    """A copy of ``doc`` with every vhost field set to ``vhost``."""
-    doc = json.loads(json.dumps(doc))
-    for key, items in doc.items():
-        for item in items:
-            if key == "vhosts":
-                item["name"] = vhost
-            elif "vhost" in item:
-                item["vhost"] = vhost
-    return doc
-
-
 @dataclass
 class Broker:
     api: Management
@@ -408,12 +358,6 @@ class Broker:
     @property
     def path(self) -> str:
         return quote(self.vhost, safe="")
-
-
-def _amqp_url(user: str, password: str, vhost: str) -> str:
-    base = urlsplit(os.environ.get("DATASPACE_TEST_AMQP_URL", services.DEFAULT_AMQP_URL))
-    host = f"{base.hostname}:{base.port or 5672}"
-    return f"amqp://{quote(user, safe='')}:{password}@{host}/{quote(vhost, safe='')}"
 
 
 @pytest.fixture(scope="module")
@@ -450,10 +394,10 @@ def broker(tmp_path_factory):
         yield Broker(
             api,
             vhost,
-            _amqp_url(worker_user, worker_password, vhost),
-            _amqp_url(client_user, client_password, vhost),
+            user_url(worker_user, worker_password, vhost),
+            user_url(client_user, client_password, vhost),
             accounts,
-            _amqp_url(maintainer_user, maintainer_password, vhost),
+            user_url(maintainer_user, maintainer_password, vhost),
         )
     finally:
         api.call("DELETE", f"/vhosts/{path}", ok=(204, 404))

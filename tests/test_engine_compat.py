@@ -31,7 +31,7 @@ from dataspace_client import (
     zloads,
 )
 from dataspace_client.values import decode_value, encode_value
-from tests.contract_helpers import fresh, new_uuid
+from tests.support.contract import fresh, new_uuid
 
 
 # -- the engine's value format, as its DataBlock writes and reads it ------------------------

@@ -33,47 +33,11 @@ from dataspace_worker.guarded_replies import DIRECT_REPLY_TO_PREFIX
 from dataspace_worker.reply_addresses import parse
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
+from tests.support.raw_clients import ReplyClient
 
 
 def _guarded(result: str) -> float:
     return metrics.GUARDED_REPLIES.labels(result)._value.get()
-
-
-class ReplyClient:
-    """A client channel consuming direct reply-to, collecting replies by correlation id."""
-
-    def __init__(self, url: str):
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
-        self.channel = self.connection.channel()
-        self.replies: dict[str, bytes] = {}
-        self.channel.basic_consume(
-            "amq.rabbitmq.reply-to",
-            lambda _c, _m, props, body: self.replies.__setitem__(props.correlation_id, body),
-            auto_ack=True,
-        )
-
-    def address(self) -> str:
-        """This channel's own reply-to address, as the broker writes it into a request."""
-        queue = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.basic_publish(
-            "", queue, b"", pika.BasicProperties(reply_to="amq.rabbitmq.reply-to")
-        )
-        method = None
-        while method is None:
-            method, props, _ = self.channel.basic_get(queue, auto_ack=True)
-        self.channel.queue_delete(queue)
-        return props.reply_to
-
-    def wait_for(self, correlation_id: str, timeout: float) -> bytes | None:
-        reply, _ = services.poll(
-            lambda: self.connection.process_data_events(0.05) or self.replies.get(correlation_id),
-            timeout,
-        )
-        return reply
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
 
 
 def address_of_a_node_that_is_down(address: str) -> str:

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from dataspace_client import DataSpaceExistsError
-from dataspace_worker import operations
+from dataspace_worker import queries as operations
 from dataspace_worker.copy_rows import ProductRowStream
-from tests.contract_helpers import header, metadata, new_taskmanager, sql_rows
+from tests.support.contract import header, metadata, new_taskmanager, sql_rows
 
 LARGE = operations.COPY_FROM_BYTES
 

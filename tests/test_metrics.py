@@ -111,7 +111,7 @@ def test_metrics_expose_process_python_and_build_series_and_the_renamed_counters
     import pika
 
     from dataspace_worker import __version__
-    from tests.test_protocol import RawClient
+    from tests.support.raw_clients import RawClient
 
     port = free_port()
     worker = WorkerProcess(

@@ -24,7 +24,7 @@ from dataspace_client.remote import RemoteDataSource
 from dataspace_client.values import encode_value
 from dataspace_core.protocol import OPERATIONS, encode_request
 from tests.faults.instances import free_port
-from tests.test_protocol import RawClient
+from tests.support.raw_clients import RawClient
 
 UNREACHABLE = "management API not reachable at http://127.0.0.1:{port}/: enable the "
 HINT = "enable the rabbitmq_management plugin or pass --management-url"

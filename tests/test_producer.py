@@ -28,8 +28,8 @@ from dataspace_core.errors import (
 )
 from dataspace_core.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_request, encode_request
 from tests import services
-from tests.contract_helpers import fresh, header, metadata, new_uuid, sql_rows
 from tests.support.configs import inprocess_config, remote_config
+from tests.support.contract import fresh, header, metadata, new_uuid, sql_rows
 
 pytestmark = pytest.mark.timeout(60)
 

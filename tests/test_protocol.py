@@ -13,6 +13,7 @@ import pytest
 from dataspace_core import protocol
 from dataspace_core.errors import DataSpaceExistsError, DataSpaceRequestError
 from dataspace_core.protocol import OPERATIONS, ProtocolError, decode_request, encode_request
+from tests.support.raw_clients import RawClient
 
 
 def test_every_operation_is_a_datasource_method_with_the_same_parameters():
@@ -178,44 +179,6 @@ def test_error_replies_rebuild_the_exception_type():
             protocol.decode_reply(OPERATIONS["get_schema"], protocol.encode_error(exc))
         got = info.value.args[0] if isinstance(info.value, KeyError) else str(info.value)
         assert got == message
-
-
-class RawClient:
-    """A bare pika client: publishes whatever bytes a test wants."""
-
-    def __init__(self, url):
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
-        self.channel = self.connection.channel()
-        self.replies = {}
-        self.channel.basic_consume("amq.rabbitmq.reply-to", self._on_reply, auto_ack=True)
-
-    def _on_reply(self, _ch, _method, props, body):
-        self.replies[props.correlation_id] = (props, body)
-
-    def request(self, body: bytes, routing_key=None, timeout=10.0, message_id=None):
-        """Publish ``body``; by default with the routing key of the operation it names
-        (the routing key decides: see test_routing_keys.py), else data.get_schema."""
-        if routing_key is None:
-            try:
-                routing_key = "data." + str(orjson.loads(body)["op"])
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                routing_key = "data.get_schema"
-        cid = uuid.uuid4().hex
-        self.channel.basic_publish(
-            "dataspace",
-            routing_key,
-            body,
-            pika.BasicProperties(
-                reply_to="amq.rabbitmq.reply-to", correlation_id=cid, message_id=message_id
-            ),
-        )
-        deadline = time.monotonic() + timeout
-        while cid not in self.replies and time.monotonic() < deadline:
-            self.connection.process_data_events(time_limit=0.1)
-        return self.replies.get(cid)
-
-    def close(self):
-        self.connection.close()
 
 
 @pytest.fixture

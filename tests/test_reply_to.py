@@ -44,7 +44,7 @@ from dataspace_worker.reaper import Schedule
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
 from tests.support.configs import remote_config
-from tests.test_guarded_replies import ReplyClient
+from tests.support.raw_clients import ReplyClient
 
 PREFIX = "amq.rabbitmq.reply-to."
 KEY = "AAAAAAAAAAAAAAAAAAAAAA=="

@@ -29,32 +29,12 @@ from dataspace_client.values import (
     zloads,
 )
 from dataspace_core.errors import DataSpaceError
-
-MiB = 1024 * 1024
-
-
-def _bomb(prefix: bytes, unit: bytes, mib: int, suffix: bytes) -> bytes:
-    """A zlib stream of ``prefix + unit * ... + suffix``, ``mib`` MiB inflated, built
-    without holding it inflated."""
-    packer = zlib.compressobj(9)
-    block = unit * (MiB // len(unit))
-    out = [packer.compress(prefix)]
-    out += [packer.compress(block) for _ in range(mib)]
-    out.append(packer.compress(suffix) + packer.flush())
-    return b"".join(out)
-
-
-def _string_bomb(mib: int) -> bytes:
-    return _bomb(b"{'pickled': False, 'value': {'a': '", b"a", mib, b"'}}")
-
-
-def _items_bomb(mib: int) -> bytes:
-    return _bomb(b"{'pickled': False, 'value': {'a': [", b"0,", mib, b"]}}")
+from tests.support.value_bombs import MiB, items_bomb, string_bomb
 
 
 def test_a_value_past_the_byte_limit_is_refused(monkeypatch):
     monkeypatch.setenv("DATASPACE_MAX_VALUE_BYTES", str(16 * MiB))
-    bomb = _string_bomb(200)
+    bomb = string_bomb(200)
     assert len(bomb) < 250_000  # the 204 KB bomb of the issue
     for read in (lambda b: decode_value(b, allow_pickle=False), decompress, zloads):
         with pytest.raises(ValueTooLargeError, match="DATASPACE_MAX_VALUE_BYTES") as caught:
@@ -62,13 +42,13 @@ def test_a_value_past_the_byte_limit_is_refused(monkeypatch):
         assert "more than 16,777,216 bytes" in str(caught.value)
         assert isinstance(caught.value, DataSpaceError)
     # just under the limit reads
-    small = _string_bomb(15)
+    small = string_bomb(15)
     assert len(decode_value(small)["a"]) == 15 * MiB
 
 
 def test_a_literal_with_too_many_items_is_refused_before_evaluating(monkeypatch):
     with pytest.raises(ValueTooLargeError, match="more than 1,000,000 items"):
-        decode_value(_items_bomb(8))  # 4 Mi items: ~4 GB to evaluate
+        decode_value(items_bomb(8))  # 4 Mi items: ~4 GB to evaluate
     monkeypatch.setenv("DATASPACE_MAX_VALUE_ITEMS", "10")
     with pytest.raises(ValueTooLargeError, match="DATASPACE_MAX_VALUE_ITEMS"):
         decode_value(encode_value({"a": list(range(20))}))
@@ -126,20 +106,11 @@ def test_a_bad_limit_setting_is_named(monkeypatch):
     assert values.max_value_items() == values.DEFAULT_MAX_VALUE_ITEMS
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS in MiB since its exec (VmHWM). Not ``ru_maxrss``: Linux
-    carries that over an exec, so a child of a large pytest process reports the
-    parent's size."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def _peak_rss_of(code: str, env: dict | None = None) -> tuple[str, float]:
     """Run ``code`` in a fresh interpreter: its output and peak RSS in MiB."""
     script = textwrap.dedent(code) + textwrap.dedent(
         """
-        from tests.test_value_bounds import peak_rss_mib
+        from tests.support.value_bombs import peak_rss_mib
         print("PEAK", peak_rss_mib())
         """
     )
@@ -161,9 +132,9 @@ def test_reading_bombs_keeps_memory_near_the_limit():
     out, peak = _peak_rss_of(
         """
         import zlib
-        from tests.test_value_bounds import _string_bomb, _items_bomb
+        from tests.support.value_bombs import string_bomb, items_bomb
         from dataspace_client.values import decode_value, ValueTooLargeError
-        for bomb in (_string_bomb(200), _string_bomb(1024), _items_bomb(8)):
+        for bomb in (string_bomb(200), string_bomb(1024), items_bomb(8)):
             try:
                 decode_value(bomb)
             except ValueTooLargeError as exc:
@@ -186,7 +157,7 @@ def test_dataspace_get_on_a_bomb_is_one_error_line_in_bounded_memory(amqp_url, w
     source = RemoteDataSource({"url": amqp_url, "timeout": 60, "app_id": "dataspace-tests"})
     try:
         tm = source.store_taskmanager(f"bomb-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:32])
-        for key, bomb in (("gib", _string_bomb(1024)), ("items", _items_bomb(8))):
+        for key, bomb in (("gib", string_bomb(1024)), ("items", items_bomb(8))):
             source.insert(tm, 1, key, bomb, Header(tm), Metadata(tm, generation_id=1))
     finally:
         source.close()
@@ -200,7 +171,7 @@ def test_dataspace_get_on_a_bomb_is_one_error_line_in_bounded_memory(amqp_url, w
             wrapper = (
                 "import sys\n"
                 "from dataspace_client.cli import main\n"
-                "from tests.test_value_bounds import peak_rss_mib\n"
+                "from tests.support.value_bombs import peak_rss_mib\n"
                 "try:\n"
                 f"    code = main({argv!r})\n"
                 "finally:\n"

@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from .conftest import tail, worker_env
 from .load import MARGIN, Load, probe, verify
+from .workers import tail, worker_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
 

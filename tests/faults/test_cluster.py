@@ -19,7 +19,7 @@ client threads, that node is killed with SIGKILL. Then:
 With ordering lanes (the ``lanes`` variant, docs/scaling.md "Ordering"): the nodes
 run the plugin ``rabbitmq_consistent_hash_exchange``, the worker has
 ``DATASPACE_LANES=8`` and the client ``"lanes": True``; the load is one thread per
-lane, each on a task manager of that lane (``test_hosts.probe_lanes``). The lane
+lane, each on a task manager of that lane (``lane_load.probe_lanes``). The lane
 queues are quorum queues with a member on every node, led by the first node. Besides
 the checks above: every lane serves calls started after the kill while the node is
 down (the worker, reconnected to another node, is the single active consumer of each
@@ -40,10 +40,10 @@ from dataspace_core.protocol import LANE_QUEUE_PREFIX, REQUEST_QUEUE
 from tests import services
 
 from .cluster import throwaway_cluster
-from .conftest import tail, worker_env
 from .instances import InstanceError, InstanceUnavailable
+from .lane_load import Loads, probe_lanes, taskmanager_per_lane, verify_loads
 from .load import MARGIN, Load, probe
-from .test_hosts import Loads, probe_lanes, taskmanager_per_lane, verify_loads
+from .workers import tail, worker_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
 

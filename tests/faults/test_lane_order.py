@@ -40,11 +40,12 @@ import pytest
 
 from dataspace_client import DataSpace
 from dataspace_core.protocol import DEAD_LETTER_QUEUE, LANE_QUEUE_PREFIX
-from tests.contract_helpers import header, metadata
+from tests.support.broker_admin import rabbitmqctl_json
 from tests.support.configs import remote_config
-from tests.test_lanes import add_applied_log, check_applied, not_at_last, rabbitmqctl_json
+from tests.support.contract import header, metadata
+from tests.support.lanes import add_applied_log, check_applied, not_at_last
 
-from .conftest import worker_env
+from .workers import worker_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(150)]
 

@@ -1,4 +1,7 @@
-"""Helpers shared by the contract tests (test_contract.py, test_datablock.py)."""
+"""What the tests of the DataSpace contract build their calls from: fresh names,
+headers and metadata, direct SQL (to see what the API hides), extra DataSpaces of
+a backend, and DataSources a configuration can name by module path
+(``tests.support.contract``)."""
 
 from __future__ import annotations
 
