@@ -1,7 +1,9 @@
 """The packages' import boundaries: ``dataspace_core`` imports neither side, the
 client never imports the worker, and the worker imports the client only where it
-acts as a client of its own service (``--demo``). Read from the source (AST), so
-that an import hidden inside a function counts too."""
+acts as a client of its own service (``--demo``). And the tests' own: no module
+under tests/ imports a test module or a conftest (shared helpers live in
+tests/support/). Read from the source (AST), so that an import hidden inside a
+function counts too."""
 
 from __future__ import annotations
 
@@ -76,3 +78,66 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
 def test_every_module_of_a_subpackage_is_read():
     names = {module for _, module, _ in _modules()}
     assert {"dataspace_client.cli", "dataspace_client.cli.status"} <= names
+
+
+# -- the tests' own imports -------------------------------------------------------------
+TESTS = ROOT / "tests"
+
+
+def _test_module_imports(path: Path, source: str | None = None) -> list[str]:
+    """The test modules and conftest files ``path`` imports, as paths under tests/: a
+    helper they share belongs in tests/support/ (or, for the fault tests only, a
+    helper module of tests/faults/), where every module that uses it imports it from.
+    Relative imports are resolved against ``path``'s package; ``from X import name``
+    counts when X.name is a module (``from tests import test_lanes``). ``source``: the
+    text to read instead of the file's."""
+    tree = ast.parse(path.read_text() if source is None else source, str(path))
+    package = path.relative_to(ROOT).parent.parts
+    candidates: list[tuple[str, ...]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            candidates += [tuple(alias.name.split(".")) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else ()
+            base += tuple(node.module.split(".")) if node.module else ()
+            candidates.append(base)
+            candidates += [(*base, alias.name) for alias in node.names]
+    wrong = []
+    for parts in candidates:
+        if parts[:1] != ("tests",):
+            continue
+        module = ROOT.joinpath(*parts).with_suffix(".py")
+        if module.is_file() and (module.name.startswith("test_") or module.name == "conftest.py"):
+            wrong.append(str(module.relative_to(ROOT)))
+    return wrong
+
+
+@pytest.mark.parametrize(
+    "path", sorted(TESTS.rglob("*.py")), ids=lambda p: str(p.relative_to(TESTS))
+)
+def test_no_test_module_imports_another_or_a_conftest(path):
+    wrong = _test_module_imports(path)
+    assert not wrong, (
+        f"{path.relative_to(ROOT)} imports {wrong}: move what it needs to tests/support/"
+    )
+
+
+@pytest.mark.parametrize(
+    "source, imported",
+    [
+        ("from tests.test_lanes import lanes_space", ["tests/test_lanes.py"]),
+        ("from tests import test_protocol", ["tests/test_protocol.py"]),
+        ("import tests.conftest", ["tests/conftest.py"]),
+        ("from tests.faults.test_hosts import Loads", ["tests/faults/test_hosts.py"]),
+        ("from .test_hosts import Loads", ["tests/faults/test_hosts.py"]),
+        ("from .conftest import worker_env", ["tests/faults/conftest.py"]),
+        ("from . import conftest", ["tests/faults/conftest.py"]),
+        ("from ..test_lanes import lanes_space", ["tests/test_lanes.py"]),
+        ("def f():\n    from tests.test_protocol import RawClient", ["tests/test_protocol.py"]),
+        ("from tests.support.lanes import lanes_space", []),
+        ("from .load import Load\nfrom tests import services", []),
+    ],
+)
+def test_the_check_resolves_each_form_of_import(source, imported):
+    """Each form, read as if it were a module of tests/faults/."""
+    assert _test_module_imports(TESTS / "faults" / "check_me.py", source) == imported
