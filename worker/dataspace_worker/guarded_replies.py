@@ -35,7 +35,8 @@ connection when it is not running: after such a failure no other unknown node is
 tried for ``PROBE_PAUSE`` seconds, and replies to unknown nodes are dropped
 meanwhile (a WARNING every ``WARN_EVERY`` seconds at most), so a flood of forged
 addresses costs the guard at most one reconnection per ``PROBE_PAUSE`` and the
-consumers none. Everything remembered is bounded (``MAX_REMEMBERED`` entries).
+consumers none. Everything remembered is bounded (``MAX_REMEMBERED`` entries;
+reply_nodes.py holds that memory and the learning of the guard's own node).
 """
 
 from __future__ import annotations
@@ -45,14 +46,12 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import pika
 from pika.exceptions import (
-    AMQPChannelError,
     AMQPError,
     ChannelClosedByBroker,
     ConnectionClosedByBroker,
@@ -63,8 +62,15 @@ from dataspace_core.errors import DataSpaceTooLargeError
 from dataspace_core.protocol import CONTENT_TYPE, OUTCOME_HEADER, encode_error
 
 from . import metrics
-from .logs import Throttle
 from .reply_addresses import PREFIX, ReplyAddress, check
+from .reply_nodes import (
+    ALIVE_FOR,
+    DEAD_FOR,
+    PROBE_PAUSE,
+    DropWarnings,
+    Remembered,
+    learn_own_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +87,6 @@ BLOCKED_TIMEOUT = 10.0
 #: seconds without a reply after which the connection is closed (and opened
 #: again when needed: no heartbeats to keep up on a blocking connection)
 IDLE_CLOSE = 10.0
-#: seconds a node (or client channel) found dead is remembered: later replies to
-#: it are dropped without costing any connection again
-DEAD_FOR = 60.0
-#: seconds a node is known to run after a reply to it was confirmed: its replies
-#: go out on the consumers' channels meanwhile
-ALIVE_FOR = 60.0
-#: seconds after a node failed the guard's connection during which no node never
-#: seen running is tried (their replies are dropped)
-PROBE_PAUSE = 1.0
-#: nodes and client channels remembered, at most (each of dead and alive)
-MAX_REMEMBERED = 4096
-#: seconds between two WARNING lines about dropped replies of one kind
-WARN_EVERY = 10.0
-#: where the guard publishes to learn its own address: no queue has this name
-LEARN_ROUTING_KEY = "dataspace.reply-address-probe"
-
 #: what became of a guarded reply: published and confirmed; dropped because its
 #: address is dead (or its node unknown while unknown ones are not tried); not
 #: published because the worker is stopping (the request should be tried again);
@@ -120,61 +110,6 @@ class GuardedReply:
     address: ReplyAddress | None = None
 
 
-class _Remembered:
-    """Keys until a time, at most ``MAX_REMEMBERED`` of them (the oldest go first)."""
-
-    def __init__(self):
-        self._until: dict = {}
-
-    def __contains__(self, key) -> bool:
-        return self._until.get(key, 0.0) > time.monotonic()
-
-    def seen(self, key) -> bool:
-        """Whether ``key`` was put, whether or not its time ran out."""
-        return key in self._until
-
-    def put(self, key, seconds: float) -> None:
-        now = time.monotonic()
-        self._until.pop(key, None)
-        self._until[key] = now + seconds
-        if len(self._until) > MAX_REMEMBERED:
-            for old in [k for k, t in self._until.items() if t <= now]:
-                if len(self._until) <= MAX_REMEMBERED // 2:
-                    break
-                del self._until[old]
-            while len(self._until) > MAX_REMEMBERED:
-                del self._until[next(iter(self._until))]
-
-    def expire(self, key) -> None:
-        if key in self._until:
-            self._until[key] = 0.0
-
-    def expire_all(self) -> None:
-        for key in self._until:
-            self._until[key] = 0.0
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-
-class _Warnings:
-    """One WARNING line per kind every ``WARN_EVERY`` seconds, saying how many were not
-    (a ``logs.Throttle`` of one line per window for each kind)."""
-
-    def __init__(self):
-        self._throttles: dict[str, Throttle] = {}
-
-    def warn(self, kind: str, message: str, *args) -> None:
-        throttle = self._throttles.setdefault(kind, Throttle(window=WARN_EVERY, burst=1))
-        allowed, quiet = throttle.allow()
-        if not allowed:
-            return
-        if quiet:
-            message += " (and %d more like it in the last %.0f s)"
-            args = (*args, quiet, WARN_EVERY)
-        log.warning(message, *args)
-
-
 class GuardedReplies:
     """One thread publishing replies one at a time on a connection of its own, and
     what it learnt about which nodes run."""
@@ -196,9 +131,9 @@ class GuardedReplies:
         self._pending = 0
         #: node keys (``ReplyAddress.node_key``) that run; that failed; client
         #: channels that failed (guarded by ``_lock``: the I/O thread reads them)
-        self._alive = _Remembered()
-        self._dead = _Remembered()
-        self._dead_channels = _Remembered()
+        self._alive = Remembered()
+        self._dead = Remembered()
+        self._dead_channels = Remembered()
         #: the node of the guard's current connection, once learnt
         self._own: tuple | None = None
         #: no node never seen running is tried before this (monotonic seconds)
@@ -206,7 +141,7 @@ class GuardedReplies:
         #: connections the guard opened, and how many a 541 closed
         self.connections_opened = 0
         self.crashes = 0
-        self._warnings = _Warnings()
+        self._warnings = DropWarnings()
         self._heartbeat = HEARTBEAT
         self._thread = threading.Thread(
             target=self._run, name="dataspace-guarded-replies", daemon=True
@@ -232,17 +167,23 @@ class GuardedReplies:
         meanwhile. Dropped at once when its node or client channel was found dead,
         or its node was never seen running while unknown nodes are not tried."""
         with self._lock:
-            if address.node_key in self._dead or address.client_channel in self._dead_channels:
-                kind = "dead"
-            elif address.node_key in self._alive:
-                return "guard" if redelivered else "direct"
-            elif self._alive.seen(address.node_key) or time.monotonic() >= self._probe_after:
-                return "guard"
-            else:
-                kind = "unprobed"
-        self._dropped(kind, address)
+            kind = self._unsendable(address)
+            if kind is None:
+                known = address.node_key in self._alive and not redelivered
+                return "direct" if known else "guard"
+        self._warnings.dropped(kind, address)
         metrics.GUARDED_REPLIES.labels("dropped").inc()
         return "drop"
+
+    def _unsendable(self, address: ReplyAddress) -> str | None:
+        """Why a reply to ``address`` is not to be tried now (under ``_lock``): its node
+        or client channel is ``"dead"``, or its node was never seen running while no
+        unknown node is tried (``"unprobed"``); None to try it."""
+        if address.node_key in self._dead or address.client_channel in self._dead_channels:
+            return "dead"
+        if self._alive.seen(address.node_key):
+            return None
+        return "unprobed" if time.monotonic() < self._probe_after else None
 
     def connected(self) -> None:
         """The consumer connection opened (again): nodes known to run are tried
@@ -317,7 +258,7 @@ class GuardedReplies:
         a reply given up while its request stays held would only be redone."""
         address = reply.address or check(reply.reply_to)
         if address is None:  # the consumer refuses these before they run
-            self._dropped("malformed", None, reply.reply_to)
+            self._warnings.dropped("malformed", None, reply.reply_to)
             return "dropped"
         pause = ATTEMPT_PAUSE
         attempt = 0
@@ -327,18 +268,9 @@ class GuardedReplies:
             if attempt and self._stopping.is_set():
                 return "failed"
             with self._lock:  # again at each attempt: a reconnection learns the own node
-                if address.node_key in self._dead or (
-                    address.client_channel in self._dead_channels
-                ):
-                    kind = "dead"
-                elif self._alive.seen(address.node_key):
-                    kind = None
-                elif time.monotonic() < self._probe_after:
-                    kind = "unprobed"
-                else:
-                    kind = None
+                kind = self._unsendable(address)
             if kind is not None:
-                self._dropped(kind, address)
+                self._warnings.dropped(kind, address)
                 return "dropped"
             attempt += 1
             try:
@@ -392,26 +324,6 @@ class GuardedReplies:
             DEAD_FOR,
         )
 
-    def _dropped(self, kind: str, address: ReplyAddress | None, reply_to: str = "") -> None:
-        if kind == "dead":
-            self._warnings.warn(
-                kind,
-                "reply dropped: its node %r (or client channel) was found not running "
-                "within %.0f s",
-                address.node,
-                DEAD_FOR,
-            )
-        elif kind == "unprobed":
-            self._warnings.warn(
-                kind,
-                "reply dropped: its node %r was never seen running, and no such node is "
-                "tried for %.0f s after one failed (forged reply-to addresses?)",
-                address.node,
-                PROBE_PAUSE,
-            )
-        else:
-            self._warnings.warn(kind, "reply dropped: %r is no reply-to address", reply_to[:80])
-
     def _learn_now(self) -> None:
         try:
             if self._channel is not None and self._channel.is_open:
@@ -423,34 +335,9 @@ class GuardedReplies:
             self._close()
 
     def _learn(self, connection) -> None:
-        """Learn the node of the guard's connection from its own direct reply-to
-        address, which the broker writes into a message it returns unroutable."""
-        returned: list[str | None] = []
-        try:
-            channel = connection.channel()
-            channel.basic_consume("amq.rabbitmq.reply-to", lambda *_: None, auto_ack=True)
-            channel.add_on_return_callback(
-                lambda _c, _m, props, _b: returned.append(props.reply_to)
-            )
-            channel.basic_publish(
-                "",
-                f"{LEARN_ROUTING_KEY}.{uuid.uuid4().hex}",
-                b"",
-                pika.BasicProperties(reply_to="amq.rabbitmq.reply-to"),
-                mandatory=True,
-            )
-            deadline = time.monotonic() + SOCKET_TIMEOUT
-            while not returned and time.monotonic() < deadline and channel.is_open:
-                connection.process_data_events(time_limit=0.05)
-            if channel.is_open:
-                channel.close()
-        except AMQPChannelError as exc:  # no permission, say: learnt by replies instead
-            log.warning("guard could not learn its node: %s", exc)
-            return
-        own = returned[0] if returned else None
-        address = check(own)
+        """Learn the node of the guard's connection: it runs."""
+        address = learn_own_address(connection, SOCKET_TIMEOUT)
         if address is None:
-            log.warning("guard could not learn its node: the broker wrote %r", own)
             return
         with self._lock:
             self._own = address.node_key
@@ -462,19 +349,8 @@ class GuardedReplies:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self._close()
-        parameters = copy.copy(self._parameters())
-        parameters.client_properties = {
-            **(parameters.client_properties or {}),
-            "connection_name": self._name,
-        }
-        # the pool's heartbeat when it is shorter (a cut link is noticed as soon on
-        # this connection as on the consumers'), else HEARTBEAT
-        configured = parameters.heartbeat
-        if not (isinstance(configured, int) and 0 < configured < HEARTBEAT):
-            configured = HEARTBEAT
-        parameters.heartbeat = self._heartbeat = configured
-        parameters.socket_timeout = SOCKET_TIMEOUT
-        parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
+        parameters = _guard_parameters(self._parameters(), self._name)
+        self._heartbeat = parameters.heartbeat
         self._connection = pika.BlockingConnection(parameters)
         self.connections_opened += 1
         try:
@@ -493,6 +369,27 @@ class GuardedReplies:
                 connection.close()
             except (AMQPError, OSError):
                 pass
+
+
+def _guard_parameters(
+    pool_parameters: pika.ConnectionParameters, name: str
+) -> pika.ConnectionParameters:
+    """The guard's connection parameters: the pool's current broker address under
+    the guard's own name, with short timeouts, and the pool's heartbeat when it is
+    shorter (a cut link is noticed as soon on this connection as on the
+    consumers'), else ``HEARTBEAT``."""
+    parameters = copy.copy(pool_parameters)
+    parameters.client_properties = {
+        **(parameters.client_properties or {}),
+        "connection_name": name,
+    }
+    configured = parameters.heartbeat
+    if not (isinstance(configured, int) and 0 < configured < HEARTBEAT):
+        configured = HEARTBEAT
+    parameters.heartbeat = configured
+    parameters.socket_timeout = SOCKET_TIMEOUT
+    parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
+    return parameters
 
 
 def _too_large_instead(reply: GuardedReply) -> bool:
