@@ -68,6 +68,27 @@ class Outcome:
         """The store was unavailable: requeue, another attempt may succeed."""
         return self.body is None
 
+    @classmethod
+    def unavailable(cls, operation: str) -> Outcome:
+        """The store could not be reached: no reply, the request is tried again
+        (settle.disposition makes that a requeue, or on a lane a give-back)."""
+        return cls(None, "unavailable", operation)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A transactional request of a batch, checked, waiting to run."""
+
+    index: int  # its place in the batch (and in the outcomes)
+    op: protocol.Operation
+    args: dict
+    request_id: str | None  # its idempotency key (a write's message_id)
+    frames: bool  # whether its reply may use binary frames
+
+    def encoded(self):
+        """What ``execute`` and ``execute_many`` take for it."""
+        return (self.op.name, self.args, _encoder(self.op, self.frames), self.request_id)
+
 
 class Dispatcher:
     """Runs requests against a PostgresDataSource."""
@@ -145,7 +166,7 @@ class Dispatcher:
         of its own, so one bad request never fails or delays another's effect.
         """
         outcomes: list[Outcome | None] = [None] * len(requests)
-        pending = []  # (index, op, args, request_id, frames) of the transactional requests
+        pending: list[_Pending] = []  # the transactional requests
         for index, request in enumerate(requests):
             operation = "?"
             try:
@@ -156,9 +177,9 @@ class Dispatcher:
                 request_id = self._request_id(op, message_id)
                 frames = protocol.accepts_frames(request.headers)
                 if op.transactional:
-                    pending.append((index, op, args, request_id, frames))
+                    pending.append(_Pending(index, op, args, request_id, frames))
                 else:  # commits batch by batch itself; naturally idempotent
-                    outcomes[index] = self._guarded(
+                    outcomes[index] = self._outcome_of(
                         operation, lambda op=op, a=args, f=frames: self._direct(op, a, f)
                     )
             except ProtocolError as exc:
@@ -166,53 +187,50 @@ class Dispatcher:
             except Exception as exc:  # a bug, not the sender's fault: answer, don't die
                 log.exception("%s: unexpected error", operation)
                 outcomes[index] = _failed(operation, exc)
-        ids = [p[3] for p in pending if p[3] is not None]
+        ids = [p.request_id for p in pending if p.request_id is not None]
         if len(pending) > 1 and len(ids) == len(set(ids)):
             try:
                 self._together(pending, outcomes)
             except DataSpaceConnectionError as exc:  # every one of them waits
                 log.warning("store unavailable, %d requests will be retried: %s", len(ids), exc)
-                for index, op, *_ in pending:
-                    outcomes[index] = Outcome(None, "unavailable", op.name)
-        for index, op, args, request_id, frames in pending:
-            if outcomes[index] is None:
-                outcomes[index] = self._guarded(
-                    op.name,
-                    lambda op=op, a=args, r=request_id, f=frames: self._alone(op, a, r, f),
-                )
+                for p in pending:
+                    outcomes[p.index] = Outcome.unavailable(p.op.name)
+        for p in pending:
+            if outcomes[p.index] is None:
+                outcomes[p.index] = self._outcome_of(p.op.name, lambda p=p: self._alone(p))
         return outcomes
 
-    def _together(self, pending, outcomes) -> None:
+    def _together(self, pending: list[_Pending], outcomes) -> None:
         """One transaction for every pending request; on failure, outcomes stay unset
         (each request then runs alone and the failing one reports its own error)."""
         try:
-            results = self.datasource.execute_many(
-                [(op.name, args, _encoder(op, f), rid) for _i, op, args, rid, f in pending]
-            )
+            results = self.datasource.execute_many([p.encoded() for p in pending])
         except DataSpaceConnectionError:
             raise
         except Exception as exc:
             log.debug("a batch of %d failed (%s); running each alone", len(pending), exc)
             return
-        for (index, op, *_), (reply, replayed) in zip(pending, results, strict=True):
-            outcomes[index] = Outcome(reply, "ok", op.name, replayed=replayed)
+        for p, (reply, replayed) in zip(pending, results, strict=True):
+            outcomes[p.index] = Outcome(reply, "ok", p.op.name, replayed=replayed)
 
     def _direct(self, op, args, frames: bool) -> Outcome:
         result = getattr(self.datasource, op.name)(**args)
         return Outcome(protocol.encode_result(op, result, frames), "ok", op.name)
 
-    def _alone(self, op, args, request_id, frames: bool) -> Outcome:
-        reply, replayed = self.datasource.execute(op.name, args, _encoder(op, frames), request_id)
-        return Outcome(reply, "ok", op.name, replayed=replayed)
+    def _alone(self, pending: _Pending) -> Outcome:
+        reply, replayed = self.datasource.execute(*pending.encoded())
+        return Outcome(reply, "ok", pending.op.name, replayed=replayed)
 
     @staticmethod
-    def _guarded(operation: str, action) -> Outcome:
-        """``action()``'s outcome, or the outcome of the error it raised."""
+    def _outcome_of(operation: str, action) -> Outcome:
+        """``action()``'s outcome, or the outcome of the error it raised. A
+        ``DataSpaceConnectionError`` (the store is unavailable, or a reap was cut
+        short) is the one error that means "try again later"."""
         try:
             return action()
         except DataSpaceConnectionError as exc:
             log.warning("%s: store unavailable, request will be retried: %s", operation, exc)
-            return Outcome(None, "unavailable", operation)
+            return Outcome.unavailable(operation)
         except ProtocolError as exc:
             return _refused(operation, exc)
         except (KeyError, ValueError, TypeError, NotImplementedError, DataSpaceError) as exc:
