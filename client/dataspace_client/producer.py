@@ -19,10 +19,12 @@ returns, and its errors raise there.
 
 from __future__ import annotations
 
+from dataspace_core.catalog import named
 from dataspace_core.datasource import DataSource
 
-#: the operations a producer sends; each returns None on the producer
-WRITES = ("insert", "update", "duplicate_datablock", "mark_expired", "mark_demented", "delete")
+#: the operations a producer sends (the catalog's ``fire_and_forget``); each returns
+#: None on the producer
+WRITES = named(lambda spec: spec.fire_and_forget)
 
 
 class Producer:

@@ -11,26 +11,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 
-#: What a DataSpace calls on its datasource: the decision engine's DataSource API.
-#: A datasource class from elsewhere (the engine's own, a site's) is accepted
-#: whatever its base class if it has these; the methods this package adds
-#: (delete, mark_expired, mark_demented, reap, publish) are optional.
-REQUIRED_METHODS = (
-    "close",
-    "store_taskmanager",
-    "get_taskmanager",
-    "get_taskmanagers",
-    "get_last_generation_id",
-    "insert",
-    "update",
-    "get_dataproduct",
-    "get_dataproducts",
-    "get_datablock",
-    "get_header",
-    "get_metadata",
-    "duplicate_datablock",
-    "delete_data_older_than",
-)
+from .catalog import named
+
+#: What a DataSpace calls on its datasource: the decision engine's DataSource API
+#: (the catalog's ``engine_api`` operations) and ``close``. A datasource class from
+#: elsewhere (the engine's own, a site's) is accepted whatever its base class if it
+#: has these; the methods this package adds (delete, mark_expired, mark_demented,
+#: reap, publish) are optional.
+REQUIRED_METHODS = ("close", *named(lambda spec: spec.engine_api))
 
 
 def missing_methods(cls: type) -> list[str]:

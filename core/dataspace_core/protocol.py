@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as _dt
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import fields
 from typing import Any
 
 import orjson
 
+from .catalog import CATALOG, OperationSpec, Unpack
 from .errors import (
     DataSpaceConnectionError,
     DataSpaceError,
@@ -34,7 +33,6 @@ from .errors import (
     DataSpaceRequestError,
     DataSpaceTooLargeError,
 )
-from .validate import SIGNATURES
 
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -122,10 +120,6 @@ class ProtocolError(DataSpaceRequestError):
 
 
 # -- value codecs -----------------------------------------------------------------
-Pack = Callable[[bytes], Any]  # bytes -> what stands for them in the JSON
-Unpack = Callable[[Any], bytes]  # the reverse
-
-
 class _Packer:
     """Collects the values of one message, to follow its JSON in a frame."""
 
@@ -195,120 +189,26 @@ def content_type(body: bytes) -> str:
     return FRAME_CONTENT_TYPE if body[: len(FRAME_MAGIC)] == FRAME_MAGIC else CONTENT_TYPE
 
 
-def _same(value: Any, _codec=None) -> Any:
-    return value
-
-
-def _value(value: Any, codec) -> Any:
-    return codec(value)
-
-
-def _products(products: list[dict], codec) -> list[dict]:
-    return [{**p, "value": codec(p["value"])} for p in products]
-
-
-def _block(block: dict, codec) -> dict:
-    return {k: codec(v) for k, v in block.items()}
-
-
-def _decode_taskmanager(row: dict, _unpack=None) -> dict:
-    return {**row, "datestamp": _dt.datetime.fromisoformat(row["datestamp"])}
-
-
-def _decode_taskmanagers(rows: list[dict], _unpack=None) -> list[dict]:
-    return [_decode_taskmanager(r) for r in rows]
-
-
-def _to_tuple(value: list, _unpack=None) -> tuple:
-    return tuple(value)
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One request type: its parameters in call order and how its values travel."""
-
-    name: str
-    write: bool
-    #: parameters whose value is bytes (framed after the JSON on the wire)
-    binary: tuple[str, ...] = ()
-    #: worker side: (result, pack) -> JSON-able
-    encode_result: Callable[[Any, Pack], Any] = _same
-    #: client side: (JSON, unpack) -> result
-    decode_result: Callable[[Any, Unpack], Any] = _same
-
-    #: False for work that commits in many short transactions of its own (a reap):
-    #: run as a plain call, outside the idempotency record
-    transactional: bool = True
-
-    @property
-    def lane_argument(self) -> str | None:
-        """The argument that names the task manager (its ``sequence_id``), by which
-        ordering lanes route this request; None for requests that name none."""
-        return None if self.name in _NOT_BY_SEQUENCE_ID else "taskmanager_id"
+class Operation(OperationSpec):
+    """One request type on the wire: its ``catalog`` description and its routing keys."""
 
     @property
     def routing_key(self) -> str:
         """Data operations go to the request queue, a reap to the reaper's queue."""
-        return REAP_ROUTING_KEY if self.name == "reap" else ROUTING_PREFIX + self.name
+        return REAP_ROUTING_KEY if self.by_reaper else ROUTING_PREFIX + self.name
 
     @property
     def lane_routing_key(self) -> str:
         """The routing key of this operation through the ordering lanes."""
         return LANE_ROUTING_PREFIX + self.name
 
-    @property
-    def params(self) -> tuple[str, ...]:
-        """Parameter names in call order (validate.SIGNATURES is the one source)."""
-        return tuple(SIGNATURES[self.name])
+
+def _on_the_wire(spec: OperationSpec) -> Operation:
+    return Operation(**{field.name: getattr(spec, field.name) for field in fields(spec)})
 
 
-#: operations whose ``taskmanager_id``, if any, is a task manager's UUID, not its
-#: sequence_id, or that touch many task managers: never routed by lane
-_NOT_BY_SEQUENCE_ID = frozenset(
-    {
-        "store_taskmanager",
-        "get_taskmanager",
-        "get_taskmanagers",
-        "get_last_generation_id",
-        "delete_data_older_than",
-        "get_schema",
-        "create_tables",
-        "reap",
-    }
-)
-
-OPERATIONS: dict[str, Operation] = {
-    op.name: op
-    for op in (
-        Operation("store_taskmanager", True),
-        Operation(
-            "get_taskmanager",
-            False,
-            decode_result=_decode_taskmanager,
-        ),
-        Operation(
-            "get_taskmanagers",
-            False,
-            decode_result=_decode_taskmanagers,
-        ),
-        Operation("get_last_generation_id", False),
-        Operation("insert", True, binary=("value",)),
-        Operation("update", True, binary=("value",)),
-        Operation("get_dataproduct", False, encode_result=_value, decode_result=_value),
-        Operation("get_dataproducts", False, encode_result=_products, decode_result=_products),
-        Operation("get_datablock", False, encode_result=_block, decode_result=_block),
-        Operation("get_header", False, decode_result=_to_tuple),
-        Operation("get_metadata", False, decode_result=_to_tuple),
-        Operation("duplicate_datablock", True),
-        Operation("delete_data_older_than", True),
-        Operation("delete", True),
-        Operation("mark_expired", True),
-        Operation("mark_demented", True),
-        Operation("get_schema", False),
-        Operation("create_tables", True),
-        Operation("reap", True, transactional=False),
-    )
-}
+#: every operation, as ``catalog.CATALOG`` describes it, with its routing keys
+OPERATIONS: dict[str, Operation] = {name: _on_the_wire(spec) for name, spec in CATALOG.items()}
 
 
 def operation_named_by(routing_key: str | None) -> str | None:
@@ -322,7 +222,7 @@ def operation_named_by(routing_key: str | None) -> str | None:
     for prefix in (ROUTING_PREFIX, LANE_ROUTING_PREFIX):
         if routing_key.startswith(prefix):
             name = routing_key[len(prefix) :]
-            return name if name in OPERATIONS and name != "reap" else None
+            return name if name in OPERATIONS and not OPERATIONS[name].by_reaper else None
     return None
 
 

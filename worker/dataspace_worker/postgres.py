@@ -28,7 +28,7 @@ DataSpaceExistsError for duplicates, DataSpaceConnectionError when the database
 stays unreachable.
 
 Processes: a PostgresDataSource made before a fork works in the child, which
-drops the parent's sessions without ending them (``pool.drop_inherited``) and
+drops the parent's sessions without ending them (``db_pool.drop_inherited``) and
 opens its own on demand; the parent's sessions carry on. One dropped without
 ``close()`` closes its connections when it is collected.
 """
@@ -36,13 +36,9 @@ opens its own on demand; the parent's sessions carry on. One dropped without
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
-import time
 import weakref
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg2
@@ -57,12 +53,14 @@ from dataspace_core.datasource import (
 from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
-    DataSpaceError,
-    DataSpaceExistsError,
 )
 
-from . import idempotency, metrics, operations, schema, sql
-from .pool import ConnectionPool, drop_inherited
+from . import idempotency, queries, schema
+from .apply_requests import Prepared, apply_many, apply_one
+from .db_errors import translate
+from .db_pool import KEEPALIVES, ConnectionPool
+from .health_connection import HealthConnection
+from .reaping import Reaping
 from .retry import connection_retry, is_connection_error, is_tls_refusal, refusal
 
 log = logging.getLogger(__name__)
@@ -87,47 +85,6 @@ def _setting(config: dict, name: str, default, kinds, minimum=None, optional=Fal
     return value
 
 
-_KEY_DETAIL = re.compile(r"Key \((\w+)\)=\(([^)]*)\)")
-
-
-def _translate(exc: psycopg2.Error) -> BaseException:
-    """The API's exception for a database error that retrying will not cure."""
-    diag = getattr(exc, "diag", None)
-    first_line = (diag and diag.message_primary) or str(exc).strip() or type(exc).__name__
-    if isinstance(exc, psycopg2.errors.UniqueViolation):
-        return DataSpaceExistsError(f"already stored: {exc.diag.message_detail or first_line}")
-    if isinstance(exc, psycopg2.errors.ForeignKeyViolation):
-        # the detail is PostgreSQL's sentence ("Key (taskmanager_id)=(999) is not
-        # present in table ..."): a caller wants the id it named, not SQL
-        found = _KEY_DETAIL.search(exc.diag.message_detail or "")
-        named = f" with {found.group(1)} {found.group(2)}" if found else ""
-        return KeyError(f"no such task manager{named}")
-    if isinstance(exc, psycopg2.errors.CheckViolation):
-        return ValueError(f"value out of range: {first_line}")
-    if isinstance(exc, (psycopg2.DataError, psycopg2.errors.ProgramLimitExceeded)):
-        return ValueError(first_line)
-    return DataSpaceError(f"database error: {first_line}")
-
-
-class ReapInterrupted(DataSpaceConnectionError):
-    """The worker is stopping: a reap stops between two batches (and is redelivered)."""
-
-
-#: TCP keepalives on both ends of every pooled connection. A worker whose link is cut
-#: in the middle of a transaction leaves its session open on the server, holding
-#: the idempotency claims of the requests the broker then gives to other workers,
-#: whose claims wait on them: with the server's default (2 h before the first probe)
-#: a healthy worker stalled until the link came back (tests/faults/test_hosts.py).
-#: With these the server ends such a session (and rolls it back) in about 20 s, and
-#: the worker notices a dead server as soon.
-KEEPALIVES = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 3,
-    "keepalives_count": 3,
-    "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3",
-}
-
 #: bytes over which a transaction's connection is closed after it (see _transaction)
 LARGE_TRANSACTION = 4 * 1024 * 1024
 
@@ -144,123 +101,7 @@ def _payload(value, depth: int = 0) -> int:
     return 0
 
 
-def _fetchone(cur, query: str, params: dict):
-    cur.execute(query, params)
-    return cur.fetchone()
-
-
-def _count(cur, query: str, params: dict) -> int:
-    """Rows a statement removed: its SELECT count(*) result, or its rowcount."""
-    cur.execute(query, params)
-    return cur.fetchone()[0] if cur.description else cur.rowcount
-
-
-def _known_reply(operation: str, encode) -> bytes | None:
-    """The reply of an operation that returns nothing, known before it runs."""
-    return encode(None) if operation in operations.RETURN_NOTHING else None
-
-
-def _apply(cur, operation, body, checked, encode, request_id) -> tuple[bytes, bool]:
-    """One request inside the caller's transaction: ``(reply, replayed)``."""
-    known = _known_reply(operation, encode)
-    if request_id is not None:
-        stored = idempotency.claim(cur, request_id, operation, known)
-        if stored is not None:
-            return stored, True
-    result = body(cur, checked)
-    if known is not None:
-        return known, False
-    reply = encode(result)
-    if request_id is not None:
-        idempotency.record(cur, request_id, reply)
-    return reply, False
-
-
-def _apply_all(cur, prepared: list) -> list[tuple[bytes, bool]]:
-    """Many requests inside the caller's transaction, in as few statements as it
-    takes: one claim for all, consecutive inserts as one statement, one record
-    for the replies not known in advance."""
-    known = [_known_reply(r[0], r[3]) for r in prepared]
-    stored = idempotency.claim_many(
-        cur, [(r[4], r[0], k) for r, k in zip(prepared, known, strict=True) if r[4] is not None]
-    )
-    results: list[tuple[bytes, bool] | None] = [None] * len(prepared)
-    inserts: list[int] = []  # a run of consecutive inserts, applied together
-
-    recorded = []
-
-    def done(index: int, result) -> None:
-        request_id, encode = prepared[index][4], prepared[index][3]
-        reply = known[index] if known[index] is not None else encode(result)
-        results[index] = (reply, False)
-        if request_id is not None and known[index] is None:
-            recorded.append((request_id, reply))
-
-    def apply_inserts():
-        if inserts:
-            operations.insert_many(cur, [prepared[i][2] for i in inserts])
-            for i in inserts:
-                done(i, None)
-            inserts.clear()
-
-    for index, (operation, body, checked, _encode, request_id) in enumerate(prepared):
-        if request_id in stored:
-            results[index] = (stored[request_id], True)
-        elif operation == "insert":
-            inserts.append(index)
-        else:
-            apply_inserts()
-            done(index, body(cur, checked))
-    apply_inserts()
-    idempotency.record_many(cur, recorded)
-    return results
-
-
-class _HealthConnection:
-    """The connection ``ping`` keeps, outside the pool, and the process it belongs to."""
-
-    def __init__(self):
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.conn = None
-        _HEALTH.add(self)
-
-    def check_process(self) -> None:
-        """In a forked child: drop the parent's connection without ending its session
-        (in use if a parent thread held the lock at the fork), and take a fresh lock."""
-        if self.pid == os.getpid():
-            return
-        conn, self.conn = self.conn, None
-        busy = self.lock.locked()
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        if conn is not None:
-            drop_inherited(conn, busy)
-
-    def close(self) -> None:
-        self.check_process()
-        with self.lock:
-            conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
-
-
-#: every live _HealthConnection of this process, for the after-fork hook
-_HEALTH: weakref.WeakSet = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for health in list(_HEALTH):
-        try:
-            health.check_process()
-        except Exception:  # pragma: no cover - never let one break the others
-            log.exception("dropping the parent's health connection failed")
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _release(pool: ConnectionPool, health: _HealthConnection) -> None:
+def _release(pool: ConnectionPool, health: HealthConnection) -> None:
     """The finalizer of a PostgresDataSource collected without ``close()``: holds
     its pool and health connection, never the datasource. Both are fork-aware: in
     a forked child only the child's own connections are closed."""
@@ -271,7 +112,7 @@ def _release(pool: ConnectionPool, health: _HealthConnection) -> None:
         log.exception("PostgresDataSource dropped without close(): closing its connections failed")
 
 
-class PostgresDataSource(DataSource):
+class PostgresDataSource(Reaping, DataSource):
     """The DataSource on PostgreSQL; thread-safe, one pool of connections."""
 
     def __init__(self, config: dict, stop_event: threading.Event | None = None):
@@ -290,7 +131,7 @@ class PostgresDataSource(DataSource):
         self.reap_batch = _setting(config, "reap_batch", 5000, (int,), minimum=1)
         self._stop_event = stop_event
         self._pool: ConnectionPool | None = None
-        self._health = _HealthConnection()
+        self._health = HealthConnection()
         self._new_pool()
         self.connect()
 
@@ -367,7 +208,7 @@ class PostgresDataSource(DataSource):
                 raise DataSpaceConnectionError(
                     f"database unavailable: {str(exc).strip() or type(exc).__name__}"
                 ) from None
-            raise _translate(exc) from None
+            raise translate(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _once(self, work: Callable[[Any], T]) -> T:
@@ -410,7 +251,7 @@ class PostgresDataSource(DataSource):
 
     def _run(self, operation: str, args: dict) -> Any:
         checked = validate.check(operation, args)
-        body = operations.OPERATIONS[operation]
+        body = queries.BODIES[operation]
         return self._transaction(lambda cur: body(cur, checked))
 
     def execute(
@@ -440,135 +281,19 @@ class PostgresDataSource(DataSource):
         largest cost of a small write). Request ids must be distinct.
         """
         prepared = [
-            (operation, operations.OPERATIONS[operation], validate.check(operation, args), e, rid)
+            Prepared(operation, queries.BODIES[operation], validate.check(operation, args), e, rid)
             for operation, args, e, rid in requests
         ]
-
         if len(prepared) == 1:
-            return self._transaction(lambda cur: [_apply(cur, *prepared[0])])
-        return self._transaction(lambda cur: _apply_all(cur, prepared))
-
-    #: seconds between two "reap in progress" log lines of a long reap (at most one
-    #: per batch, so a batch longer than this gets one line)
-    reap_progress_interval = 5.0
-
-    def reap(self, days):
-        """Delete task managers older than ``days`` days, and their products, in batches.
-
-        Unlike ``delete_data_older_than`` (one transaction), this runs many short
-        transactions of at most ``reap_batch`` rows each, so other task managers'
-        reads and writes carry on while it works; the cut-off is fixed when it
-        starts. Interrupted, it leaves a consistent store and the next reap
-        continues. One reap runs at a time per database (an advisory lock); a
-        second one returns at once with ``skipped`` true. Recorded in
-        ``dataspace_reap``. Returns ``{"taskmanagers": n, "dataproducts": m,
-        "batches": b, "seconds": s, "skipped": bool}``.
-
-        Logs a progress line at most every ``reap_progress_interval`` seconds while
-        it runs and one summary line at the end; counts deleted rows in
-        ``dataspace_reap_deleted_rows_total`` as each batch commits, and a complete
-        reap in ``dataspace_reap_last_success_timestamp_seconds`` and
-        ``dataspace_reap_last_duration_seconds``.
-        """
-        args = validate.check("reap", {"days": days})
-        clock = time.monotonic()
-        totals = {"taskmanagers": 0, "dataproducts": 0, "batches": 0}
-        with self._reap_lock() as acquired:
-            if not acquired:
-                log.info("another reap is running on this database; skipping this one")
-                return {**totals, "seconds": 0.0, "skipped": True}
-            self._reap_batches(args, totals, clock)
-        seconds = time.monotonic() - clock
-        metrics.REAP_LAST_DURATION.set(seconds)
-        metrics.REAP_LAST_SUCCESS.set_to_current_time()
-        log.info(
-            "reaped task managers older than %s days: %d task managers, %d products "
-            "in %d batches, %.1f s",
-            args["days"],
-            totals["taskmanagers"],
-            totals["dataproducts"],
-            totals["batches"],
-            seconds,
-        )
-        return {**totals, "seconds": round(seconds, 3), "skipped": False}
-
-    def _reap_batches(self, args: dict, totals: dict, clock: float) -> None:
-        cutoff, started_at = self._transaction(lambda cur: _fetchone(cur, sql.REAP_CUTOFF, args))
-        params = {"cutoff": cutoff, "batch": self.reap_batch}
-        last_line = clock
-        for statement, counted, table in (
-            (sql.REAP_PRODUCTS, "dataproducts", "dataproduct"),
-            (sql.REAP_TASKMANAGERS, "taskmanagers", "taskmanager"),
-        ):
-            # Until a batch finds nothing: a short batch may only mean that rows it
-            # picked were deleted meanwhile by someone else.
-            while True:
-                if self._stop_event is not None and self._stop_event.is_set():
-                    raise ReapInterrupted(f"reap interrupted after {totals}; the next continues")
-                deleted = self._transaction(lambda cur, q=statement: _count(cur, q, params))
-                totals[counted] += deleted
-                totals["batches"] += 1
-                metrics.REAP_DELETED_ROWS.labels(table).inc(deleted)
-                now = time.monotonic()
-                if now - last_line >= self.reap_progress_interval:
-                    last_line = now
-                    log.info(
-                        "reap in progress: %d batches, %d products and %d task managers "
-                        "deleted so far, %.1f s",
-                        totals["batches"],
-                        totals["dataproducts"],
-                        totals["taskmanagers"],
-                        now - clock,
-                    )
-                if deleted == 0:
-                    break
-        record = {**args, **totals, "started_at": started_at}
-        self._transaction(lambda cur: cur.execute(sql.RECORD_REAP, record))
-
-    @contextmanager
-    def _reap_lock(self):
-        """Hold the database-wide reap lock on a connection of its own, if free."""
-        conn = self._retrying(
-            lambda: psycopg2.connect(
-                self.dsn, connect_timeout=self.connect_timeout, application_name="dataspace-reap"
-            )
-        )
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql.TRY_REAP_LOCK, (sql.REAP_LOCK_KEY,))
-                acquired = cur.fetchone()[0]
-            yield acquired
-        finally:
-            conn.close()  # ends the session, and with it the lock
-
-    def seconds_since_last_reap(self) -> float | None:
-        """Seconds since the last recorded reap finished, or None if there was none."""
-        age = self._transaction(lambda cur: _fetchone(cur, sql.LAST_REAP_AGE, {}))[0]
-        return None if age is None else float(age)
+            return self._transaction(lambda cur: [apply_one(cur, prepared[0])])
+        return self._transaction(lambda cur: apply_many(cur, prepared))
 
     def ping(self, timeout: int = 2) -> bool:
         """Whether PostgreSQL answers ``SELECT 1`` now, on a connection of its own.
 
         For health checks: no retry, no wait for a pooled connection.
         """
-        health = self._health
-        health.check_process()
-        with health.lock:
-            try:
-                if health.conn is None or health.conn.closed:
-                    health.conn = psycopg2.connect(
-                        self.dsn, connect_timeout=timeout, application_name="dataspace-health"
-                    )
-                    health.conn.autocommit = True
-                with health.conn.cursor() as cur:
-                    cur.execute("SELECT 1")
-                return True
-            except psycopg2.Error:
-                if health.conn is not None:
-                    health.conn.close()
-                health.conn = None
-                return False
+        return self._health.ping(self.dsn, timeout)
 
     @property
     def pool_in_use(self) -> int:

@@ -1,10 +1,11 @@
 """The body of every DataSpace operation, run on a cursor inside a transaction.
 
 Each function takes a cursor and the operation's checked arguments (see
-``dataspace_core.validate.SIGNATURES``) and returns the result. None commits:
-the caller owns the transaction, so a request's effect and its idempotency
-record commit together (``PostgresDataSource.execute``). A missing row raises
-KeyError, which rolls the transaction back.
+``dataspace_core.catalog``) and returns the result; ``BODIES`` names each one
+for its operation. None commits: the caller owns the transaction, so a
+request's effect and its idempotency record commit together
+(``PostgresDataSource.execute``). A missing row raises KeyError, which rolls the
+transaction back. The SQL text is in ``sql.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extras import execute_values
 
-from dataspace_core import validate
+from dataspace_core import catalog, checks
 
 from . import schema, sql
 from .copy_rows import CHUNK, ProductRowStream, ValueSink
@@ -36,8 +37,9 @@ def _named(args: Args) -> str:
     return f"{args['taskmanager_name']!r:.200}{suffix}"
 
 
-def _one(cur, query: str, args: Args):
-    cur.execute(query, args)
+def one_row(cur, query: str, params: Args):
+    """The first row ``query`` returns, or None."""
+    cur.execute(query, params)
     return cur.fetchone()
 
 
@@ -57,16 +59,16 @@ def _write_params(args: Args) -> dict:
 
 
 def _newest_generation(cur, args: Args) -> int | None:
-    return _one(cur, sql.NEWEST_GENERATION, args)[0]
+    return one_row(cur, sql.NEWEST_GENERATION, args)[0]
 
 
 # -- task managers ------------------------------------------------------------------
 def store_taskmanager(cur, args: Args) -> int:
-    return _one(cur, sql.STORE_TASKMANAGER, args)[0]
+    return one_row(cur, sql.STORE_TASKMANAGER, args)[0]
 
 
 def get_taskmanager(cur, args: Args) -> dict:
-    row = _one(cur, sql.GET_TASKMANAGER, args)
+    row = one_row(cur, sql.GET_TASKMANAGER, args)
     if row is None:
         raise KeyError(f"no task manager named {_named(args)}")
     return _taskmanager(row)
@@ -78,7 +80,7 @@ def get_taskmanagers(cur, args: Args) -> list[dict]:
 
 
 def get_last_generation_id(cur, args: Args) -> int:
-    (generation,) = _one(cur, sql.GET_LAST_GENERATION_ID, args)
+    (generation,) = one_row(cur, sql.GET_LAST_GENERATION_ID, args)
     if generation is None:
         raise KeyError(f"no products for task manager {_named(args)}")
     return generation
@@ -136,12 +138,12 @@ def _insert_small(cur, many: list[Args]) -> None:
 
 
 def update(cur, args: Args) -> None:
-    if _one(cur, sql.UPDATE, _write_params(args)) != (1, 1, 1):
+    if one_row(cur, sql.UPDATE, _write_params(args)) != (1, 1, 1):
         raise KeyError(_product_missing(args))
 
 
 def get_dataproduct(cur, args: Args) -> bytes:
-    row = _one(cur, sql.GET_SMALL_DATAPRODUCT, {**args, "copy_from": COPY_FROM_BYTES})
+    row = one_row(cur, sql.GET_SMALL_DATAPRODUCT, {**args, "copy_from": COPY_FROM_BYTES})
     if row is None:
         raise KeyError(_product_missing(args))
     if row[0] is not None:
@@ -168,14 +170,14 @@ def get_datablock(cur, args: Args) -> dict[str, bytes]:
 
 
 def get_header(cur, args: Args) -> tuple:
-    row = _one(cur, sql.GET_HEADER, args)
+    row = one_row(cur, sql.GET_HEADER, args)
     if row is None:
         raise KeyError(_product_missing(args))
     return tuple(row)
 
 
 def get_metadata(cur, args: Args) -> tuple:
-    row = _one(cur, sql.GET_METADATA, args)
+    row = one_row(cur, sql.GET_METADATA, args)
     if row is None:
         raise KeyError(_product_missing(args))
     return tuple(row)
@@ -186,7 +188,7 @@ def duplicate_datablock(cur, args: Args) -> None:
 
 
 def delete_data_older_than(cur, args: Args) -> dict[str, int]:
-    (products,) = _one(cur, sql.COUNT_PRODUCTS_OLDER_THAN, args)
+    (products,) = one_row(cur, sql.COUNT_PRODUCTS_OLDER_THAN, args)
     cur.execute(sql.DELETE_OLDER_THAN, args)
     return {"taskmanagers": cur.rowcount, "dataproducts": products}
 
@@ -197,7 +199,7 @@ def delete(cur, args: Args) -> int:
         generation = _newest_generation(cur, args)
         if generation is None:
             return 0
-    return _one(cur, sql.DELETE_GENERATIONS, {**args, "generation_id": generation})[0]
+    return one_row(cur, sql.DELETE_GENERATIONS, {**args, "generation_id": generation})[0]
 
 
 def mark_expired(cur, args: Args) -> None:
@@ -228,7 +230,7 @@ def mark_demented(cur, args: Args) -> int:
 
 def get_schema(cur, args: Args):
     table = args["table"]
-    tables = [table] if table else list(validate.TABLES)
+    tables = [table] if table else list(checks.TABLES)
     described: dict[str, list[dict]] = {t: [] for t in tables}
     cur.execute(sql.GET_SCHEMA, {"tables": tables})
     for table_name, column, data_type, nullable, default in cur.fetchall():
@@ -243,9 +245,27 @@ def create_tables(cur, args: Args) -> list[int]:
 
 
 #: operations whose result is None: their reply is known before they run
-RETURN_NOTHING = frozenset({"insert", "update", "duplicate_datablock", "mark_expired"})
+RETURN_NOTHING = catalog.RETURN_NOTHING
 
-#: every operation that runs in one transaction (a reap runs in many: PostgresDataSource.reap)
-OPERATIONS: dict[str, Callable[[Any, Args], Any]] = {
-    name: globals()[name] for name in validate.SIGNATURES if name != "reap"
+#: operation -> its body, for every operation that runs in one transaction (a reap
+#: runs in many: reaping.py)
+BODIES: dict[str, Callable[[Any, Args], Any]] = {
+    "store_taskmanager": store_taskmanager,
+    "get_taskmanager": get_taskmanager,
+    "get_taskmanagers": get_taskmanagers,
+    "get_last_generation_id": get_last_generation_id,
+    "insert": insert,
+    "update": update,
+    "get_dataproduct": get_dataproduct,
+    "get_dataproducts": get_dataproducts,
+    "get_datablock": get_datablock,
+    "get_header": get_header,
+    "get_metadata": get_metadata,
+    "duplicate_datablock": duplicate_datablock,
+    "delete_data_older_than": delete_data_older_than,
+    "delete": delete,
+    "mark_expired": mark_expired,
+    "mark_demented": mark_demented,
+    "get_schema": get_schema,
+    "create_tables": create_tables,
 }

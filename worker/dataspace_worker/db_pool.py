@@ -25,6 +25,21 @@ from dataspace_core.errors import DataSpaceConnectionError
 
 log = logging.getLogger(__name__)
 
+#: TCP keepalives on both ends of every pooled connection. A worker whose link is cut
+#: in the middle of a transaction leaves its session open on the server, holding
+#: the idempotency claims of the requests the broker then gives to other workers,
+#: whose claims wait on them: with the server's default (2 h before the first probe)
+#: a healthy worker stalled until the link came back (tests/faults/test_hosts.py).
+#: With these the server ends such a session (and rolls it back) in about 20 s, and
+#: the worker notices a dead server as soon.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3",
+}
+
 #: Inherited connections that may have been in use by a parent thread at the fork:
 #: psycopg2 holds a connection's mutex while a statement runs, and closing it takes
 #: that mutex, which in the child stays locked forever. They are pointed at
