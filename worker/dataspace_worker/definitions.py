@@ -266,86 +266,104 @@ def definitions(
     """
     topo = topology(delivery_limit)
     _check_namespace(topo)
-    exchange_arguments = getattr(topo, "exchange_arguments", {})
     doc: dict = {
         "vhosts": [{"name": vhost}],
         "users": [],
         "permissions": [],
         "topic_permissions": [],
-        "exchanges": [
-            {
-                "name": name,
-                "vhost": vhost,
-                "type": kind,
-                "durable": True,
-                "auto_delete": False,
-                "internal": False,
-                "arguments": dict(exchange_arguments.get(name) or {}),
-            }
-            for name, kind in topo.exchanges
-        ],
-        "queues": [
-            {
-                "name": queue.name,
-                "vhost": vhost,
-                "durable": queue.durable,
-                "auto_delete": False,
-                "arguments": dict(queue.arguments),
-            }
-            for queue in topo.queues
-        ],
-        "bindings": [
-            {
-                "source": exchange,
-                "vhost": vhost,
-                "destination": queue.name,
-                "destination_type": "queue",
-                "routing_key": key,
-                "arguments": dict(queue.binding_arguments),
-            }
-            for queue in topo.queues
-            for exchange, key in queue.bindings
-        ]
-        + [
-            {
-                "source": source,
-                "vhost": vhost,
-                "destination": destination,
-                "destination_type": "exchange",
-                "routing_key": key,
-                "arguments": {},
-            }
-            for source, destination, key in getattr(topo, "exchange_bindings", ())
-        ],
+        "exchanges": _exchanges(topo, vhost),
+        "queues": _queues(topo, vhost),
+        "bindings": _bindings(topo, vhost),
         "policies": [dead_letter_policy(vhost, dead_letter_max_bytes)],
     }
     limits = limits or {}
     for account in ACCOUNTS:
-        if account.role not in (accounts or {}):
-            continue
-        name, hashed = accounts[account.role]
-        user = {
-            "name": name,
-            "password_hash": hashed,
-            "hashing_algorithm": HASHING_ALGORITHM,
-            "tags": account.tags,
-        }
-        limit = limits.get(account.role, account.limits)
-        if limit is not None:
-            user["limits"] = {"max-connections": limit[0], "max-channels": limit[1]}
-        doc["users"].append(user)
-        doc["permissions"].append({"user": name, "vhost": vhost, **permissions(account.role, topo)})
-        if account.keys != "":  # the worker: no topic permission, any routing key
-            doc["topic_permissions"].append(
-                {
-                    "user": name,
-                    "vhost": vhost,
-                    "exchange": EXCHANGE,
-                    "write": account.keys or NOTHING,
-                    "read": NOTHING,
-                }
-            )
+        if account.role in (accounts or {}):
+            name, hashed = accounts[account.role]
+            limit = limits.get(account.role, account.limits)
+            _add_account(doc, account, name, hashed, limit, vhost, topo)
     return doc
+
+
+def _exchanges(topo: Topology, vhost: str) -> list[dict]:
+    exchange_arguments = getattr(topo, "exchange_arguments", {})
+    return [
+        {
+            "name": name,
+            "vhost": vhost,
+            "type": kind,
+            "durable": True,
+            "auto_delete": False,
+            "internal": False,
+            "arguments": dict(exchange_arguments.get(name) or {}),
+        }
+        for name, kind in topo.exchanges
+    ]
+
+
+def _queues(topo: Topology, vhost: str) -> list[dict]:
+    return [
+        {
+            "name": queue.name,
+            "vhost": vhost,
+            "durable": queue.durable,
+            "auto_delete": False,
+            "arguments": dict(queue.arguments),
+        }
+        for queue in topo.queues
+    ]
+
+
+def _bindings(topo: Topology, vhost: str) -> list[dict]:
+    """Queue bindings, then exchange-to-exchange bindings."""
+    to_queues = [
+        {
+            "source": exchange,
+            "vhost": vhost,
+            "destination": queue.name,
+            "destination_type": "queue",
+            "routing_key": key,
+            "arguments": dict(queue.binding_arguments),
+        }
+        for queue in topo.queues
+        for exchange, key in queue.bindings
+    ]
+    to_exchanges = [
+        {
+            "source": source,
+            "vhost": vhost,
+            "destination": destination,
+            "destination_type": "exchange",
+            "routing_key": key,
+            "arguments": {},
+        }
+        for source, destination, key in getattr(topo, "exchange_bindings", ())
+    ]
+    return to_queues + to_exchanges
+
+
+def _add_account(doc, account: Account, name, hashed, limit, vhost: str, topo) -> None:
+    """One account's user, permissions and topic permission, added to ``doc``."""
+    user = {
+        "name": name,
+        "password_hash": hashed,
+        "hashing_algorithm": HASHING_ALGORITHM,
+        "tags": account.tags,
+    }
+    if limit is not None:
+        user["limits"] = {"max-connections": limit[0], "max-channels": limit[1]}
+    doc["users"].append(user)
+    doc["permissions"].append({"user": name, "vhost": vhost, **permissions(account.role, topo)})
+    if account.keys != "":  # the worker: no topic permission, any routing key
+        doc["topic_permissions"].append(
+            {
+                "user": name,
+                "vhost": vhost,
+                "exchange": EXCHANGE,
+                "write": account.keys or NOTHING,
+                "read": NOTHING,
+            }
+        )
 
 
 def accounts_only(doc: dict) -> dict:

@@ -166,27 +166,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
             args.delivery_limit, args.vhost, dead_letter_max_bytes=args.dead_letter_max_bytes
         )
     else:
-        names = {
-            "worker": args.user,
-            "writer": args.client_user,
-            "reader": args.reader_user,
-            "maintainer": args.maintainer_user,
-            "ops": args.ops_user
-            or environ.get(OPS_USER_ENV)
-            or environ.get(ADMIN_USER_ENV)
-            or OPS_USER,
-        }
-        accounts = {}
-        for account in ACCOUNTS:
-            password = _password(account, environ)
-            if password is None:
-                print(
-                    f"definitions: {account.password_env} is not set: no {account.role} "
-                    f"account ({names[account.role]})",
-                    file=sys.stderr,
-                )
-                continue
-            accounts[account.role] = (args.prefix + names[account.role], hash_password(password))
+        accounts = _accounts(args, environ)
         if not accounts:
             print("definitions: --accounts needs at least one password set", file=sys.stderr)
             return 2
@@ -196,12 +176,41 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> int:
         if args.limit_commands:
             for command in limit_commands(doc):
                 print(command, file=sys.stderr)
-    text = json.dumps(doc, indent=2) + "\n"
-    if args.output:
-        tmp = f"{args.output}.tmp"
+    _write(json.dumps(doc, indent=2) + "\n", args.output)
+    return 0
+
+
+def _accounts(args: argparse.Namespace, environ) -> dict[str, tuple[str, str]]:
+    """role -> (user name, password hash) of every account whose password is set;
+    one line on stderr for each left out."""
+    ops_user = args.ops_user or environ.get(OPS_USER_ENV) or environ.get(ADMIN_USER_ENV)
+    names = {
+        "worker": args.user,
+        "writer": args.client_user,
+        "reader": args.reader_user,
+        "maintainer": args.maintainer_user,
+        "ops": ops_user or OPS_USER,
+    }
+    accounts = {}
+    for account in ACCOUNTS:
+        password = _password(account, environ)
+        if password is None:
+            print(
+                f"definitions: {account.password_env} is not set: no {account.role} "
+                f"account ({names[account.role]})",
+                file=sys.stderr,
+            )
+            continue
+        accounts[account.role] = (args.prefix + names[account.role], hash_password(password))
+    return accounts
+
+
+def _write(text: str, output: str | None) -> None:
+    """To stdout, or to ``output`` whole (written aside, then renamed into place)."""
+    if output:
+        tmp = f"{output}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, args.output)
+        os.replace(tmp, output)
     else:
         sys.stdout.write(text)
-    return 0
