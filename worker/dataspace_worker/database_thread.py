@@ -4,8 +4,9 @@ thread) and the database thread that runs its deliveries in order.
 The I/O thread puts each delivery on ``Consumer.inbox``; the database thread takes
 a batch (``_take``), refuses what must not run (oversized headers, a bad
 ``reply_to``), runs the rest through the dispatcher, logs and counts the
-outcomes, and hands them back to the I/O thread (``WorkerPool.schedule_finish``),
-which replies, acks or dead-letters them (consumer.py)."""
+outcomes, and hands them back to the I/O thread as one ``Handled`` (the pool
+schedules ``Settler.settle`` with it, settle.py), which replies, acks or
+dead-letters them. The database thread never touches a channel."""
 
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from dataspace_core.protocol import OPERATIONS
 
 from . import metrics
+from .bounds import RequestBounds
 from .dead_letters import DEAD_LETTERS
 from .delivery import Delivery, refused_reply_to
 from .dispatch import Outcome, Request
 from .logs import printable
-
-if TYPE_CHECKING:
-    from .consumer import WorkerPool
+from .settle import is_dead_letter
 
 #: the pool's logger: request and dead-letter lines read as before this module split off
 log = logging.getLogger("dataspace_worker.consumer")
@@ -33,18 +34,38 @@ log = logging.getLogger("dataspace_worker.consumer")
 BATCH_BYTES = 8 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class Handled:
+    """What a database thread hands the I/O thread: a batch of one consumer's
+    deliveries and their outcomes, in delivery order, to be settled."""
+
+    consumer: Consumer
+    deliveries: list[Delivery]
+    outcomes: list[Outcome]
+
+    def __iter__(self) -> Iterator[tuple[Delivery, Outcome]]:
+        return zip(self.deliveries, self.outcomes, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.deliveries)
+
+
 class Consumer:
     """One channel on a queue and the thread that runs its deliveries in order."""
 
     def __init__(
         self,
         index: int,
-        pool: WorkerPool,
         queue_name: str,
         dispatcher,
         prefetch: int,
+        *,
+        bounds: RequestBounds,
+        hand_back: Callable[[Handled], None],
         lane: int | None = None,
     ):
+        """``bounds``: the size checks every outcome goes through; ``hand_back``:
+        how a handled batch reaches the I/O thread (the pool's ``settle_later``)."""
         self.index = index
         #: the ordering lane this consumer serves, or None (docs/scaling.md)
         self.lane = lane
@@ -58,7 +79,8 @@ class Consumer:
         #: a lane channel given back after a request to retry: what else it delivered
         #: is skipped (the broker returns it, in order, when the channel closes)
         self.given_back = None
-        self.pool = pool
+        self.bounds = bounds
+        self._hand_back = hand_back
         self.queue_name = queue_name
         self.dispatcher = dispatcher
         self.prefetch = prefetch
@@ -84,17 +106,17 @@ class Consumer:
                 return
             started = time.monotonic()
             with metrics.IN_FLIGHT.track_inprogress():
-                outcomes = [self.pool.sendable(o) for o in self._handle_bounded(batch)]
+                outcomes = [self.bounds.sendable(o) for o in self._handle_bounded(batch)]
             # what a dead letter keeps of a large refused body: cut here, off the I/O
             # thread, and the whole body let go of before the reply goes out
-            batch = [self.pool.keepable(d, o) for d, o in zip(batch, outcomes, strict=True)]
+            batch = [self.bounds.keepable(d, o) for d, o in zip(batch, outcomes, strict=True)]
             elapsed = time.monotonic() - started
             if self.lane is not None and any(o.retry for o in outcomes):
-                self.given_back = batch[0].channel  # see WorkerPool.finish
+                self.given_back = batch[0].channel  # see settle.Disposition.GIVE_BACK
             for delivery, outcome in zip(batch, outcomes, strict=True):
                 self._report(delivery, outcome, elapsed)
             self.handled += len(batch)
-            self.pool.schedule_finish(self, list(zip(batch, outcomes, strict=True)))
+            self._hand_back(Handled(self, batch, outcomes))
             # hold no body while waiting for the next batch (up to prefetch x size)
             batch = outcomes = delivery = outcome = None
 
@@ -131,8 +153,8 @@ class Consumer:
 
     def _handle_bounded(self, batch: list[Delivery]) -> list[Outcome]:
         """``_handle``, except that a request whose header table is over the limit
-        is refused unread (WorkerPool.oversized_headers)."""
-        outcomes = [self.pool.oversized_headers(d) for d in batch]
+        is refused unread (RequestBounds.oversized_headers)."""
+        outcomes = [self.bounds.oversized_headers(d) for d in batch]
         admitted = [d for d, o in zip(batch, outcomes, strict=True) if o is None]
         if len(admitted) == len(batch):
             return self._handle(batch)
@@ -161,7 +183,8 @@ class Consumer:
 
     def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
         props = delivery.properties
-        _count(outcome, elapsed, props.reply_to)
+        dead = is_dead_letter(delivery, outcome)
+        _count(outcome, elapsed, dead)
         if log.isEnabledFor(logging.DEBUG):  # one line per request: DEBUG only
             log.debug(
                 "%s %s%s in %.1f ms (%s)",
@@ -182,7 +205,7 @@ class Consumer:
                 },
             )
         known = outcome.operation in OPERATIONS
-        if outcome.dead_letter(props.reply_to) and DEAD_LETTERS.add(
+        if dead and DEAD_LETTERS.add(
             f"{outcome.code} {outcome.operation}" if known else outcome.code
         ):
             log.warning(
@@ -194,12 +217,36 @@ class Consumer:
             )
 
 
-def _count(outcome: Outcome, elapsed: float, reply_to: str | None) -> None:
+def make_consumers(
+    topology,
+    dispatcher,
+    reaper,
+    consumers: int,
+    prefetch: int,
+    *,
+    bounds: RequestBounds,
+    hand_back: Callable[[Handled], None],
+) -> list[Consumer]:
+    """A pool's consumers: ``consumers`` on the request queue, one on the reaper
+    queue (prefetch 1, with a ``reaper`` dispatcher), and one per ordering lane of
+    ``topology`` (topology.py): the broker keeps one active per lane across all
+    workers, and ``WorkerPool.rebalance`` spreads them."""
+    queues = [(topology.request_queue.name, dispatcher, prefetch, None)] * consumers
+    if reaper is not None:
+        queues.append((topology.reaper_queue.name, reaper, 1, None))
+    queues += [(q.name, dispatcher, prefetch, i) for i, q in enumerate(topology.lane_queues)]
+    return [
+        Consumer(index, name, serves, window, bounds=bounds, hand_back=hand_back, lane=lane)
+        for index, (name, serves, window, lane) in enumerate(queues)
+    ]
+
+
+def _count(outcome: Outcome, elapsed: float, dead: bool) -> None:
     metrics.REQUESTS.labels(outcome.operation, outcome.code).inc()
     metrics.LATENCY.labels(outcome.operation).observe(elapsed)
     if outcome.replayed:
         metrics.IDEMPOTENT_DUPLICATES.inc()
-    if outcome.dead_letter(reply_to):
+    if dead:
         metrics.DEAD_LETTERED.labels(outcome.code).inc()
     if outcome.operation == "reap":
         metrics.REAPS.labels(outcome.code).inc()

@@ -33,10 +33,48 @@ def lanes_to_give(
     return active, active[share:]
 
 
+def rebalance(
+    lanes: list,
+    census: LaneCensus | None,
+    window: float,
+    give_up_later: Callable[[list], None],
+) -> list[int]:
+    """Hand lanes to other workers when this one is active on more than its share.
+
+    Single active consumer makes the first subscriber of a lane its consumer,
+    so the first worker would keep every lane. Every worker subscribes to
+    every lane and counts the workers (the consumer count of
+    ``dataspace.lanes.workers``, which each of them consumes; a classic queue,
+    which forgets the consumers of a node that goes down at once, where a
+    quorum queue counts them until the node is back). If this worker
+    received deliveries from more than ``ceil(lanes / workers)`` lanes within
+    ``window`` seconds, it closes the extra lanes' channels (``give_up_later``,
+    on the I/O thread: ``give_up``) and subscribes again after a pause, at the
+    back of their lines: the broker makes the next worker active and returns
+    what this one had not acked (a request it was still applying is fenced by
+    its idempotency claim). Returns the lanes given away.
+    """
+    counted = census.count() if census is not None else None
+    if counted is None:
+        return []  # not counted now (reconnecting, or the queue went with its node)
+    workers = max(1, counted)
+    active, extra = lanes_to_give(lanes, workers, window)
+    if extra:
+        log.info(
+            "active on %d of %d lanes with %d workers: handing lanes %s to the others",
+            len(active),
+            len(lanes),
+            workers,
+            [c.lane for c in extra],
+        )
+        give_up_later(extra)
+    return [c.lane for c in extra]
+
+
 def give_up(consumers: list) -> None:
     """Close the lanes' channels without cancelling: their unacked requests return to
     the lane before anything later (the order holds), the next worker becomes active,
-    and each channel opens again after a pause (WorkerPool._on_channel_closed)."""
+    and each channel opens again after a pause (ConsumerChannels._on_channel_closed)."""
     for consumer in consumers:
         channel = consumer.channel
         if channel is not None and channel.is_open:

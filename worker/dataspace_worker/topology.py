@@ -8,8 +8,10 @@ means a new queue name or a migration step, never an edit in place.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pika
 from pika.exceptions import ChannelClosedByBroker
 
 from dataspace_core.protocol import (
@@ -216,3 +218,35 @@ def declare_blocking(channel, topo: Topology) -> None:
             channel.queue_bind(queue.name, exchange, key, arguments=queue.binding_arguments or None)
     for queue_name, exchange, key in topo.stale_bindings:
         channel.queue_unbind(queue_name, exchange, key)
+
+
+@contextmanager
+def short_connection(parameters: pika.ConnectionParameters):
+    """A blocking connection, closed after use: for declaring and checking, beside
+    the worker's own ``SelectConnection``."""
+    connection = pika.BlockingConnection(parameters)
+    try:
+        yield connection
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def declare(parameters: pika.ConnectionParameters, topo: Topology) -> None:
+    """Declare ``topo`` (idempotent) on a short-lived connection."""
+    with short_connection(parameters) as connection:
+        declare_blocking(connection.channel(), topo)
+
+
+def missing_queue(parameters: pika.ConnectionParameters, names: list[str]) -> str | None:
+    """The first of the queues ``names`` that does not exist, or None (each looked
+    at with a passive declare, on a short-lived connection)."""
+    with short_connection(parameters) as connection:
+        for name in names:
+            try:
+                connection.channel().queue_declare(name, passive=True)
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                return name
+    return None
