@@ -138,34 +138,37 @@ def running_pool(
     max_body: int = 64 * 1024 * 1024,
     pool_size: int | None = None,
     lanes: int = 0,
-    **pool_kwargs,
+    **settings,
 ):
     """A real worker pool in this process (its consumers, the reaper consumer and
     ``lanes`` ordering lanes), serving ``amqp_url`` and ``pg_dsn``; consuming when
-    yielded, stopped after."""
+    yielded, stopped after. Built as the command builds its own (``build_worker``);
+    ``settings`` are ``WorkerSettings`` fields other than the defaults."""
     import threading
 
-    from dataspace_worker.consumer import WorkerPool
-    from dataspace_worker.dispatch import Dispatcher
+    from dataspace_worker.assembly import build_worker, database_connections
+    from dataspace_worker.config import WorkerSettings
     from dataspace_worker.postgres import PostgresDataSource
-    from dataspace_worker.reaper import ReaperDispatcher
-    from dataspace_worker.topology import topology
 
-    stop = threading.Event()
-    datasource = PostgresDataSource(
-        {"dsn": pg_dsn, "pool_size": pool_size or consumers + lanes + 2, "retry_timeout": 30},
-        stop,
-    )
-    pool = WorkerPool(
-        amqp_url,
-        Dispatcher(datasource, max_body),
-        topology(lanes=lanes),
+    config = WorkerSettings.with_defaults(
+        amqp_url=amqp_url,
+        pg_dsn=pg_dsn,
         consumers=consumers,
         prefetch=prefetch,
-        stop_event=stop,
-        reaper=ReaperDispatcher(datasource, None, max_body),
-        **pool_kwargs,
+        max_body=max_body,
+        lanes=lanes,
+        **settings,
     )
+    stop = threading.Event()
+    datasource = PostgresDataSource(
+        {
+            "dsn": pg_dsn,
+            "pool_size": pool_size or database_connections(config),
+            "retry_timeout": 30,
+        },
+        stop,
+    )
+    pool = build_worker(config, datasource, stop=stop, trust_scheduled_reaps=False).pool
     pool.start()
     try:
         if not pool.consuming.wait(30):

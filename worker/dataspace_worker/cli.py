@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 
-from dataspace_core.amqp.addresses import broker_addresses
 from dataspace_core.errors import (
     DataSpaceConfigurationError,
     DataSpaceConnectionError,
@@ -24,25 +23,14 @@ from dataspace_core.errors import (
 from dataspace_core.urls import mask_password
 
 from . import __version__, config, logs, memory, metrics
+from .assembly import build_worker, database_config, database_connections, start_worker
 from .config import mask_dsn
 from .consumer import WorkerPool
 from .dead_letters import log_dead_letter_summary
-from .dispatch import Dispatcher
 from .identity import Identity
-from .maintenance import RequestLogSweeper, every
 from .postgres import PostgresDataSource
-from .reaper import ReaperDispatcher, Schedule
-from .topology import topology
 
 log = logging.getLogger("dataspace_worker")
-
-SWEEP_INTERVAL = 60.0
-TOPOLOGY_CHECK_INTERVAL = 60.0
-#: seconds between two looks at how the ordering lanes are spread (WorkerPool.rebalance)
-LANE_REBALANCE_INTERVAL = 5.0
-ARM_INTERVAL = 60.0
-#: seconds between two looks at whether a dead-letter summary line is due
-DEAD_LETTER_SUMMARY_INTERVAL = 5.0
 
 EXAMPLES = """\
 examples:
@@ -135,19 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parts: dict = {}
     server = _serve_metrics(settings, parts)
     try:
-        datasource = PostgresDataSource(
-            {
-                "dsn": settings.pg_dsn,
-                # the consumers, the reaper and the sweeper each need one at times
-                "pool_size": settings.consumers + settings.lanes + 2,
-                "retry_timeout": None,
-                "connect_timeout": max(1, int(settings.connect_timeout)),
-                "reap_batch": settings.reap_batch,
-                "create_database": settings.create_database,
-                "application_name": f"dataspace-worker {identity.label}"[:63],
-            },
-            stop_event=stop,
-        )
+        datasource = PostgresDataSource(database_config(settings, identity), stop_event=stop)
     except DataSpaceConfigurationError as exc:
         # a database this worker must not touch (tables it cannot adopt), or one
         # that refuses it (role, password, TLS, no such database): retrying cannot
@@ -176,38 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("dataspace-worker stopped, the database refused its schema step: %s", exc)
         return 2
     parts["datasource"] = datasource
-    topo = topology(settings.delivery_limit, settings.lanes)
-    schedule = None
-    if settings.retention_days:
-        schedule = Schedule(
-            settings.amqp_url,
-            settings.retention_days,
-            settings.reap_interval,
-            queue_arguments=topo.schedule_queue.arguments,
-            connection_name=identity.connection_name("reap schedule"),
-        )
-    pool = WorkerPool(
-        settings.amqp_url,
-        Dispatcher(datasource, settings.max_body),
-        topo,
-        consumers=settings.consumers,
-        prefetch=settings.prefetch,
-        connect_timeout=settings.connect_timeout,
-        stop_event=stop,
-        max_headers=settings.max_headers,
-        max_message_size=settings.max_message_size,
-        dead_letter_body=settings.dead_letter_body,
-        max_bytes_in_hand=settings.max_bytes_in_hand,
-        identity=identity,
-        reaper=ReaperDispatcher(
-            datasource,
-            schedule,
-            settings.max_body,
-            # the account the schedule's messages carry as user_id: only those are
-            # trusted as the scheduled reap
-            service_user=broker_addresses(settings.amqp_url).user,
-        ),
-    )
+    worker = build_worker(settings, datasource, stop=stop, identity=identity)
+    pool = worker.pool
     log.info(
         "dataspace-worker %s (%s) starting: %d consumers, broker %s, database %s",
         __version__,
@@ -217,19 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_dsn(settings.pg_dsn),
     )
     parts["pool"] = pool
-    pool.start()
-    every(TOPOLOGY_CHECK_INTERVAL, pool.check_topology, stop, "dataspace-topology-check")
-    if settings.lanes:
-        every(LANE_REBALANCE_INTERVAL, pool.rebalance, stop, "dataspace-lane-rebalance")
-    every(DEAD_LETTER_SUMMARY_INTERVAL, log_dead_letter_summary, stop, "dataspace-dead-summary")
-    sweeper = RequestLogSweeper(datasource, settings.idempotency_ttl)
-    every(SWEEP_INTERVAL, sweeper.sweep, stop, "dataspace-sweeper")
-    if schedule is not None:
-        # Arm now (once the topology exists) and keep trying: a refusal means one
-        # run is pending already; a success heals a schedule lost with a node.
-        pool.consuming.wait(settings.connect_timeout)
-        schedule.try_arm()
-        every(min(ARM_INTERVAL, settings.reap_interval), schedule.try_arm, stop, "dataspace-arm")
+    start_worker(worker, settings, stop)
     if args.demo:
         threading.Thread(
             target=_demo_when_ready, args=(pool, settings.amqp_url), daemon=True
@@ -289,7 +223,7 @@ def _serve_metrics(settings, parts: dict):
         source = parts.get("datasource")
         return source.pool_in_use if source is not None else 0
 
-    metrics.POOL_SIZE.set(settings.consumers + settings.lanes + 2)  # the datasource's pool_size
+    metrics.POOL_SIZE.set(database_connections(settings))  # the datasource's pool_size
     metrics.POOL_IN_USE.set_function(in_use)
     health = metrics.Health(broker=broker, database=database, ready=ready, alive=alive)
     try:
