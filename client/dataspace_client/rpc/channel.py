@@ -75,7 +75,10 @@ class RpcChannel:
 
     def run(self) -> None:
         """The I/O thread: connections, one after another, until the client closes."""
-        self.link.loop.run(self._connection_ended)
+        self.link.loop.run(
+            self._connection_ended,
+            crashed=lambda exc: self.lost(f"I/O loop failed: {exc}"),
+        )
 
     def link_up(self) -> None:
         """The new channel consumes replies (under the link's lock): requests can go,
@@ -96,11 +99,9 @@ class RpcChannel:
         close_select_connection(self.link.connection)
 
     # -- the connection --------------------------------------------------------------
-    def _connection_ended(self, _connection, crash: BaseException | None) -> bool:
+    def _connection_ended(self, _connection, _crash: BaseException | None) -> bool:
         """After a connection's loop: wake whoever waits for the first attempt;
         whether it got as far as consuming replies."""
-        if crash is not None:
-            self.lost(f"I/O loop failed: {crash}")
         with self.link.lock:
             self.attempts += 1
             self.link.lock.notify_all()

@@ -93,6 +93,7 @@ class ConnectionLoop:
         self,
         ended: Callable[[pika.SelectConnection, BaseException | None], bool],
         prepare: Callable[[], str | None] | None = None,
+        crashed: Callable[[BaseException], None] | None = None,
     ) -> None:
         """Connect, run, reconnect until ``stopped()``.
 
@@ -100,7 +101,10 @@ class ConnectionLoop:
         topology): it returns None to go on, or why not, and then the next address
         is tried after a pause. ``ended(connection, crash)`` runs after each
         connection's loop ended (``crash``: what its loop raised, if anything) and
-        returns whether that connection got to work."""
+        returns whether that connection got to work. ``crashed(exc)`` runs first
+        when the loop raised, while ``connection`` still names the dead connection
+        (the client marks its link down there, before anyone can see no
+        connection and a link still up)."""
         while not self._stopped():
             if prepare is not None:
                 failed_at = self.addresses.current_url
@@ -130,6 +134,8 @@ class ConnectionLoop:
             except Exception as exc:  # never let the I/O thread die silently
                 log.exception("AMQP I/O loop failed; reconnecting")
                 crash = exc
+                if crashed is not None:
+                    crashed(exc)
             with self.lock:
                 self.connection = None
             reached = ended(connection, crash)
