@@ -1,10 +1,17 @@
-"""What the client and the worker of the dataspace service share: the wire
-protocol (``protocol``), the operations' signatures and checks (``validate``),
-the errors a request can end in (``errors``), the datasource interface both
-sides implement (``datasource``), broker URLs and their parsing (``urls``), the
-broker's size limits (``limits``) and the AMQP layer (``amqp``: connection
-parameters, reconnecting, publisher confirms, failures in words, pika
-work-arounds).
+"""What the client and the worker of the dataspace service share:
+
+- ``catalog``: every operation described once (parameters and their checks,
+  read or write, lane, reply known in advance, which accounts may call it);
+  ``validate.SIGNATURES``, ``protocol.OPERATIONS`` and the method lists are
+  derived from it;
+- ``checks`` and ``validate``: the value checks, and checking a call's arguments;
+- ``protocol``: the wire format (names, frames, encoding requests and replies,
+  error codes);
+- ``errors``: the errors a request can end in;
+- ``datasource``: the interface both sides implement;
+- ``urls``: broker URLs, TLS, passwords masked; ``limits``: the broker's sizes;
+- ``amqp``: the AMQP layer (connection parameters, reconnecting, publisher
+  confirms, failures in words, pika work-arounds).
 
 It imports neither ``dataspace_client`` nor ``dataspace_worker``; both import it.
 """
