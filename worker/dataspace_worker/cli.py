@@ -122,36 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     # broker is still being waited for (the parts are filled in as they come).
     parts: dict = {}
     server = _serve_metrics(settings, parts)
-    try:
-        datasource = PostgresDataSource(database_config(settings, identity), stop_event=stop)
-    except DataSpaceConfigurationError as exc:
-        # a database this worker must not touch (tables it cannot adopt), or one
-        # that refuses it (role, password, TLS, no such database): retrying cannot
-        # help, so say what and stop, as for a bad setting
+    datasource = _open_database(settings, sources, identity, stop)
+    if isinstance(datasource, int):  # an exit code: it said why
         if server is not None:
             server.shutdown()
-        log.error(
-            "dataspace-worker stopped, nothing was changed: %s (setting pg_dsn, from %s)",
-            exc,
-            sources["pg_dsn"],
-        )
-        return 2
-    except DataSpaceConnectionError as exc:
-        if server is not None:
-            server.shutdown()
-        if stop.is_set():  # asked to stop while waiting: a clean stop
-            log.info("stopped before the database was reached")
-            return 0
-        log.error("stopped before the database was reached: %s", exc)
-        return 1
-    except DataSpaceError as exc:
-        # the database answered but refused the schema step (e.g. not the tables'
-        # owner, no right to create the database): a setting or a grant to fix
-        if server is not None:
-            server.shutdown()
-        log.error("dataspace-worker stopped, the database refused its schema step: %s", exc)
-        return 2
+        return datasource
     parts["datasource"] = datasource
+    metrics.POOL_SIZE.set(datasource.pool_size)  # what was built (the same number)
     worker = build_worker(settings, datasource, stop=stop, identity=identity)
     pool = worker.pool
     log.info(
@@ -192,6 +169,35 @@ def main(argv: list[str] | None = None) -> int:
         "" if drained else f"; some still running after {settings.drain_timeout:g}s were requeued",
     )
     return 0
+
+
+def _open_database(settings, sources: dict, identity: Identity, stop: threading.Event):
+    """The worker's ``PostgresDataSource``, or the exit code when it cannot be had
+    (after saying why): 2 for what retrying cannot cure, 1 when the wait for the
+    database ended otherwise, 0 when a signal stopped that wait."""
+    try:
+        return PostgresDataSource(database_config(settings, identity), stop_event=stop)
+    except DataSpaceConfigurationError as exc:
+        # a database this worker must not touch (tables it cannot adopt), or one
+        # that refuses it (role, password, TLS, no such database): retrying cannot
+        # help, so say what and stop, as for a bad setting
+        log.error(
+            "dataspace-worker stopped, nothing was changed: %s (setting pg_dsn, from %s)",
+            exc,
+            sources["pg_dsn"],
+        )
+        return 2
+    except DataSpaceConnectionError as exc:
+        if stop.is_set():  # asked to stop while waiting: a clean stop
+            log.info("stopped before the database was reached")
+            return 0
+        log.error("stopped before the database was reached: %s", exc)
+        return 1
+    except DataSpaceError as exc:
+        # the database answered but refused the schema step (e.g. not the tables'
+        # owner, no right to create the database): a setting or a grant to fix
+        log.error("dataspace-worker stopped, the database refused its schema step: %s", exc)
+        return 2
 
 
 def _serve_metrics(settings, parts: dict):

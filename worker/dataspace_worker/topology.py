@@ -59,27 +59,31 @@ class Topology:
     #: queue bindings of earlier versions to remove: (queue, exchange, routing key)
     stale_bindings: tuple[tuple[str, str, str], ...] = ()
 
+    def queue(self, name: str) -> Queue | None:
+        """The queue of that name, or None."""
+        return next((q for q in self.queues if q.name == name), None)
+
     @property
     def request_queue(self) -> Queue:
-        return self.queues[0]
+        return self.queue(REQUEST_QUEUE)
 
     @property
     def reaper_queue(self) -> Queue:
-        return self.queues[2]
+        return self.queue(REAPER_QUEUE)
 
     @property
     def schedule_queue(self) -> Queue:
-        return self.queues[3]
+        return self.queue(SCHEDULE_QUEUE)
 
     @property
     def lane_queues(self) -> tuple[Queue, ...]:
         """The ordering lanes, lane 0 first (none unless ``lanes`` was given)."""
-        return tuple(q for q in self.queues[4:] if q.name.startswith(LANE_QUEUE_PREFIX))
+        return tuple(q for q in self.queues if q.name.startswith(LANE_QUEUE_PREFIX))
 
     @property
     def lane_workers_queue(self) -> Queue | None:
         """The queue whose consumer count is the number of workers serving lanes."""
-        return next((q for q in self.queues[4:] if q.name == LANE_WORKERS_QUEUE), None)
+        return self.queue(LANE_WORKERS_QUEUE)
 
 
 def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
