@@ -14,10 +14,10 @@ subscribes, cancels and reopens the channels; ``Settler`` (settle.py) carries ou
 each handled request's fate, which ``settle.disposition`` decides in one place
 (reply, ack, dead letter, requeue, a lane given back); ``Intake`` (intake.py)
 bounds the bytes in hand; ``DeadLetterPublisher`` (dead_letters.py) and
-``GuardedReplies`` (guarded_replies.py) publish with confirms. This module holds
-them together and runs the connection: when it drops, the I/O thread
-re-declares the topology and reconnects with bounded backoff (``ConnectionLoop``);
-database threads carry on.
+``GuardedReplies`` (guarded_replies.py) publish with confirms; ``PoolConnection``
+(pool_connection.py) runs the connection: when it drops, the I/O thread
+re-declares the topology and reconnects with bounded backoff while the database
+threads carry on. This module holds them together: start, stop and drain.
 
 Stopping (SIGTERM, Ctrl-C): cancel the consumers, let each database thread
 finish what its channel had delivered, ack it, close, return.
@@ -30,13 +30,9 @@ import threading
 import time
 
 import pika
-from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from dataspace_core.amqp import patches  # noqa: F401  (one bad header must not break us)
 from dataspace_core.amqp.addresses import broker_addresses
-from dataspace_core.amqp.failures import describe
-from dataspace_core.amqp.patches import close_select_connection
-from dataspace_core.amqp.reconnect import ConnectionCallbacks, ConnectionLoop
 from dataspace_core.limits import MAX_MESSAGE_BYTES
 from dataspace_core.urls import mask_password
 
@@ -50,8 +46,9 @@ from .guarded_replies import GuardedReplies
 from .identity import Identity
 from .intake import Intake
 from .lanes import LaneCensus, rebalance
+from .pool_connection import PoolConnection
 from .settle import Settler
-from .topology import Topology, declare, missing_queue
+from .topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +107,6 @@ class WorkerPool:
         self.stopping = stop_event or threading.Event()
         self.identity = identity or Identity.of_this_process()
         self.consuming = threading.Event()
-        self.connections_opened = 0
-        #: why the pool gave up for good (the broker refused it), or None
-        self.fatal: str | None = None
         self._lock = threading.Lock()
         self.consumers = make_consumers(
             topology,
@@ -162,7 +156,7 @@ class WorkerPool:
             give_back=self.settler.give_back,
             consumer_tag=self.identity.consumer_tag,
             connection=lambda: self._connection,
-            reconnect=self._reconnect,
+            reconnect=lambda reason: self.link.reconnect(reason),
             stopping=self.stopping,
             consuming=self.consuming,
             masked_url=self.masked_url,
@@ -180,12 +174,15 @@ class WorkerPool:
                 self.channels.census_wanted,
                 CHANNEL_REOPEN_PAUSE,
             )
-        self._loop = ConnectionLoop(
+        self.link = PoolConnection(
             self._addresses,
-            ConnectionCallbacks(self._on_open, self._on_open_error, self._on_closed),
-            stopped=self.stopping.is_set,
-            wait=self.stopping.wait,
+            topology,
+            stopping=self.stopping,
             lock=self._lock,
+            opened=self._on_open,
+            lost=self._connection_lost,
+            before_close=self.intake.resume_reads,
+            masked_url=self.masked_url,
         )
         self._io_thread = threading.Thread(target=self._run, name="dataspace-amqp-io", daemon=True)
 
@@ -205,8 +202,16 @@ class WorkerPool:
 
     def connected(self) -> bool:
         """Whether the AMQP connection is open (for the health endpoint)."""
-        connection = self._connection
-        return connection is not None and connection.is_open
+        return self.link.connected()
+
+    @property
+    def fatal(self) -> str | None:
+        """Why the pool gave up for good (the broker refused it), or None."""
+        return self.link.fatal
+
+    @property
+    def connections_opened(self) -> int:
+        return self.link.connections_opened
 
     @property
     def handled(self) -> int:
@@ -214,11 +219,11 @@ class WorkerPool:
 
     def call_soon(self, callback) -> bool:
         """Run ``callback`` on the I/O thread; False if the connection is gone."""
-        return self._loop.call_soon(callback)
+        return self.link.call_soon(callback)
 
     @property
     def _connection(self) -> pika.SelectConnection | None:
-        return self._loop.connection
+        return self.link.connection
 
     def settle_later(self, handled) -> None:
         """Hand a database thread's handled batch to the I/O thread (Settler)."""
@@ -251,36 +256,17 @@ class WorkerPool:
             time.sleep(0.01)
         self._guard.stop()
         self.call_soon(self.channels.close_lanes)
-        self.call_soon(self._close_connection)
+        self.call_soon(self.link.close)
         self._io_thread.join(10)
         return drained
 
     # -- I/O thread ---------------------------------------------------------------
     def _run(self) -> None:
-        self._loop.run(self._connection_ended, prepare=self._prepare)
+        self.link.run()
         for consumer in self.consumers:
             consumer.inbox.put(None)
 
-    def _prepare(self) -> str | None:
-        """Declare the topology before each connection; None when done, else why
-        not (the loop tries the next address after a pause). A refusal retrying
-        cannot cure stops the pool."""
-        try:
-            self._declare_topology()
-        except ChannelClosedByBroker as exc:
-            if exc.reply_code in (403, 406):  # no permission, or inequivalent arguments
-                self._give_up(f"the broker refused the topology: {exc.reply_text}")
-            return describe(exc).text
-        except (AMQPError, OSError) as exc:
-            problem = describe(exc)
-            if problem.configuration:  # credentials, vhost, certificate, plugin
-                self._give_up(
-                    f"broker {self._addresses.current_url} refused this worker: {problem}"
-                )
-            return problem.text
-        return None
-
-    def _connection_ended(self, connection, _crash) -> bool:
+    def _connection_lost(self) -> bool:
         """After a connection: what was scheduled on its loop will never run (the
         broker requeued those deliveries); whether it got as far as consuming."""
         self.settler.connection_lost()
@@ -288,12 +274,6 @@ class WorkerPool:
         reached = self.consuming.is_set()
         self.consuming.clear()
         return reached
-
-    def _give_up(self, reason: str) -> None:
-        """A refusal that retrying cannot cure: stop the pool and say why."""
-        self.fatal = reason
-        log.debug("%s; stopping", reason)  # the command says it, once, as it exits
-        self.stopping.set()
 
     def check_topology(self) -> bool:
         """Whether every queue the pool consumes still exists; if one is gone, start over.
@@ -305,33 +285,13 @@ class WorkerPool:
         """
         if self.stopping.is_set():
             return True
-        queues = sorted({c.queue_name for c in self.consumers})
-        gone = missing_queue(self._addresses.current, queues)
-        if gone is not None:
-            self.call_soon(lambda: self._reconnect(f"queue '{gone}' is gone"))
-        return gone is None
-
-    def _declare_topology(self) -> None:
-        """Declare exchanges, queues and bindings (idempotent) on a short-lived connection."""
-        declare(self._addresses.current, self.topology)
+        return self.link.check_topology(sorted({c.queue_name for c in self.consumers}))
 
     def _on_open(self, connection) -> None:
-        if self.stopping.is_set():
-            connection.close()
-            return
-        self.connections_opened += 1
+        """A new connection: channels, the guard's view of the nodes, the intake."""
         self.intake.opened(connection)
         self._guard.connected()  # which nodes run: learnt again on this connection
         self.channels.open(connection)
-
-    def _on_open_error(self, connection, error) -> None:
-        log.warning("cannot connect to %s: %s", self._addresses.current_url, describe(error))
-        connection.ioloop.stop()
-
-    def _on_closed(self, connection, reason) -> None:
-        if not self.stopping.is_set():
-            log.warning("connection to %s lost: %s; reconnecting", self.masked_url, reason)
-        connection.ioloop.stop()
 
     def rebalance(self, window: float = 10.0) -> list[int]:
         """Hand lanes to other workers when this one is active on more than its
@@ -344,15 +304,3 @@ class WorkerPool:
             self.call_soon(lambda: self.channels.give_up_lanes(extra))
 
         return rebalance(self.lanes, self.census, window, give_up_later)
-
-    def _reconnect(self, reason: str) -> None:
-        """Start over: reconnect with backoff and declare the topology again."""
-        log.warning("%s; reconnecting", reason)
-        connection = self._connection
-        if connection is not None and connection.is_open:
-            self.intake.resume_reads()  # its close-ok must be read
-            connection.close()
-
-    def _close_connection(self) -> None:
-        self.intake.resume_reads()  # its close-ok must be read
-        close_select_connection(self._connection)
