@@ -39,7 +39,7 @@ import pika  # noqa: E402
 
 from dataspace_client import DataSpace  # noqa: E402
 from tests import services  # noqa: E402
-from tests.conftest import remote_config  # noqa: E402
+from tests.support.configs import remote_config  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(sys.executable), "dataspace-worker")
 HEADER = {

@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataspace_client import DataSpace  # noqa: E402
 from tests import services  # noqa: E402
-from tests.conftest import inprocess_config, remote_config  # noqa: E402
+from tests.support.configs import inprocess_config, remote_config  # noqa: E402
 
 HEADER = {
     "create_time": 1,

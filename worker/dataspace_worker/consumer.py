@@ -145,8 +145,18 @@ class WorkerPool:
         self.dead_letters = DeadLetterPublisher(
             self.bounds.dead_letter_body, lambda: self.intake.resume_reads()
         )
+        self.link = PoolConnection(
+            self._addresses,
+            topology,
+            stopping=self.stopping,
+            lock=self._lock,
+            opened=self._on_open,
+            lost=self._connection_lost,
+            before_close=self.intake.resume_reads,
+            masked_url=self.masked_url,
+        )
         self.settler = Settler(
-            self._guard, self.dead_letters, self.intake, self.call_soon, self._lock
+            self._guard, self.dead_letters, self.intake, self.link.loop.call_soon, self._lock
         )
         self.channels = ConsumerChannels(
             self.consumers,
@@ -174,16 +184,6 @@ class WorkerPool:
                 self.channels.census_wanted,
                 CHANNEL_REOPEN_PAUSE,
             )
-        self.link = PoolConnection(
-            self._addresses,
-            topology,
-            stopping=self.stopping,
-            lock=self._lock,
-            opened=self._on_open,
-            lost=self._connection_lost,
-            before_close=self.intake.resume_reads,
-            masked_url=self.masked_url,
-        )
         self._io_thread = threading.Thread(target=self._run, name="dataspace-amqp-io", daemon=True)
 
     # -- control (any thread) ---------------------------------------------------

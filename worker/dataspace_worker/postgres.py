@@ -56,10 +56,10 @@ from dataspace_core.errors import (
 )
 
 from . import idempotency, queries, schema
-from .apply_requests import Prepared, apply_many, apply_one
 from .db_errors import translate
 from .db_pool import KEEPALIVES, ConnectionPool
 from .health_connection import HealthConnection
+from .idempotency import Prepared, apply_many, apply_one
 from .reaping import Reaping
 from .retry import connection_retry, is_connection_error, is_tls_refusal, refusal
 
