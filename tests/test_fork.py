@@ -103,8 +103,10 @@ class _Busy:
     """A thread of the parent calling the DataSpace over and over until stopped;
     every call must succeed."""
 
-    def __init__(self, space: DataSpace, seq: int):
-        self.space, self.seq = space, seq
+    def __init__(self, space: DataSpace, seq: int, name: str = "fork-parent"):
+        """``name``: a task manager this test stored (the database is shared with
+        the other tests of the run, in an order that varies)."""
+        self.space, self.seq, self.name = space, seq, name
         self.calls, self.errors = 0, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parent-busy", daemon=True)
@@ -112,7 +114,7 @@ class _Busy:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                assert self.space.get_taskmanager("fork-parent")["sequence_id"] >= 1
+                assert self.space.get_taskmanager(self.name)["sequence_id"] >= 1
                 self.space.get_datablock(self.seq, 1)
                 self.calls += 1
             except Exception as exc:  # reported by stop()
@@ -337,7 +339,7 @@ def test_channel_workers_forked_from_the_task_manager_store_every_cycle(backend,
 
         return run
 
-    with _Busy(space, blocks[0].sequence_id):
+    with _Busy(space, blocks[0].sequence_id, "channel0"):
         last = _run_children([channel_worker(c) for c in range(CHANNELS)])
 
     for channel, block in enumerate(blocks):

@@ -285,3 +285,25 @@ def test_settlement_is_counted_until_it_has_run():
     settler._call_soon = lambda callback: False  # no connection: nothing is counted
     settler.settle_later(Handled(consumer, (_delivery(consumer, 2), OK)))
     assert settler.settled()
+
+
+def test_a_connection_lost_while_scheduling_leaves_no_settlement_counted():
+    """The database thread counts its batch, the I/O thread loses the connection
+    (and forgets every count), then scheduling fails: the count must not go below
+    zero, or ``settled`` would stay false and a stop would wait out its drain."""
+    settler, _guard, _dead = _settler()
+
+    def lost_meanwhile(_callback) -> bool:
+        settler.connection_lost()
+        return False
+
+    settler._call_soon = lost_meanwhile
+    consumer = _consumer()
+    settler.settle_later(Handled(consumer, (_delivery(consumer, 1), OK)))
+    assert settler.settled()
+    ran = []
+    settler._call_soon = lambda callback: ran.append(callback) or True
+    settler.settle_later(Handled(consumer, (_delivery(consumer, 2), OK)))
+    assert not settler.settled()  # still counted once scheduled again
+    ran[0]()
+    assert settler.settled()

@@ -64,6 +64,7 @@ class PoolConnection:
             stopped=stopping.is_set,
             wait=stopping.wait,
             lock=lock,
+            logger=log,
         )
 
     @property

@@ -145,12 +145,18 @@ class Settler:
             try:
                 callback()
             finally:
-                with self._lock:
-                    self._scheduled -= 1
+                self._done_scheduling()
 
         if not self._call_soon(run):  # no connection: the broker redelivers it
-            with self._lock:
-                self._scheduled -= 1
+            self._done_scheduling()
+
+    def _done_scheduling(self) -> None:
+        """One scheduled callback ran or could not be scheduled. Never below zero: a
+        connection lost between the count and the scheduling reset it already
+        (``connection_lost``), and a count of -1 would keep ``settled`` false until
+        the drain timed out."""
+        with self._lock:
+            self._scheduled = max(0, self._scheduled - 1)
 
     def settled(self) -> bool:
         """Every reply published, every dead letter confirmed, every ack sent."""

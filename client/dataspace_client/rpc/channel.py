@@ -11,7 +11,6 @@ calls in flight (``lost``); ``ConnectionLoop`` opens the next connection.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import pika
@@ -69,8 +68,9 @@ class RpcChannel:
                 self._on_connection_closed,
             ),
             stopped=lambda: link.closing,
-            wait=time.sleep,
+            wait=link.closed.wait,  # close() ends a pause between connections at once
             lock=link.lock,  # close() sees a new connection, or none is made
+            logger=log,
         )
 
     def run(self) -> None:

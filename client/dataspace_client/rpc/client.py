@@ -213,6 +213,7 @@ class RpcClient:
             return
         with self._state:
             self._link.closing = True
+            self._link.closed.set()
             self._state.notify_all()
             connection = self._link.connection
             calls = self._calls.in_flight()

@@ -36,6 +36,8 @@ class Link:
         self.open = False
         #: ``close()`` (or ``abandon()``) was called: nothing new goes out
         self.closing = False
+        #: set by ``close()``: wakes the I/O thread from its pause between connections
+        self.closed = threading.Event()
         #: why the link is down, for the errors of the calls that find it so
         self.last_error = "not connected yet"
         #: the channel requests go out on (opened and replaced on the I/O thread)

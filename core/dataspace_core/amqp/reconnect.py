@@ -65,7 +65,8 @@ class ConnectionCallbacks:
 class ConnectionLoop:
     """One ``SelectConnection`` after another until stopped (run it on the I/O thread).
 
-    ``lock`` guards ``connection``; an owner that checks "closing" and reads the
+    ``logger``: the owner's, so that its operators' filters see these lines as
+    before. ``lock`` guards ``connection``; an owner that checks "closing" and reads the
     connection under its own lock passes that lock, so that a connection is
     either created before ``close`` looks or not created at all.
     """
@@ -79,6 +80,7 @@ class ConnectionLoop:
         wait: Callable[[float], object],
         lock=None,
         minimum: float = BACKOFF_MIN,
+        logger: logging.Logger = log,
     ):
         self.addresses = addresses
         self.backoff = Backoff(addresses, minimum, pause=minimum)
@@ -88,6 +90,7 @@ class ConnectionLoop:
         self.connection: pika.SelectConnection | None = None
         self._stopped = stopped
         self._wait = wait
+        self._log = logger
 
     def run(
         self,
@@ -113,7 +116,7 @@ class ConnectionLoop:
                     if self._stopped():
                         break
                     pause = self.backoff.next(reached=False)
-                    log.warning(
+                    self._log.warning(
                         "broker %s unavailable: %s; retrying in %.1fs", failed_at, problem, pause
                     )
                     self._wait(pause)
@@ -132,7 +135,7 @@ class ConnectionLoop:
             try:
                 connection.ioloop.start()
             except Exception as exc:  # never let the I/O thread die silently
-                log.exception("AMQP I/O loop failed; reconnecting")
+                self._log.exception("AMQP I/O loop failed; reconnecting")
                 crash = exc
                 if crashed is not None:
                     crashed(exc)
