@@ -47,7 +47,7 @@ HAND_OVERS = {"basic_publish", "basic_ack", "put", "set", "add_callback_threadsa
 #: connections, not the request
 THREAD_LOOPS = {
     ("core/dataspace_core/amqp/reconnect.py", "run"),
-    ("worker/dataspace_worker/consumer.py", "_run"),
+    ("worker/dataspace_worker/worker_pool.py", "_run"),
     ("worker/dataspace_worker/pool_connection.py", "run"),
     ("client/dataspace_client/rpc/channel.py", "run"),
 }

@@ -13,9 +13,9 @@
 
 - a lane handed over while its worker holds requests of it (rebalance under
   load, a worker stopping), and a request given back to its lane after a store
-  outage, keep their order (these found three bugs, fixed in consumer.py:
-  handovers now close the lane's channel without cancelling its consumer first,
-  and a retry gives the lane's whole window back).
+  outage, keep their order (these found three bugs, fixed in the pool, now
+  worker_pool.py and its parts: handovers now close the lane's channel without
+  cancelling its consumer first, and a retry gives the lane's whole window back).
 
 The applied-sequence log (``applied_database``, ``check_applied``) lives in
 tests/support/lanes.py, shared with tests/faults/test_lane_order.py.

@@ -20,12 +20,12 @@ from dataspace_client import DataSpace, Header
 from dataspace_core.errors import DataSpaceRequestError, DataSpaceTooLargeError
 from dataspace_core.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_reply
 from dataspace_worker import dead_letters, metrics
-from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.dead_letters import DEAD_LETTER_HEADERS
 from dataspace_worker.delivery import Delivery, truncated
 from dataspace_worker.dispatch import Outcome
 from dataspace_worker.in_hand import Ledger
 from dataspace_worker.topology import topology
+from dataspace_worker.worker_pool import WorkerPool
 from tests import services
 from tests.support.configs import remote_config
 

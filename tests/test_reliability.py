@@ -18,8 +18,8 @@ import pytest
 from dataspace_client import DataSpace, DataSpaceExistsError
 from dataspace_core import validate
 from dataspace_core.protocol import OPERATIONS, decode_request
-from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.topology import declare_blocking, topology
+from dataspace_worker.worker_pool import WorkerPool
 from tests import services
 from tests.support.configs import remote_config
 

@@ -15,10 +15,10 @@ import pytest
 from psycopg2 import extensions
 
 from dataspace_core.amqp.failures import describe
-from dataspace_worker.consumer import WorkerPool
 from dataspace_worker.dispatch import Dispatcher
 from dataspace_worker.postgres import PostgresDataSource
 from dataspace_worker.topology import topology
+from dataspace_worker.worker_pool import WorkerPool
 from tests.support.worker_process import WORKER, WorkerProcess
 
 pytestmark = pytest.mark.timeout(120)

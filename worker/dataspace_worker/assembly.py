@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from dataspace_core.amqp.addresses import broker_addresses
 
 from .config import WorkerSettings
-from .consumer import WorkerPool
 from .dead_letters import log_dead_letter_summary
 from .dispatch import Dispatcher
 from .identity import Identity
 from .maintenance import RequestLogSweeper, every
 from .reaper import ReaperDispatcher, Schedule
 from .topology import Topology, topology
+from .worker_pool import WorkerPool
 
 SWEEP_INTERVAL = 60.0
 TOPOLOGY_CHECK_INTERVAL = 60.0

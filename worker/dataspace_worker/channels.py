@@ -1,8 +1,8 @@
 """The pool's channels on its connection: the dead-letter channel, one channel per
 consumer, and what happens when one opens, subscribes, is cancelled or closes.
 
-Everything here runs on the pool's I/O thread. The pool (consumer.py) owns the
-connection and calls ``open`` when one opens; this opens the dead-letter channel
+Everything here runs on the pool's I/O thread. The pool's connection
+(pool_connection.py) calls ``open`` when one opens; this opens the dead-letter channel
 first (confirm mode), then the census channel and every consumer's channel, and
 subscribes each as the intake allows (intake.py). A channel the broker closes
 makes the pool reconnect; a lane's channel closed on purpose (handed to another

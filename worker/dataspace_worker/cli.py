@@ -25,10 +25,10 @@ from dataspace_core.urls import mask_password
 from . import __version__, config, logs, memory, metrics
 from .assembly import build_worker, database_config, database_connections, start_worker
 from .config import mask_dsn
-from .consumer import WorkerPool
 from .dead_letters import log_dead_letter_summary
 from .identity import Identity
 from .postgres import PostgresDataSource
+from .worker_pool import WorkerPool
 
 log = logging.getLogger("dataspace_worker")
 

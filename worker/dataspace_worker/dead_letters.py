@@ -2,7 +2,7 @@
 
 A request that failed for good (refused, poison, out of retries) is published to
 ``dataspace.dead`` with its original properties and why and whence in the
-headers (docs/protocol.md, "Dead letters"); the pool (consumer.py) publishes it
+headers (docs/protocol.md, "Dead letters"); the pool (worker_pool.py, settle.py) publishes it
 confirmed and acks the request once the broker has it."""
 
 from __future__ import annotations

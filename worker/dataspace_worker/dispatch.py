@@ -5,9 +5,10 @@ it is parsed with orjson (never unpickled or evaluated), the operation must be
 one of the protocol's, the arguments are bound to the method's signature and
 checked again by the datasource. Values stay opaque bytes throughout.
 
-Write requests run through ``PostgresDataSource.execute`` with their
-message_id as idempotency key, so a redelivered or re-sent write replays its
-first reply instead of writing again.
+Write requests run through ``PostgresDataSource.execute_many`` (a batch in one
+transaction) or ``execute`` (one alone) with their message_id as idempotency
+key, so a redelivered or re-sent write replays its first reply instead of
+writing again.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Each function takes a cursor and the operation's checked arguments (see
 ``dataspace_core.catalog``) and returns the result; ``BODIES`` names each one
 for its operation. None commits: the caller owns the transaction, so a
 request's effect and its idempotency record commit together
-(``PostgresDataSource.execute``). A missing row raises KeyError, which rolls the
-transaction back. The SQL text is in ``sql.py``.
+(``PostgresDataSource.execute_many``, ``idempotency.apply_many``). A missing
+row raises KeyError, which rolls the transaction back. The SQL text is in ``sql.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""Every SQL statement the store runs, in one place.  All take parameters; none is
-built from caller input."""
+"""The data statements: every SQL statement an operation runs on the DataSpace
+tables, in one place. All take parameters; none is built from caller input.
+
+The request log's statements are in idempotency.py, the migrations' in
+migrations/*.sql, adoption's checks in adoption.py, the reap's lock in reaping.py."""
 
 STORE_TASKMANAGER = """
 INSERT INTO taskmanager (name, taskmanager_id, datestamp)

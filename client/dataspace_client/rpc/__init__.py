@@ -3,7 +3,8 @@
 pika is not thread-safe, so one I/O thread owns the connection and its channel;
 caller threads hand it requests through ``add_callback_threadsafe`` and wait on
 an event for the reply. This keeps heartbeats flowing while callers wait,
-tracks publisher confirms asynchronously (a nack fails the call at once), and
+tracks publisher confirms asynchronously (a nack makes a new channel, and the
+calls in flight go again on it), and
 publishes with ``mandatory`` so a request nobody can receive fails at once
 instead of timing out. Replies come over direct reply-to: nothing to declare or
 clean up, and measured as fast as a private reply queue here.

@@ -50,7 +50,8 @@ from .pool_connection import PoolConnection
 from .settle import Settler
 from .topology import Topology
 
-log = logging.getLogger(__name__)
+#: "consumer": the name the pool's log lines have always had (operators filter on it)
+log = logging.getLogger("dataspace_worker.consumer")
 
 __all__ = ["MAX_BYTES_IN_HAND", "MAX_HEADERS", "WorkerPool"]
 
@@ -145,7 +146,7 @@ class WorkerPool:
         self.dead_letters = DeadLetterPublisher(
             self.bounds.dead_letter_body, lambda: self.intake.resume_reads()
         )
-        self.link = PoolConnection(
+        self.amqp = PoolConnection(
             self._addresses,
             topology,
             stopping=self.stopping,
@@ -156,7 +157,7 @@ class WorkerPool:
             masked_url=self.masked_url,
         )
         self.settler = Settler(
-            self._guard, self.dead_letters, self.intake, self.link.loop.call_soon, self._lock
+            self._guard, self.dead_letters, self.intake, self.amqp.loop.call_soon, self._lock
         )
         self.channels = ConsumerChannels(
             self.consumers,
@@ -166,7 +167,7 @@ class WorkerPool:
             give_back=self.settler.give_back,
             consumer_tag=self.identity.consumer_tag,
             connection=lambda: self._connection,
-            reconnect=lambda reason: self.link.reconnect(reason),
+            reconnect=lambda reason: self.amqp.reconnect(reason),
             stopping=self.stopping,
             consuming=self.consuming,
             masked_url=self.masked_url,
@@ -202,16 +203,16 @@ class WorkerPool:
 
     def connected(self) -> bool:
         """Whether the AMQP connection is open (for the health endpoint)."""
-        return self.link.connected()
+        return self.amqp.connected()
 
     @property
     def fatal(self) -> str | None:
         """Why the pool gave up for good (the broker refused it), or None."""
-        return self.link.fatal
+        return self.amqp.fatal
 
     @property
     def connections_opened(self) -> int:
-        return self.link.connections_opened
+        return self.amqp.connections_opened
 
     @property
     def handled(self) -> int:
@@ -219,17 +220,17 @@ class WorkerPool:
 
     def call_soon(self, callback) -> bool:
         """Run ``callback`` on the I/O thread; False if the connection is gone."""
-        return self.link.call_soon(callback)
+        return self.amqp.call_soon(callback)
 
     @property
     def _connection(self) -> pika.SelectConnection | None:
-        return self.link.connection
+        return self.amqp.connection
 
     def settle_later(self, handled) -> None:
         """Hand a database thread's handled batch to the I/O thread (Settler)."""
         self.settler.settle_later(handled)
 
-    # -- the bounds, for the database threads and the tests -------------------------
+    # -- the bounds (the database threads use ``bounds`` itself; tests ask the pool) --
     def oversized_headers(self, delivery: Delivery) -> Outcome | None:
         return self.bounds.oversized_headers(delivery)
 
@@ -256,13 +257,13 @@ class WorkerPool:
             time.sleep(0.01)
         self._guard.stop()
         self.call_soon(self.channels.close_lanes)
-        self.call_soon(self.link.close)
+        self.call_soon(self.amqp.close)
         self._io_thread.join(10)
         return drained
 
     # -- I/O thread ---------------------------------------------------------------
     def _run(self) -> None:
-        self.link.run()
+        self.amqp.run()
         for consumer in self.consumers:
             consumer.inbox.put(None)
 
@@ -285,7 +286,7 @@ class WorkerPool:
         """
         if self.stopping.is_set():
             return True
-        return self.link.check_topology(sorted({c.queue_name for c in self.consumers}))
+        return self.amqp.check_topology(sorted({c.queue_name for c in self.consumers}))
 
     def _on_open(self, connection) -> None:
         """A new connection: channels, the guard's view of the nodes, the intake."""
