@@ -73,18 +73,25 @@ def test_definitions_file_is_current():
 
 
 def _expected_bindings(topo) -> set[tuple[str, str, str]]:
-    """(source, destination, routing key) of every binding: to queues and to exchanges."""
-    return {(e, q.name, k) for q in topo.queues for e, k in q.bindings} | set(
+    """(source, destination, routing key) of every binding: to the durable queues
+    (a transient queue, the fast read queue, is the workers' to declare) and to
+    exchanges."""
+    return {(e, q.name, k) for q in topo.queues if q.durable for e, k in q.bindings} | set(
         topo.exchange_bindings
     )
+
+
+def _transient(topo) -> set[str]:
+    return {q.name for q in topo.queues if not q.durable}
 
 
 def test_definitions_follow_the_topology_and_hold_no_secrets():
     doc = defs.definitions()
     topo = topology()
     assert [(e["name"], e["type"]) for e in doc["exchanges"]] == list(topo.exchanges)
+    # transient queues (the fast read queue) are the workers' to declare
     assert {q["name"]: q["arguments"] for q in doc["queues"]} == {
-        q.name: q.arguments for q in topo.queues
+        q.name: q.arguments for q in topo.queues if q.durable
     }
     assert all(q["durable"] and not q["auto_delete"] for q in doc["queues"])
     assert {
@@ -406,12 +413,14 @@ def broker(tmp_path_factory):
 
 
 def _queue_arguments(broker: Broker) -> dict:
-    return {q["name"]: q["arguments"] for q in broker.api.call("GET", f"/queues/{broker.path}")}
+    """The durable queues' arguments (transient ones come and go with the workers)."""
+    queues = broker.api.call("GET", f"/queues/{broker.path}")
+    return {q["name"]: q["arguments"] for q in queues if q["durable"]}
 
 
 def _assert_matches_topology(broker: Broker) -> None:
     topo = topology()
-    assert _queue_arguments(broker) == {q.name: q.arguments for q in topo.queues}
+    assert _queue_arguments(broker) == {q.name: q.arguments for q in topo.queues if q.durable}
     for name, kind in topo.exchanges:
         exchange = broker.api.call("GET", f"/exchanges/{broker.path}/{quote(name, safe='')}")
         assert (exchange["type"], exchange["durable"]) == (kind, True)
@@ -419,6 +428,7 @@ def _assert_matches_topology(broker: Broker) -> None:
         (b["source"], b["destination"], b["routing_key"])
         for b in broker.api.call("GET", f"/bindings/{broker.path}")
         if b["source"]  # the default exchange's implicit bindings
+        and b["destination"] not in _transient(topo)
     }
     assert bindings == _expected_bindings(topo)
 

@@ -274,10 +274,18 @@ def test_a_client_with_lanes_routes_by_task_manager(own_vhost):
             for operation, args in LANE_CALLS.items():
                 op = OPERATIONS[operation]
                 route = source._route(op, {**args, "taskmanager_id": 7})
-                assert route == ((f"lane.{operation}", "7") if lanes else (op.routing_key, None))
+                plain = op.read_routing_key if op.fast_read else op.routing_key
+                assert route == ((f"lane.{operation}", "7") if lanes else (plain, None))
+                # what is published without waiting for a reply never takes it
+                assert source._route(op, {**args, "taskmanager_id": 7}, call=False)[0] in (
+                    f"lane.{operation}",
+                    op.routing_key,
+                )
             for operation, args in PLAIN_CALLS.items():
                 op = OPERATIONS[operation]
-                assert source._route(op, args) == (op.routing_key, None)
+                # no lane to go through: a read takes the fast read queue
+                plain = op.read_routing_key if op.fast_read else op.routing_key
+                assert source._route(op, args) == (plain, None)
 
     # one lane for task manager 7, the same for every operation that names it
     lane_of_7 = landed[True, "insert"]

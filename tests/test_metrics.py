@@ -72,7 +72,9 @@ def test_metrics_and_health_follow_requests_and_the_database(own_vhost):
                     )
                     == 5
                 )
-                assert _sample(after, "dataspace_database_pool_size") == 4  # consumers + 2
+                # a database thread per consumer, on the request queue and as many on
+                # the fast read queue, plus the reaper and the sweeper: 2 x 2 + 2
+                assert _sample(after, "dataspace_database_pool_size") == 6
                 assert _sample(after, "dataspace_database_up") == 1
 
                 pg.stop("fast")

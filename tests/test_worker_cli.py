@@ -194,6 +194,7 @@ def test_connections_and_consumer_tags_name_the_worker(worker_env, own_vhost):
     assert names == {expected}
     assert {t.rsplit(":", 1)[0] for t in consumer_tags} == {
         f"blue-7:{pid}:dataspace.requests",
+        f"blue-7:{pid}:dataspace.reads",
         f"blue-7:{pid}:dataspace.reaper",
     }
     assert f"(blue-7 on {host} pid {pid}) starting" in worker.output

@@ -8,6 +8,7 @@ from dataspace_core.errors import (  # noqa: F401
     DataSpaceExistsError,
     DataSpaceNoWorkerError,
     DataSpacePublishError,
+    DataSpaceRedeliveredError,
     DataSpaceRefusedError,
     DataSpaceRequestError,
     DataSpaceTimeoutError,

@@ -13,7 +13,9 @@ call waits for its reply, default 30), ``connect_timeout`` (default 10),
 ``reap_timeout`` (seconds ``reap`` waits, default 3600), ``lanes`` (default false:
 true sends every request that names a task manager through the workers'
 ordering lanes, which the workers must have: their ``lanes`` setting; see
-docs/scaling.md).
+docs/scaling.md), ``fast_reads`` (default true: reads that go through no lane
+take the fast read queue, ``read.<op>``; false sends them to the request queue,
+as clients before it did; see docs/protocol.md, "Reads").
 
 Arguments are checked here with the same checks the worker applies, so a bad call
 raises TypeError/ValueError without a round trip; the worker's errors come back
@@ -39,7 +41,12 @@ from typing import Any
 
 from dataspace_core import validate
 from dataspace_core.datasource import DataSource, demented_arguments, taskmanager_arguments
-from dataspace_core.errors import DataSpaceConfigurationError, DataSpaceError, DataSpacePublishError
+from dataspace_core.errors import (
+    DataSpaceConfigurationError,
+    DataSpaceError,
+    DataSpacePublishError,
+    DataSpaceRedeliveredError,
+)
 from dataspace_core.protocol import OPERATIONS, decode_reply, encode_request
 from dataspace_core.urls import split_urls
 
@@ -184,6 +191,11 @@ class RemoteDataSource(DataSource):
             raise DataSpaceConfigurationError(
                 "RemoteDataSource setting 'lanes' must be true or false"
             )
+        self.fast_reads = config.get("fast_reads", True)
+        if not isinstance(self.fast_reads, bool):
+            raise DataSpaceConfigurationError(
+                "RemoteDataSource setting 'fast_reads' must be true or false"
+            )
         self._link = _Link(self.timeout)
         self._connect_lock = threading.Lock()
         weakref.finalize(self, self._link.release)
@@ -253,14 +265,23 @@ class RemoteDataSource(DataSource):
         client = self._client or self.connect()
         routing_key, lane = self._route(op, checked)
         reply = client.call(operation, routing_key, body, timeout=timeout, lane=lane)
-        return decode_reply(op, reply)
+        try:
+            return decode_reply(op, reply)
+        except DataSpaceRedeliveredError:
+            # A worker may have died running it: once more, through the request
+            # queue, whose delivery limit ends a read that keeps killing workers.
+            reply = client.call(operation, op.routing_key, body, timeout=timeout)
+            return decode_reply(op, reply)
 
-    def _route(self, op, checked: dict) -> tuple[str, str | None]:
+    def _route(self, op, checked: dict, call: bool = True) -> tuple[str, str | None]:
         """Routing key and lane: by task manager through the ordering lanes when
-        ``lanes`` is on and the request names one, else the operation's own key."""
+        ``lanes`` is on and the request names one; a read called for its reply
+        through the fast read queue (``fast_reads``); else the operation's own key."""
         key = op.lane_argument
         if self.lanes and key and checked.get(key) is not None:
             return op.lane_routing_key, str(checked[key])
+        if call and self.fast_reads and op.fast_read:
+            return op.read_routing_key, None
         return op.routing_key, None
 
     # -- fire-and-forget ------------------------------------------------------
@@ -270,7 +291,7 @@ class RemoteDataSource(DataSource):
         op = OPERATIONS[operation]
         checked = validate.check(operation, args)
         body = encode_request(op, checked)
-        routing_key, lane = self._route(op, checked)
+        routing_key, lane = self._route(op, checked, call=False)
         client = self._client or self.connect()
         return client.publish(operation, routing_key, body, lane=lane)
 

@@ -24,6 +24,14 @@ class DataSpaceConnectionError(DataSpaceError):
     retryable = True
 
 
+class DataSpaceRedeliveredError(DataSpaceConnectionError):
+    """A read came back to a worker after its first delivery went unanswered: the
+    worker that took it may have died running it, so it is not run again on the
+    fast read queue (which has no delivery limit). ``RemoteDataSource`` sends such a
+    read once more through the request queue, whose delivery limit ends a read
+    that keeps killing workers (docs/protocol.md, "Reads")."""
+
+
 class DataSpaceRefusedError(DataSpaceConfigurationError, DataSpaceConnectionError):
     """The broker refused this client for a reason retrying cannot cure: its
     credentials, its vhost, a certificate. Configuration to fix; also a

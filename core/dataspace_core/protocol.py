@@ -30,6 +30,7 @@ from .errors import (
     DataSpaceConnectionError,
     DataSpaceError,
     DataSpaceExistsError,
+    DataSpaceRedeliveredError,
     DataSpaceRequestError,
     DataSpaceTooLargeError,
 )
@@ -44,6 +45,10 @@ EXCHANGE = "dataspace"
 REQUEST_QUEUE = "dataspace.requests"
 REQUEST_BINDING = "data.#"
 ROUTING_PREFIX = "data."
+#: reads on the fast path: a classic transient queue, messages not persisted, no
+#: replication, no delivery limit (docs/protocol.md, "Reads"); ``read.<op>``
+READS_QUEUE = "dataspace.reads"
+READ_ROUTING_PREFIX = "read."
 DEAD_LETTER_EXCHANGE = "dataspace.dead"
 DEAD_LETTER_QUEUE = "dataspace.dead"
 #: where dead letters are sorted: expired reads are dropped (nobody waits for them
@@ -202,6 +207,16 @@ class Operation(OperationSpec):
         """The routing key of this operation through the ordering lanes."""
         return LANE_ROUTING_PREFIX + self.name
 
+    @property
+    def fast_read(self) -> bool:
+        """A read the fast read queue serves (every data read; never a write)."""
+        return not self.write and not self.by_reaper
+
+    @property
+    def read_routing_key(self) -> str:
+        """The routing key of this read on the fast path (``read.<op>``)."""
+        return READ_ROUTING_PREFIX + self.name
+
 
 def _on_the_wire(spec: OperationSpec) -> Operation:
     return Operation(**{field.name: getattr(spec, field.name) for field in fields(spec)})
@@ -212,8 +227,8 @@ OPERATIONS: dict[str, Operation] = {name: _on_the_wire(spec) for name, spec in C
 
 
 def operation_named_by(routing_key: str | None) -> str | None:
-    """The operation a routing key names (``data.<op>``, ``lane.<op>``,
-    ``admin.reap``), or None. The routing key, which broker topic permissions
+    """The operation a routing key names (``data.<op>``, ``lane.<op>``, a read's
+    ``read.<op>``, ``admin.reap``), or None. The routing key, which broker topic permissions
     check, decides what a request may do: a body naming another is refused."""
     if not isinstance(routing_key, str):
         return None
@@ -223,7 +238,18 @@ def operation_named_by(routing_key: str | None) -> str | None:
         if routing_key.startswith(prefix):
             name = routing_key[len(prefix) :]
             return name if name in OPERATIONS and not OPERATIONS[name].by_reaper else None
+    if routing_key.startswith(READ_ROUTING_PREFIX):
+        name = routing_key[len(READ_ROUTING_PREFIX) :]
+        return name if name in OPERATIONS and OPERATIONS[name].fast_read else None
     return None
+
+
+def slow_routing_key(routing_key: str) -> str:
+    """The request-queue routing key (``data.<op>``) of a fast read's (``read.<op>``);
+    any other key unchanged."""
+    if routing_key.startswith(READ_ROUTING_PREFIX):
+        return ROUTING_PREFIX + routing_key[len(READ_ROUTING_PREFIX) :]
+    return routing_key
 
 
 def queue_for(routing_key: str) -> str | None:
@@ -236,12 +262,16 @@ def queue_for(routing_key: str) -> str | None:
         return LANE_WORKERS_QUEUE
     if routing_key.startswith(ROUTING_PREFIX):
         return REQUEST_QUEUE
+    if routing_key.startswith(READ_ROUTING_PREFIX):
+        return READS_QUEUE
     return None
 
 
 # -- errors -----------------------------------------------------------------------
 #: error code -> exception class the client raises
 ERROR_CODES: dict[str, type[BaseException]] = {
+    # before "unavailable", its base class: error_code takes the first that matches
+    "read_redelivered": DataSpaceRedeliveredError,
     "not_found": KeyError,
     "invalid_argument": ValueError,
     "wrong_type": TypeError,

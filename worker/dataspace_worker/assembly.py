@@ -32,10 +32,11 @@ DEAD_LETTER_SUMMARY_INTERVAL = 5.0
 
 
 def database_connections(settings: WorkerSettings) -> int:
-    """Connections the worker's database pool holds: one per consumer and per lane
-    (their database threads), and one each for the reaper and the request-log
-    sweeper, which need one at times."""
-    return settings.consumers + settings.lanes + 2
+    """Connections the worker's database pool holds: one per consumer (on the
+    request queue, and as many on the fast read queue) and per lane (their
+    database threads), and one each for the reaper and the request-log sweeper,
+    which need one at times."""
+    return 2 * settings.consumers + settings.lanes + 2
 
 
 def database_config(settings: WorkerSettings, identity: Identity) -> dict:

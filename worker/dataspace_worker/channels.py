@@ -18,6 +18,8 @@ from functools import partial
 
 from pika.exceptions import ChannelClosedByBroker
 
+from dataspace_core.protocol import READS_QUEUE
+
 from . import metrics
 from .database_thread import Consumer
 from .dead_letters import DeadLetterPublisher
@@ -145,8 +147,9 @@ class ConsumerChannels:
 
     # -- subscribing -----------------------------------------------------------------
     def _shared(self, consumer: Consumer) -> bool:
-        """A consumer of the request queue (not a lane, not the reaper)."""
-        return consumer.lane is None and consumer.queue_name == self.request_queue
+        """A consumer of the request queue or of the fast read queue (not a lane, not
+        the reaper): subscribed as the bytes in hand allow."""
+        return consumer.lane is None and consumer.queue_name in (self.request_queue, READS_QUEUE)
 
     def resubscribe(self) -> None:
         """Subscribe each request queue consumer as ``Intake.wanted_prefetch`` says.

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from dataspace_core.protocol import OPERATIONS
+from dataspace_core.errors import DataSpaceRedeliveredError
+from dataspace_core.protocol import OPERATIONS, READS_QUEUE, encode_error, operation_named_by
 
 from . import metrics
 from .bounds import RequestBounds
@@ -162,7 +163,7 @@ class Consumer:
         return [o if o is not None else next(handled) for o in outcomes]
 
     def _handle(self, batch: list[Delivery]) -> list[Outcome]:
-        refused = [refused_reply_to(d) for d in batch]
+        refused = [refused_reply_to(d) or self._refused_again(d) for d in batch]
         if any(refused):  # not run, not answered: only the others run
             kept = [d for d, r in zip(batch, refused, strict=True) if r is None]
             outcomes = iter(self._handle(kept) if kept else [])
@@ -180,6 +181,19 @@ class Consumer:
             for d, p in ((d, d.properties) for d in batch)
         ]
         return self.dispatcher.handle_batch(requests)
+
+    def _refused_again(self, delivery: Delivery) -> Outcome | None:
+        """A fast read delivered again is not run: its first delivery went unanswered,
+        and the worker that took it may have died running it (the fast read queue
+        has no delivery limit). The client asks once more through the request queue."""
+        if not delivery.redelivered or self.queue_name != READS_QUEUE:
+            return None
+        operation = operation_named_by(delivery.routing_key) or "?"
+        error = DataSpaceRedeliveredError(
+            f"{operation}: delivered again after its first delivery went unanswered "
+            "(a worker may have died running it); ask through the request queue"
+        )
+        return Outcome(encode_error(error), "read_redelivered", operation, reason=str(error))
 
     def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
         props = delivery.properties
@@ -228,13 +242,16 @@ def make_consumers(
     hand_back: Callable[[Handled], None],
 ) -> list[Consumer]:
     """A pool's consumers: ``consumers`` on the request queue, one on the reaper
-    queue (prefetch 1, with a ``reaper`` dispatcher), and one per ordering lane of
+    queue (prefetch 1, with a ``reaper`` dispatcher), one per ordering lane of
     ``topology`` (topology.py): the broker keeps one active per lane across all
-    workers, and ``WorkerPool.rebalance`` spreads them."""
+    workers, and ``WorkerPool.rebalance`` spreads them; then ``consumers`` more on
+    the fast read queue, if the topology has it."""
     queues = [(topology.request_queue.name, dispatcher, prefetch, None)] * consumers
     if reaper is not None:
         queues.append((topology.reaper_queue.name, reaper, 1, None))
     queues += [(q.name, dispatcher, prefetch, i) for i, q in enumerate(topology.lane_queues)]
+    if topology.reads_queue is not None:
+        queues += [(topology.reads_queue.name, dispatcher, prefetch, None)] * consumers
     return [
         Consumer(index, name, serves, window, bounds=bounds, hand_back=hand_back, lane=lane)
         for index, (name, serves, window, lane) in enumerate(queues)

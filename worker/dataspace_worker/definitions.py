@@ -73,6 +73,8 @@ from dataspace_core.protocol import (
     DEAD_LETTER_QUEUE,
     EXCHANGE,
     LANE_ROUTING_PREFIX,
+    OPERATIONS,
+    READ_ROUTING_PREFIX,
     REAP_ROUTING_KEY,
     ROUTING_PREFIX,
     SCHEDULE_QUEUE,
@@ -113,10 +115,14 @@ OPERATION_PREFIXES = (ROUTING_PREFIX.rstrip("."), LANE_ROUTING_PREFIX.rstrip("."
 
 def operation_keys(ops: tuple[str, ...], reap: bool = False) -> str:
     """The topic-permission expression matching exactly the routing keys of ``ops``
-    (as ``data.<op>`` and ``lane.<op>``), and ``admin.reap`` if ``reap``."""
+    (as ``data.<op>`` and ``lane.<op>``, the reads among them also as
+    ``read.<op>``), and ``admin.reap`` if ``reap``."""
     prefixes = "|".join(OPERATION_PREFIXES)
     names = "|".join(re.escape(op) for op in ops)
     keys = rf"({prefixes})\.({names})"
+    reads = "|".join(re.escape(op) for op in ops if OPERATIONS[op].fast_read)
+    if reads:
+        keys = rf"({keys}|{re.escape(READ_ROUTING_PREFIX.rstrip('.'))}\.({reads}))"
     if reap:
         keys = rf"({keys}|{re.escape(REAP_ROUTING_KEY)})"
     return f"^{keys}$"
@@ -302,6 +308,9 @@ def _exchanges(topo: Topology, vhost: str) -> list[dict]:
 
 
 def _queues(topo: Topology, vhost: str) -> list[dict]:
+    """The durable queues. Transient ones (the fast read queue, the lane workers'
+    queue) go when their node goes, and the workers declare them again: a
+    definitions file would only bring them back at its import."""
     return [
         {
             "name": queue.name,
@@ -311,6 +320,7 @@ def _queues(topo: Topology, vhost: str) -> list[dict]:
             "arguments": dict(queue.arguments),
         }
         for queue in topo.queues
+        if queue.durable
     ]
 
 
@@ -326,6 +336,7 @@ def _bindings(topo: Topology, vhost: str) -> list[dict]:
             "arguments": dict(queue.binding_arguments),
         }
         for queue in topo.queues
+        if queue.durable
         for exchange, key in queue.bindings
     ]
     to_exchanges = [

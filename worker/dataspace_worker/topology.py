@@ -28,6 +28,7 @@ from dataspace_core.protocol import (
     LANE_WORKERS_QUEUE,
     LANES_EXCHANGE,
     OPERATIONS,
+    READS_QUEUE,
     REAP_ROUTING_KEY,
     REAPER_QUEUE,
     REQUEST_BINDING,
@@ -66,6 +67,11 @@ class Topology:
     @property
     def request_queue(self) -> Queue:
         return self.queue(REQUEST_QUEUE)
+
+    @property
+    def reads_queue(self) -> Queue | None:
+        """The fast read queue (None in a topology without it)."""
+        return self.queue(READS_QUEUE)
 
     @property
     def reaper_queue(self) -> Queue:
@@ -130,6 +136,22 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
         (DEAD_LETTER_EXCHANGE, DEAD_LETTER_SORT_EXCHANGE, "#"),
         *reads,
     )
+    # Reads on the fast path (``read.<op>``, one binding per read: topic bindings
+    # match whole words): a classic transient queue, its messages transient too.
+    # Nothing to write to disk or to replicate: a read changes nothing, so a lost
+    # one is asked again (the client re-sends it after a lost connection, and
+    # through the request queue when it comes back unroutable). No delivery limit
+    # on a classic queue: a read delivered again is refused by the worker
+    # (database_thread.py) and the client asks once more through the request
+    # queue, whose delivery limit ends a read that keeps killing workers. No
+    # dead-lettering: an expired read just goes. Like the lane workers' queue it
+    # goes when its node goes, and workers declare it again on another.
+    fast_reads = Queue(
+        READS_QUEUE,
+        {"x-queue-type": "classic"},
+        tuple((EXCHANGE, op.read_routing_key) for op in OPERATIONS.values() if op.fast_read),
+        durable=False,
+    )
     # One reap at a time across every worker: a single active consumer.
     reaper = Queue(
         REAPER_QUEUE,
@@ -186,7 +208,7 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
         lane_queues += (Queue(LANE_WORKERS_QUEUE, {"x-queue-type": "classic"}, durable=False),)
     return Topology(
         exchanges=tuple(exchanges),
-        queues=(requests, dead, reaper, schedule, *lane_queues, discard),
+        queues=(requests, fast_reads, dead, reaper, schedule, *lane_queues, discard),
         exchange_arguments=exchange_arguments,
         exchange_bindings=exchange_bindings,
         # dataspace.dead took every dead letter straight from dataspace.dead before

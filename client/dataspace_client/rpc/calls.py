@@ -24,7 +24,7 @@ from dataspace_core.errors import (
     DataSpaceNoWorkerError,
     DataSpaceTimeoutError,
 )
-from dataspace_core.protocol import queue_for
+from dataspace_core.protocol import READ_ROUTING_PREFIX, queue_for, slow_routing_key
 
 from .link import Link
 from .messages import request_properties
@@ -44,6 +44,10 @@ Route = tuple[str, str, str | None]
 
 class ConnectionLost(DataSpaceConnectionError):
     """The connection dropped under a call; sending the request again is safe."""
+
+
+class ReadReturned(ConnectionLost):
+    """A fast read came back unroutable: it goes again through the request queue."""
 
 
 @dataclass
@@ -93,6 +97,12 @@ class Calls:
         while True:
             try:
                 return self._attempt(operation, route, body, message_id, deadline, timeout)
+            except ReadReturned as returned:
+                # no fast read queue (workers older than it, or its node just went
+                # down): the request queue serves every read too
+                exchange, routing_key, lane = route
+                route = (exchange, slow_routing_key(routing_key), lane)
+                log.debug("%s; sending it to %s", returned, route[1])
             except ConnectionLost as lost:
                 if self.link.closing or time.monotonic() >= deadline:
                     raise DataSpaceConnectionError(str(lost)) from None
@@ -161,6 +171,7 @@ class Calls:
             correlation_id=correlation_id,
             # what is left of the caller's wait, as the request's time to live
             expires_in_ms=max(1, int((call.deadline - time.monotonic()) * 1000)),
+            persistent=not routing_key.startswith(READ_ROUTING_PREFIX),
         )
         try:
             channel.basic_publish(

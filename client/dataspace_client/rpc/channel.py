@@ -22,9 +22,9 @@ from dataspace_core.amqp.failures import describe
 from dataspace_core.amqp.patches import close_select_connection
 from dataspace_core.amqp.reconnect import ConnectionCallbacks, ConnectionLoop
 from dataspace_core.errors import DataSpaceConnectionError, DataSpaceError
-from dataspace_core.protocol import DIRECT_REPLY_TO
+from dataspace_core.protocol import DIRECT_REPLY_TO, READ_ROUTING_PREFIX
 
-from .calls import Calls, ConnectionLost
+from .calls import Calls, ConnectionLost, ReadReturned
 from .link import Link
 from .publications import Publication, Publications
 
@@ -210,7 +210,11 @@ class RpcChannel:
             call = self.calls.get(properties.correlation_id)
             if call is None:
                 self.publications.returned(properties.message_id or "", reason)
-        if call is not None:
+        if call is None:
+            return
+        if method.routing_key.startswith(READ_ROUTING_PREFIX):
+            call.fail(ReadReturned(f"{call.operation}: {reason}"))
+        else:
             call.fail(DataSpaceConnectionError(f"{call.operation}: {reason}"))
 
     def _on_reply(self, _channel, _method, properties, body) -> None:

@@ -51,13 +51,16 @@ def request_properties(
     timestamp: int,
     correlation_id: str | None = None,
     expires_in_ms: int | None = None,
+    persistent: bool = True,
 ) -> pika.BasicProperties:
     """The AMQP properties of a request. With ``correlation_id`` it is a call: its
     reply comes over direct reply-to, and it expires after ``expires_in_ms`` (what
-    is left of its caller's wait); without, a fire-and-forget publication."""
+    is left of its caller's wait); without, a fire-and-forget publication.
+    ``persistent`` False for a fast read: nothing to write to disk (a lost read is
+    asked again)."""
     return pika.BasicProperties(
         content_type=content_type(body),
-        delivery_mode=pika.DeliveryMode.Persistent,
+        delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
         correlation_id=correlation_id,
         message_id=message_id,
         reply_to=None if correlation_id is None else DIRECT_REPLY_TO,
