@@ -33,6 +33,7 @@ import psycopg2  # noqa: E402
 from psycopg2.extras import execute_values  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.original import original_space, ratio_lines  # noqa: E402
 from dataspace_client import DataSpace  # noqa: E402
 from tests import services  # noqa: E402
 from tests.support.configs import inprocess_config, remote_config  # noqa: E402
@@ -336,6 +337,12 @@ def store_rows(space: DataSpace, label: str, count: int, big: int, bar) -> dict[
         generations,
         bar=bar,
     )
+    rows["get_datablock"] = run(
+        f"{label}: get_datablock, 20 keys",
+        lambda i: space.get_datablock(tm, 10),
+        count,
+        bar=bar,
+    )
     return rows
 
 
@@ -468,6 +475,24 @@ def targets(floor_rows: dict, remote: dict, memory: dict) -> list[dict]:
     return out
 
 
+def _original_rows(count: int, big: int, huge: int, bar) -> tuple[dict | None, str]:
+    """The original engine's rows on a scratch database of their own, or why not."""
+    with services.scratch_database(services.DEFAULT_PG_DSN) as dsn:
+        space, why_not = original_space(dsn)
+        if space is None:
+            return None, why_not
+        try:
+            rows = store_rows(space, "original in process", count, big, bar)
+            rows.update(big_rows(space, "original in process", big, huge, bar))
+            return rows, ""
+        except Exception as exc:  # its API or its driver: the run goes on without it
+            return None, f"failed while measured ({type(exc).__name__}: {exc})"
+        finally:
+            close = getattr(space, "close", None)
+            if close is not None:
+                close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: under a minute")
@@ -492,7 +517,7 @@ def main() -> None:
     }
     if args.consumers:
         env["DATASPACE_CONSUMERS"] = str(args.consumers)
-    total = 6 * count + 2 * publishes + 2 * per_store
+    total = 6 * count + 2 * publishes + 3 * per_store
     with (
         services.scratch_database(services.DEFAULT_PG_DSN) as dsn,
         services.scratch_vhost(services.DEFAULT_AMQP_URL) as url,
@@ -511,6 +536,7 @@ def main() -> None:
                 local = store_rows(space, "in process", count, big, bar)
                 local.update(decoupled(space, dsn, "in process", publishes, bar))
                 local.update(big_rows(space, "in process", big, huge, bar))
+            original, why_not = _original_rows(count, big, huge, bar)
             with DataSpace(remote_config(url, timeout=120)) as space:
                 remote = store_rows(space, "remote", count, big, bar)
                 remote.update(decoupled(space, dsn, "remote", publishes, bar))
@@ -522,7 +548,8 @@ def main() -> None:
             worker.terminate()
             worker.wait(60)
     lines = ["| work | ops/s | p50 ms | p99 ms | MiB/s |", "|---|---|---|---|---|"]
-    for row in [*floor_rows.values(), *local.values(), *remote.values()]:
+    shown = [*floor_rows.values(), *local.values(), *(original or {}).values(), *remote.values()]
+    for row in shown:
 
         def fmt(v, spec):
             return "" if v is None else format(v, spec)
@@ -535,7 +562,14 @@ def main() -> None:
         f"| worker RSS MiB: steady {memory['steady']:.0f}, peak {memory['peak']:.0f}, "
         f"after the 16 MiB load {memory['after']:.0f} | | | | |"
     )
-    lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
+    lines.append("")
+    if original:
+        lines += ratio_lines(remote, original, "original in process") + [""]
+    else:
+        lines.append(f"original decision engine DataSpace: {why_not}; ratios against it skipped")
+        lines.append("")
+    lines += ratio_lines(remote, local, "this package in process") + [""]
+    lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
     checks = targets(floor_rows, remote, memory)
     for check in checks:
         lines.append(
@@ -551,6 +585,8 @@ def main() -> None:
                 "consumers": args.consumers,
                 "floor": floor_rows,
                 "in_process": local,
+                "original": original,
+                "original_skipped": why_not or None,
                 "remote": remote,
                 "worker_memory_mib": memory,
                 "targets": checks,
