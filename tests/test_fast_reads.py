@@ -112,10 +112,24 @@ def test_a_read_delivered_again_is_asked_once_more_through_the_request_queue(
 def test_a_read_the_fast_queue_cannot_take_goes_through_the_request_queue(declared):
     """No fast read queue (workers older than it, or its node just went down): the
     read comes back unroutable and is sent at once to the request queue."""
-    connection = pika.BlockingConnection(pika.URLParameters(declared))
+    connection, answered = _answering(declared)
+    connection.channel().queue_delete(READS_QUEUE)
+    space = _space(declared)
+    try:
+        reader, result = _in_background(space.get_taskmanagers)
+        _until_done(connection, reader)
+    finally:
+        space.close()
+        connection.close()
+    assert result == [[]] and answered == ["data.get_taskmanagers"]
+
+
+def _answering(url: str):
+    """A bare consumer of the request queue that answers every request with an
+    empty list; returns (connection, routing keys it answered)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.queue_delete(READS_QUEUE)
-    answered = []
+    answered: list[str] = []
 
     def answer(ch, method, properties, _body):
         answered.append(method.routing_key)
@@ -128,17 +142,34 @@ def test_a_read_the_fast_queue_cannot_take_goes_through_the_request_queue(declar
         ch.basic_ack(method.delivery_tag)
 
     channel.basic_consume(REQUEST_QUEUE, answer)
-    space = _space(declared)
+    return connection, answered
+
+
+def _until_done(connection, thread: threading.Thread, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while thread.is_alive() and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.2)
+    thread.join(5)
+
+
+def test_a_fast_read_nobody_takes_goes_through_the_request_queue(declared):
+    """dataspace.reads exists but nobody consumes it (workers rolled back to a release
+    without it, or its node went down with the read in it): after no_worker_check
+    seconds the read goes again through the request queue."""
+    connection, answered = _answering(declared)
+    config = remote_config(declared, timeout=20)
+    config["dataspace"]["datasource"]["config"]["no_worker_check"] = 1.0
+    space = DataSpace(config)
     try:
+        started = time.monotonic()
         reader, result = _in_background(space.get_taskmanagers)
-        deadline = time.monotonic() + 15
-        while reader.is_alive() and time.monotonic() < deadline:
-            connection.process_data_events(time_limit=0.2)
-        reader.join(5)
+        _until_done(connection, reader)
+        elapsed = time.monotonic() - started
     finally:
         space.close()
         connection.close()
     assert result == [[]] and answered == ["data.get_taskmanagers"]
+    assert 1.0 <= elapsed < 5, elapsed
 
 
 def test_old_style_reads_to_the_request_queue_are_still_served(declared, pool_factory):

@@ -9,12 +9,7 @@ import pika
 import pytest
 
 from dataspace_client import DataSpace, DataSpaceNoWorkerError, DataSpaceTimeoutError
-from dataspace_core.protocol import (
-    DEAD_LETTER_EXCHANGE,
-    DEAD_LETTER_QUEUE,
-    READS_QUEUE,
-    REQUEST_QUEUE,
-)
+from dataspace_core.protocol import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, REQUEST_QUEUE
 from dataspace_worker.topology import declare_blocking, topology
 from tests import services
 from tests.support.configs import remote_config
@@ -50,7 +45,8 @@ def test_a_call_with_no_worker_fails_within_seconds_naming_the_queue(queues_with
         space.close()
     assert elapsed < 5, f"took {elapsed:.1f} s, not a few seconds"
     message = str(caught.value)
-    assert f"no worker consumes {READS_QUEUE}" in message  # a read: the fast read queue
+    # a read: unanswered on the fast read queue, then sent through the request queue
+    assert f"no worker consumes {REQUEST_QUEUE}" in message
     assert "start dataspace-worker" in message
     assert "guest:***@" in message and "guest:guest@" not in message
     # code written for timeouts still catches it
@@ -73,8 +69,10 @@ def test_a_slow_reply_with_a_worker_is_not_taken_for_no_worker(queues_without_wo
         )
         ch.basic_ack(method.delivery_tag)
 
-    channel.basic_consume(READS_QUEUE, answer_late)  # a read goes to the fast read queue
-    space = DataSpace(_config(queues_without_worker, timeout=20))
+    channel.basic_consume(REQUEST_QUEUE, answer_late)
+    config = _config(queues_without_worker, timeout=20)
+    config["dataspace"]["datasource"]["config"]["fast_reads"] = False  # the request queue
+    space = DataSpace(config)
     try:
         import threading
 

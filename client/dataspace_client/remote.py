@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -264,13 +265,19 @@ class RemoteDataSource(DataSource):
         body = encode_request(op, checked)
         client = self._client or self.connect()
         routing_key, lane = self._route(op, checked)
+        timeout = client.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         reply = client.call(operation, routing_key, body, timeout=timeout, lane=lane)
         try:
             return decode_reply(op, reply)
         except DataSpaceRedeliveredError:
             # A worker may have died running it: once more, through the request
-            # queue, whose delivery limit ends a read that keeps killing workers.
-            reply = client.call(operation, op.routing_key, body, timeout=timeout)
+            # queue, whose delivery limit ends a read that keeps killing workers;
+            # within what is left of the call's time
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            reply = client.call(operation, op.routing_key, body, timeout=left)
             return decode_reply(op, reply)
 
     def _route(self, op, checked: dict, call: bool = True) -> tuple[str, str | None]:

@@ -38,6 +38,11 @@ from dataspace_core.protocol import (
 
 log = logging.getLogger(__name__)
 
+#: broker memory the fast read queue's messages may hold (a read's body is small)
+READS_MAX_BYTES = 64 * 1024 * 1024
+#: milliseconds without a consumer after which the fast read queue goes
+READS_EXPIRE_MS = 60_000
+
 
 @dataclass(frozen=True)
 class Queue:
@@ -146,9 +151,20 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
     # queue, whose delivery limit ends a read that keeps killing workers. No
     # dead-lettering: an expired read just goes. Like the lane workers' queue it
     # goes when its node goes, and workers declare it again on another.
+    # Bounded: a flood of large bodies (a reader account may send up to the broker's
+    # max_message_size) holds at most READS_MAX_BYTES of broker memory, the oldest
+    # dropped first (their callers ask again through the request queue after
+    # ``no_worker_check``). Expires when no worker has consumed it for a minute
+    # (workers rolled back to a release without it): reads then come back
+    # unroutable and go through the request queue at once.
     fast_reads = Queue(
         READS_QUEUE,
-        {"x-queue-type": "classic"},
+        {
+            "x-queue-type": "classic",
+            "x-max-length-bytes": READS_MAX_BYTES,
+            "x-overflow": "drop-head",
+            "x-expires": READS_EXPIRE_MS,
+        },
         tuple((EXCHANGE, op.read_routing_key) for op in OPERATIONS.values() if op.fast_read),
         durable=False,
     )

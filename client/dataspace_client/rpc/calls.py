@@ -46,8 +46,19 @@ class ConnectionLost(DataSpaceConnectionError):
     """The connection dropped under a call; sending the request again is safe."""
 
 
-class ReadReturned(ConnectionLost):
-    """A fast read came back unroutable: it goes again through the request queue."""
+class FastReadFailed(ConnectionLost):
+    """A fast read came back unroutable, or got no reply within ``no_worker_check``
+    seconds: it goes again through the request queue (a read may run twice)."""
+
+
+class ReadReturned(FastReadFailed):
+    """A fast read came back unroutable (no ``dataspace.reads``: workers older than
+    it, or its node just went down)."""
+
+
+class ReadUnanswered(FastReadFailed):
+    """A fast read got no reply within ``no_worker_check`` seconds: lost with its
+    queue's node, or waiting in a queue nobody consumes (workers rolled back)."""
 
 
 @dataclass
@@ -97,12 +108,12 @@ class Calls:
         while True:
             try:
                 return self._attempt(operation, route, body, message_id, deadline, timeout)
-            except ReadReturned as returned:
-                # no fast read queue (workers older than it, or its node just went
-                # down): the request queue serves every read too
+            except FastReadFailed as failed:
+                # the request queue serves every read too, with its delivery limit
+                # and its replication: once more through it
                 exchange, routing_key, lane = route
                 route = (exchange, slow_routing_key(routing_key), lane)
-                log.debug("%s; sending it to %s", returned, route[1])
+                log.debug("%s; sending it to %s", failed, route[1])
             except ConnectionLost as lost:
                 if self.link.closing or time.monotonic() >= deadline:
                     raise DataSpaceConnectionError(str(lost)) from None
@@ -142,10 +153,15 @@ class Calls:
     def _wait(self, call: Call, routing_key: str, deadline: float, timeout: float) -> bool:
         """Wait for the reply until ``deadline``; after ``no_worker_check`` seconds
         without one, ask the broker whether any worker consumes the request's queue,
-        and give up at once (DataSpaceNoWorkerError) if none does."""
+        and give up at once (DataSpaceNoWorkerError) if none does. A fast read still
+        unanswered then is sent again through the request queue instead
+        (ReadUnanswered): a read changes nothing, and one in ``dataspace.reads`` is
+        lost with its node or waits for nobody once the workers are rolled back."""
         first = min(self.no_worker_check, deadline - time.monotonic())
         if call.done.wait(max(0.0, first)):
             return True
+        if routing_key.startswith(READ_ROUTING_PREFIX) and time.monotonic() < deadline:
+            raise ReadUnanswered(f"{call.operation}: no reply within {first:g} s")
         queue = queue_for(routing_key)
         if queue is not None and time.monotonic() < deadline:
             wait = min(NO_WORKER_PROBE_TIMEOUT, max(0.0, deadline - time.monotonic()))
