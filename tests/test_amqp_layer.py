@@ -69,3 +69,46 @@ def test_one_function_sets_what_every_connection_shares():
     assert addresses.user == "u"
     with pytest.raises(ValueError, match="\\*\\*\\*"):
         broker_addresses("amqp://u:secret@a/v,http://u:secret@b/v")
+
+
+class _FakeTransport:
+    """What pika's ``_produce`` uses of a transport: the buffers, their byte count, a
+    socket whose ``send`` records each call and may send less than asked."""
+
+    def __init__(self, chunks: list[bytes], take: int | None = None):
+        from collections import deque
+
+        self._tx_buffers = deque(chunks)
+        self._tx_buffered_byte_count = sum(len(c) for c in chunks)
+        self._sock = self
+        self.sent: list[bytes] = []
+        self.take = take
+
+    def _sigint_safe_send(self, sock, data: bytes) -> int:
+        if self.take is not None and self.sent:
+            raise BlockingIOError  # the socket would block: the rest waits
+        n = len(data) if self.take is None else min(self.take, len(data))
+        self.sent.append(bytes(data[:n]))
+        return n
+
+
+def test_buffered_frames_go_out_in_one_send():
+    from dataspace_core.amqp import patches
+
+    frames = [b"method", b"header", b"body", b"ack"]
+    transport = _FakeTransport(list(frames))
+    patches._coalescing_produce(transport)
+    assert transport.sent == [b"".join(frames)]
+    assert transport._tx_buffered_byte_count == 0 and not transport._tx_buffers
+
+
+def test_a_partial_send_leaves_the_rest_in_order_and_large_chunks_alone():
+    from dataspace_core.amqp import patches
+
+    big = b"x" * (patches.COALESCE_BYTES + 1)
+    transport = _FakeTransport([b"abc", b"def", big, b"ghi"], take=4)
+    with pytest.raises(BlockingIOError):
+        patches._coalescing_produce(transport)
+    assert transport.sent == [b"abcd"]
+    assert list(transport._tx_buffers) == [b"ef", big, b"ghi"]
+    assert transport._tx_buffered_byte_count == 2 + len(big) + 3
