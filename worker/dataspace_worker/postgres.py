@@ -45,6 +45,7 @@ import psycopg2
 import psycopg2.errors
 
 from dataspace_core import validate
+from dataspace_core.catalog import CATALOG
 from dataspace_core.datasource import (
     DataSource,
     demented_arguments,
@@ -110,6 +111,38 @@ def _release(pool: ConnectionPool, health: HealthConnection) -> None:
         health.close()
     except Exception:  # a finalizer must not raise
         log.exception("PostgresDataSource dropped without close(): closing its connections failed")
+
+
+def in_transaction(conn, work: Callable[[Any], T], read_only: bool = False) -> T:
+    """Run ``work(cursor)`` in one transaction, committed when it returns.
+
+    ``read_only``: reads only, run without a transaction (autocommit): psycopg2
+    would send BEGIN before the first statement and COMMIT after, two round
+    trips to PostgreSQL around a point select. A read's statements see what
+    was committed before each of them, in a transaction or not (READ
+    COMMITTED), and reads in one batch are independent requests.
+
+    A connection whose transaction carried more than ``LARGE_TRANSACTION``
+    bytes (its last statement's text, or its result) is closed afterwards:
+    libpq keeps its send and receive buffers at the largest size they ever
+    reached, two bytes per byte of bytea, for the connection's life, which
+    left a worker holding 32 MiB per pooled connection after 16 MiB
+    products. One reconnection per large value costs far less than it.
+    """
+    if read_only:
+        conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            result = work(cur)
+            large = len(cur.query or b"") > LARGE_TRANSACTION
+        if not read_only:
+            conn.commit()
+    finally:
+        if read_only and not conn.closed:
+            conn.autocommit = False  # as the pool hands connections out
+    if large or _payload(result) > LARGE_TRANSACTION:
+        conn.close()  # the pool discards a closed connection
+    return result
 
 
 class PostgresDataSource(Reaping, DataSource):
@@ -227,32 +260,17 @@ class PostgresDataSource(Reaping, DataSource):
         finally:
             self._pool.release(conn, discard=broken or bool(conn.closed))
 
-    def _transaction(self, work: Callable[[Any], T]) -> T:
-        """Run ``work(cursor)`` in one transaction, committed when it returns.
-
-        A connection whose transaction carried more than ``LARGE_TRANSACTION``
-        bytes (its last statement's text, or its result) is closed afterwards:
-        libpq keeps its send and receive buffers at the largest size they ever
-        reached, two bytes per byte of bytea, for the connection's life, which
-        left a worker holding 32 MiB per pooled connection after 16 MiB
-        products. One reconnection per large value costs far less than it.
-        """
-
-        def run(conn):
-            with conn.cursor() as cur:
-                result = work(cur)
-                large = len(cur.query or b"") > LARGE_TRANSACTION
-            conn.commit()
-            if large or _payload(result) > LARGE_TRANSACTION:
-                conn.close()  # the pool discards a closed connection
-            return result
-
-        return self._with_connection(run)
+    def _transaction(self, work: Callable[[Any], T], read_only: bool = False) -> T:
+        """Run ``work(cursor)`` in one transaction on a pooled connection, through
+        the retry policy (``in_transaction``); ``read_only``: without one."""
+        return self._with_connection(lambda conn: in_transaction(conn, work, read_only))
 
     def _run(self, operation: str, args: dict) -> Any:
         checked = validate.check(operation, args)
         body = queries.BODIES[operation]
-        return self._transaction(lambda cur: body(cur, checked))
+        return self._transaction(
+            lambda cur: body(cur, checked), read_only=not CATALOG[operation].write
+        )
 
     def execute(
         self,
@@ -284,9 +302,10 @@ class PostgresDataSource(Reaping, DataSource):
             Prepared(operation, queries.BODIES[operation], validate.check(operation, args), e, rid)
             for operation, args, e, rid in requests
         ]
+        read_only = not any(CATALOG[p.operation].write for p in prepared)
         if len(prepared) == 1:
-            return self._transaction(lambda cur: [apply_one(cur, prepared[0])])
-        return self._transaction(lambda cur: apply_many(cur, prepared))
+            return self._transaction(lambda cur: [apply_one(cur, prepared[0])], read_only)
+        return self._transaction(lambda cur: apply_many(cur, prepared), read_only)
 
     def ping(self, timeout: int = 2) -> bool:
         """Whether PostgreSQL answers ``SELECT 1`` now, on a connection of its own.
