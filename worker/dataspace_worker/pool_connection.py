@@ -81,7 +81,7 @@ class PoolConnection:
 
     def run(self) -> None:
         """The I/O thread: connections one after another until the pool stops."""
-        self.loop.run(lambda _connection, _crash: self._lost(), prepare=self._prepare)
+        self.loop.run(self._lost, prepare=self._prepare)
 
     def check_topology(self, queues: list[str]) -> bool:
         """Whether every one of ``queues`` still exists; if one is gone, start over

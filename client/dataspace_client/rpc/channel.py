@@ -99,7 +99,7 @@ class RpcChannel:
         close_select_connection(self.link.connection)
 
     # -- the connection --------------------------------------------------------------
-    def _connection_ended(self, _connection, _crash: BaseException | None) -> bool:
+    def _connection_ended(self) -> bool:
         """After a connection's loop: wake whoever waits for the first attempt;
         whether it got as far as consuming replies."""
         with self.link.lock:

@@ -53,10 +53,6 @@ class BrokerAddresses:
     def __len__(self) -> int:
         return len(self.params)
 
-    @property
-    def masked(self) -> str:
-        return mask_password(self.urls)
-
 
 def broker_addresses(
     urls: str | Sequence[str],

@@ -74,6 +74,3 @@ class ConfirmTracker(Generic[T]):
 
     def __bool__(self) -> bool:
         return bool(self._items)
-
-    def __iter__(self):
-        return iter(list(self._items.values()))

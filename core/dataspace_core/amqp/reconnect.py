@@ -94,7 +94,7 @@ class ConnectionLoop:
 
     def run(
         self,
-        ended: Callable[[pika.SelectConnection, BaseException | None], bool],
+        ended: Callable[[], bool],
         prepare: Callable[[], str | None] | None = None,
         crashed: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -102,12 +102,11 @@ class ConnectionLoop:
 
         ``prepare()`` runs before each connection (the worker declares its
         topology): it returns None to go on, or why not, and then the next address
-        is tried after a pause. ``ended(connection, crash)`` runs after each
-        connection's loop ended (``crash``: what its loop raised, if anything) and
-        returns whether that connection got to work. ``crashed(exc)`` runs first
-        when the loop raised, while ``connection`` still names the dead connection
-        (the client marks its link down there, before anyone can see no
-        connection and a link still up)."""
+        is tried after a pause. ``ended()`` runs after each connection's loop
+        ended and returns whether that connection got to work. ``crashed(exc)``
+        runs first when the loop raised, while ``connection`` still names the dead
+        connection (the client marks its link down there, before anyone can see
+        no connection and a link still up)."""
         while not self._stopped():
             if prepare is not None:
                 failed_at = self.addresses.current_url
@@ -131,17 +130,15 @@ class ConnectionLoop:
                     on_close_callback=self.callbacks.closed,
                 )
                 self.connection = connection
-            crash = None
             try:
                 connection.ioloop.start()
             except Exception as exc:  # never let the I/O thread die silently
                 self._log.exception("AMQP I/O loop failed; reconnecting")
-                crash = exc
                 if crashed is not None:
                     crashed(exc)
             with self.lock:
                 self.connection = None
-            reached = ended(connection, crash)
+            reached = ended()
             connection.ioloop.close()
             if self._stopped():
                 break
