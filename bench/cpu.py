@@ -24,18 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.run import HEADER, METADATA  # noqa: E402
 from dataspace_client import DataSpace  # noqa: E402
 from tests import services  # noqa: E402
 from tests.support.configs import remote_config  # noqa: E402
 
-HEADER = {
-    "create_time": 1,
-    "expiration_time": 2,
-    "scheduled_create_time": 1,
-    "creator": "bench",
-    "schema_id": None,
-}
-METADATA = {"state": "NEW", "generation_time": 1, "missed_update_count": 0}
 TICK = os.sysconf("SC_CLK_TCK")
 
 

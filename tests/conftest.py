@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pika
 import pytest
 
 from dataspace_client import DataSpace
+from dataspace_worker.topology import declare_blocking, topology
 from tests import services
 from tests.support.configs import inprocess_config, remote_config
 
@@ -79,6 +81,17 @@ def own_vhost(amqp_url):
         if url.endswith("/%2F"):
             pytest.skip("needs rabbitmqctl to create a vhost")
         yield url
+
+
+@pytest.fixture
+def queues_without_worker(own_vhost):
+    """The service's topology declared on a vhost of its own, and no worker."""
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        declare_blocking(connection.channel(), topology())
+    finally:
+        connection.close()
+    return own_vhost
 
 
 @pytest.fixture

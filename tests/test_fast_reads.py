@@ -9,24 +9,11 @@ import threading
 import time
 
 import pika
-import pytest
 
 from dataspace_client import DataSpace
 from dataspace_core.protocol import OPERATIONS, READS_QUEUE, REQUEST_QUEUE
 from dataspace_worker import metrics
-from dataspace_worker.topology import declare_blocking, topology
 from tests.support.configs import remote_config
-
-
-@pytest.fixture
-def declared(own_vhost):
-    """The service's topology on a vhost of its own, and no worker yet."""
-    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
-    try:
-        declare_blocking(connection.channel(), topology())
-    finally:
-        connection.close()
-    return own_vhost
 
 
 def _space(url: str, timeout: float = 20) -> DataSpace:
@@ -65,17 +52,19 @@ def _take(url: str, queue: str, timeout: float = 10):
     raise AssertionError(f"nothing reached {queue} within {timeout} s")
 
 
-def test_a_read_goes_to_the_fast_queue_unpersisted_and_a_write_to_the_request_queue(declared):
-    space = _space(declared, timeout=5)
+def test_a_read_goes_to_the_fast_queue_unpersisted_and_a_write_to_the_request_queue(
+    queues_without_worker,
+):
+    space = _space(queues_without_worker, timeout=5)
     try:
         reader, _ = _in_background(space.get_taskmanagers)
-        connection, channel, method, properties = _take(declared, READS_QUEUE)
+        connection, channel, method, properties = _take(queues_without_worker, READS_QUEUE)
         assert method.routing_key == "read.get_taskmanagers"
         assert properties.delivery_mode == 1  # transient: nothing written to disk
         channel.basic_nack(method.delivery_tag, requeue=False)
         connection.close()
         writer, _ = _in_background(lambda: space.store_taskmanager("fast-reads", "00ff"))
-        connection, channel, method, properties = _take(declared, REQUEST_QUEUE)
+        connection, channel, method, properties = _take(queues_without_worker, REQUEST_QUEUE)
         assert method.routing_key == "data.store_taskmanager"
         assert properties.delivery_mode == 2
         connection.close()
@@ -86,7 +75,7 @@ def test_a_read_goes_to_the_fast_queue_unpersisted_and_a_write_to_the_request_qu
 
 
 def test_a_read_delivered_again_is_asked_once_more_through_the_request_queue(
-    declared, pool_factory
+    queues_without_worker, pool_factory
 ):
     """A worker that took a read and died (here: a channel closed with the read
     unacked) leaves it redelivered: the next worker does not run it on the fast
@@ -94,13 +83,13 @@ def test_a_read_delivered_again_is_asked_once_more_through_the_request_queue(
     the client sends it once more through the request queue, which has one."""
     refused = metrics.REQUESTS.labels("get_taskmanagers", "read_redelivered")
     refused_before = refused._value.get()
-    space = _space(declared)
+    space = _space(queues_without_worker)
     try:
         reader, result = _in_background(space.get_taskmanagers)
-        connection, channel, method, _ = _take(declared, READS_QUEUE)
+        connection, channel, method, _ = _take(queues_without_worker, READS_QUEUE)
         assert not method.redelivered
         connection.close()  # the "crash": the read goes back, marked redelivered
-        pool_factory(declared, consumers=1)
+        pool_factory(queues_without_worker, consumers=1)
         reader.join(20)
         # answered (the database is the run's own, shared: whatever it holds)
         assert len(result) == 1 and isinstance(result[0], list), result
@@ -109,12 +98,12 @@ def test_a_read_delivered_again_is_asked_once_more_through_the_request_queue(
     assert refused._value.get() == refused_before + 1
 
 
-def test_a_read_the_fast_queue_cannot_take_goes_through_the_request_queue(declared):
+def test_a_read_the_fast_queue_cannot_take_goes_through_the_request_queue(queues_without_worker):
     """No fast read queue (workers older than it, or its node just went down): the
     read comes back unroutable and is sent at once to the request queue."""
-    connection, answered = _answering(declared)
+    connection, answered = _answering(queues_without_worker)
     connection.channel().queue_delete(READS_QUEUE)
-    space = _space(declared)
+    space = _space(queues_without_worker)
     try:
         reader, result = _in_background(space.get_taskmanagers)
         _until_done(connection, reader)
@@ -152,12 +141,12 @@ def _until_done(connection, thread: threading.Thread, seconds: float = 15) -> No
     thread.join(5)
 
 
-def test_a_fast_read_nobody_takes_goes_through_the_request_queue(declared):
+def test_a_fast_read_nobody_takes_goes_through_the_request_queue(queues_without_worker):
     """dataspace.reads exists but nobody consumes it (workers rolled back to a release
     without it, or its node went down with the read in it): after no_worker_check
     seconds the read goes again through the request queue."""
-    connection, answered = _answering(declared)
-    config = remote_config(declared, timeout=20)
+    connection, answered = _answering(queues_without_worker)
+    config = remote_config(queues_without_worker, timeout=20)
     config["dataspace"]["datasource"]["config"]["no_worker_check"] = 1.0
     space = DataSpace(config)
     try:
@@ -172,11 +161,11 @@ def test_a_fast_read_nobody_takes_goes_through_the_request_queue(declared):
     assert 1.0 <= elapsed < 5, elapsed
 
 
-def test_old_style_reads_to_the_request_queue_are_still_served(declared, pool_factory):
+def test_old_style_reads_to_the_request_queue_are_still_served(queues_without_worker, pool_factory):
     """A client of before the fast read queue (``fast_reads`` false: every read as
     ``data.<op>``) is served as it was."""
-    pool_factory(declared, consumers=1)
-    config = remote_config(declared, timeout=20)
+    pool_factory(queues_without_worker, consumers=1)
+    config = remote_config(queues_without_worker, timeout=20)
     config["dataspace"]["datasource"]["config"]["fast_reads"] = False
     with DataSpace(config) as space:
         route = space.datasource._route(OPERATIONS["get_taskmanagers"], {})

@@ -10,22 +10,10 @@ import pytest
 
 from dataspace_client import DataSpace, DataSpaceNoWorkerError, DataSpaceTimeoutError
 from dataspace_core.protocol import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, REQUEST_QUEUE
-from dataspace_worker.topology import declare_blocking, topology
 from tests import services
 from tests.support.configs import remote_config
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def queues_without_worker(own_vhost):
-    """The service's topology declared on a vhost of its own, and no worker."""
-    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
-    try:
-        declare_blocking(connection.channel(), topology())
-    finally:
-        connection.close()
-    return own_vhost
 
 
 def _config(url: str, timeout: float) -> dict:
