@@ -459,3 +459,80 @@ def test_large_and_small_inserts_in_one_batch_keep_their_order(dispatcher, sourc
     products = source.get_dataproducts(seq)
     assert [p["key"] for p in products] == [f"k{i}" for i in range(9)]
     assert [p["value"] for p in products] == values
+
+
+# -- small inserts: claims and rows in one statement (idempotency.apply_claimed_inserts) ------
+def test_extreme_ids_and_times_go_in_with_their_batch(dispatcher, source, batches):
+    """Numbers are cast in parentheses: -9223372036854775808::bigint overflows."""
+    seq = _new_taskmanager(source)
+    low, high = -(2**63), 2**63 - 1
+    batch = [_insert(seq, g, f"k{g}", b"v", _mid()) for g in (low, high, 0)]
+
+    outcomes = dispatcher.handle_batch(batch)
+
+    assert [o.code for o in outcomes] == ["ok"] * 3
+    assert batches == [["insert"] * 3]  # together, not one by one after a failure
+    assert {g: source.get_dataproduct(seq, g, f"k{g}") for g in (low, high, 0)} == {
+        low: b"v",
+        high: b"v",
+        0: b"v",
+    }
+
+
+def test_an_insert_batch_with_an_id_of_another_operation_refuses_that_one(dispatcher, source):
+    """The id's first use is found after the statement committed the others: each
+    then runs alone, and those replay the reply they committed."""
+    seq = _new_taskmanager(source)
+    taken = _mid()
+    assert dispatcher.handle_batch([_store(fresh("taken"), "T", taken)])[0].code == "ok"
+    batch = [
+        _insert(seq, 1, "a", b"a", _mid()),
+        _insert(seq, 1, "b", b"b", taken),
+        _insert(seq, 1, "c", b"c", _mid()),
+    ]
+
+    outcomes = dispatcher.handle_batch(batch)
+
+    assert [(o.code, o.replayed) for o in outcomes] == [
+        ("ok", True),
+        ("bad_request", False),
+        ("ok", True),
+    ]
+    assert "already used by a store_taskmanager request" in outcomes[1].reason
+    assert source.get_datablock(seq, 1) == {"a": b"a", "c": b"c"}
+
+
+def test_deliveries_of_one_insert_at_once_write_it_once(source, pg_dsn):
+    """Two workers holding the same request (a redelivery while the first still runs)
+    serialize on the claim: one writes, the other gets the stored reply."""
+    seq = _new_taskmanager(source)
+    ids = [_mid() for _ in range(30)]
+    results: dict[str, list[tuple[bytes, bool]]] = {m: [] for m in ids}
+    start = threading.Barrier(2)
+
+    def deliver() -> None:
+        start.wait()
+        for n, message_id in enumerate(ids):
+            args = {
+                "taskmanager_id": seq,
+                "generation_id": 1,
+                "key": f"k{n}",
+                "value": b"v",
+                "header": header(),
+                "metadata": metadata(),
+            }
+            results[message_id].append(source.execute("insert", args, lambda _: b"ok", message_id))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert all(sorted(r[1] for r in pair) == [False, True] for pair in results.values())
+    assert all(r[0] == b"ok" for pair in results.values() for r in pair)
+    assert len(source.get_datablock(seq, 1)) == 30
+    ((headers,),) = sql_rows(
+        pg_dsn, "SELECT count(*) FROM header WHERE taskmanager_id = %s", (seq,)
+    )
+    assert headers == 30

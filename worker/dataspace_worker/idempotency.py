@@ -14,7 +14,8 @@ then applies the request itself).
 ``PostgresDataSource.execute_many`` opened: each claimed, run (its body from
 ``queries.BODIES``) and its reply recorded. A batch takes as few statements as it
 can: one claim for all, consecutive inserts as one, one record for the replies
-not known in advance.
+not known in advance. Small inserts, the common write, take one statement for
+claims and rows together, outside a transaction (``apply_claimed_inserts``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,15 @@ def claim_many(cur, claims: list[tuple[str, str, bytes | None]]) -> dict[str, by
         ([c[0] for c in claims], [c[1] for c in claims], [_binary(c[2]) for c in claims]),
     )
     ours = {row[0] for row in cur.fetchall()}
-    seen = {message_id: operation for message_id, operation, _ in claims if message_id not in ours}
+    return stored_replies(
+        cur,
+        {message_id: operation for message_id, operation, _ in claims if message_id not in ours},
+    )
+
+
+def stored_replies(cur, seen: dict[str, str]) -> dict[str, bytes]:
+    """The replies stored for message_ids claimed before (``{message_id: operation}``
+    as the new request has it); a reused id of another operation is refused."""
     if not seen:
         return {}
     cur.execute(STORED_REPLIES, (list(seen),))
@@ -171,6 +180,38 @@ def apply_one(cur, request: Prepared) -> tuple[bytes, bool]:
     if request.request_id is not None:
         record(cur, request.request_id, reply)
     return reply, False
+
+
+def claims_in_one_statement(requests: list[Prepared]) -> bool:
+    """Whether ``apply_claimed_inserts`` can run these: small inserts, each with
+    its message_id (the worker's common write, one request or a batch of them)."""
+    return all(
+        r.operation == "insert" and r.request_id is not None and queries.inline_value(r.checked)
+        for r in requests
+    )
+
+
+def apply_claimed_inserts(cur, requests: list[Prepared]) -> list[tuple[bytes, bool]]:
+    """Small inserts and their claims in one statement, run outside a transaction
+    (``queries.insert_claimed``): ``(reply, replayed)`` for each, in order.
+
+    The statement is atomic by itself, so each insert still commits with its
+    claim. What differs from ``apply_many``: a message_id reused by another
+    operation is found after the statement committed the rest of the batch; the
+    error then sends each request of the batch to run alone (``Dispatcher``),
+    where the committed ones replay their stored reply.
+    """
+    known = [r.known_reply() for r in requests]
+    claimed = queries.insert_claimed(
+        cur, [(r.request_id, reply, r.checked) for r, reply in zip(requests, known, strict=True)]
+    )
+    stored = stored_replies(
+        cur, {r.request_id: r.operation for r in requests if r.request_id not in claimed}
+    )
+    return [
+        (reply, False) if r.request_id in claimed else (stored[r.request_id], True)
+        for r, reply in zip(requests, known, strict=True)
+    ]
 
 
 def apply_many(cur, requests: list[Prepared]) -> list[tuple[bytes, bool]]:

@@ -113,14 +113,15 @@ def _release(pool: ConnectionPool, health: HealthConnection) -> None:
         log.exception("PostgresDataSource dropped without close(): closing its connections failed")
 
 
-def in_transaction(conn, work: Callable[[Any], T], read_only: bool = False) -> T:
+def in_transaction(conn, work: Callable[[Any], T], autocommit: bool = False) -> T:
     """Run ``work(cursor)`` in one transaction, committed when it returns.
 
-    ``read_only``: reads only, run without a transaction (autocommit): psycopg2
-    would send BEGIN before the first statement and COMMIT after, two round
-    trips to PostgreSQL around a point select. A read's statements see what
-    was committed before each of them, in a transaction or not (READ
-    COMMITTED), and reads in one batch are independent requests.
+    ``autocommit``: ``work`` needs no transaction around its statements, each
+    commits by itself: reads (a read's statements see what was committed before
+    each of them, in a transaction or not, under READ COMMITTED, and reads in
+    one batch are independent requests), and writes done in one statement
+    (``idempotency.apply_claimed_inserts``). psycopg2 would send BEGIN before
+    the first statement and COMMIT after: two more round trips to PostgreSQL.
 
     A connection whose transaction carried more than ``LARGE_TRANSACTION``
     bytes (its last statement's text, or its result) is closed afterwards:
@@ -129,16 +130,16 @@ def in_transaction(conn, work: Callable[[Any], T], read_only: bool = False) -> T
     left a worker holding 32 MiB per pooled connection after 16 MiB
     products. One reconnection per large value costs far less than it.
     """
-    if read_only:
+    if autocommit:
         conn.autocommit = True
     try:
         with conn.cursor() as cur:
             result = work(cur)
             large = len(cur.query or b"") > LARGE_TRANSACTION
-        if not read_only:
+        if not autocommit:
             conn.commit()
     finally:
-        if read_only and not conn.closed:
+        if autocommit and not conn.closed:
             conn.autocommit = False  # as the pool hands connections out
     if large or _payload(result) > LARGE_TRANSACTION:
         conn.close()  # the pool discards a closed connection
@@ -260,16 +261,18 @@ class PostgresDataSource(Reaping, DataSource):
         finally:
             self._pool.release(conn, discard=broken or bool(conn.closed))
 
-    def _transaction(self, work: Callable[[Any], T], read_only: bool = False) -> T:
+    def _transaction(self, work: Callable[[Any], T], autocommit: bool = False) -> T:
         """Run ``work(cursor)`` in one transaction on a pooled connection, through
-        the retry policy (``in_transaction``); ``read_only``: without one."""
-        return self._with_connection(lambda conn: in_transaction(conn, work, read_only))
+        the retry policy (``in_transaction``); ``autocommit``: without one."""
+        return self._with_connection(lambda conn: in_transaction(conn, work, autocommit))
 
     def _run(self, operation: str, args: dict) -> Any:
         checked = validate.check(operation, args)
         body = queries.BODIES[operation]
+        one_statement = operation == "insert" and queries.inline_value(checked)
         return self._transaction(
-            lambda cur: body(cur, checked), read_only=not CATALOG[operation].write
+            lambda cur: body(cur, checked),
+            autocommit=one_statement or not CATALOG[operation].write,
         )
 
     def execute(
@@ -302,6 +305,10 @@ class PostgresDataSource(Reaping, DataSource):
             Prepared(operation, queries.BODIES[operation], validate.check(operation, args), e, rid)
             for operation, args, e, rid in requests
         ]
+        if idempotency.claims_in_one_statement(prepared):
+            return self._transaction(
+                lambda cur: idempotency.apply_claimed_inserts(cur, prepared), autocommit=True
+            )
         read_only = not any(CATALOG[p.operation].write for p in prepared)
         if len(prepared) == 1:
             return self._transaction(lambda cur: [apply_one(cur, prepared[0])], read_only)

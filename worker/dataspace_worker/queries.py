@@ -120,7 +120,7 @@ def insert_many(cur, many: list[Args]) -> None:
     (then each runs alone). Small ones together in one statement; large ones by COPY."""
     small: list[Args] = []
     for args in many:
-        if len(args["value"]) < COPY_FROM_BYTES:
+        if inline_value(args):
             small.append(args)
             continue
         _insert_small(cur, small)
@@ -135,6 +135,36 @@ def _insert_small(cur, many: list[Args]) -> None:
         execute_values(
             cur, sql.INSERT_MANY, rows, template=sql.INSERT_MANY_ROW, page_size=len(rows)
         )
+
+
+def inline_value(args: Args) -> bool:
+    """Whether an insert's value goes in with its statement (not by COPY)."""
+    return len(args["value"]) < COPY_FROM_BYTES
+
+
+def insert_claimed(cur, claims: list[tuple[str, bytes, Args]]) -> set[str]:
+    """Small inserts, each with its idempotency claim ``(message_id, reply, args)``,
+    in one statement (``sql.CLAIMED_INSERTS``); returns the message_ids it claimed.
+    An insert whose id was claimed before writes nothing."""
+    rows = [
+        {
+            **_write_params(args),
+            "n": n,
+            "message_id": message_id,
+            "operation": "insert",
+            "reply": psycopg2.Binary(reply),
+        }
+        for n, (message_id, reply, args) in enumerate(claims)
+    ]
+    claimed = execute_values(
+        cur,
+        sql.CLAIMED_INSERTS,
+        rows,
+        template=sql.CLAIMED_INSERT_ROW,
+        page_size=len(rows),
+        fetch=True,
+    )
+    return {row[0] for row in claimed}
 
 
 def update(cur, args: Args) -> None:

@@ -79,11 +79,50 @@ INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time
                       missed_update_count)
 SELECT taskmanager_id, generation_id, key, state, generation_time, missed_update_count FROM v
 """
+# Numbers in parentheses before their cast: psycopg2 writes -9223372036854775808
+# as it is, and "-9223372036854775808::bigint" casts before it negates (out of range).
 INSERT_MANY_ROW = (
-    "(%(taskmanager_id)s::bigint, %(generation_id)s::bigint, %(key)s::text, %(value)s::bytea,"
-    " %(create_time)s::bigint, %(expiration_time)s::bigint, %(scheduled_create_time)s::bigint,"
-    " %(creator)s::text, %(schema_id)s::bigint, %(state)s::text, %(generation_time)s::bigint,"
-    " %(missed_update_count)s::integer)"
+    "((%(taskmanager_id)s)::bigint, (%(generation_id)s)::bigint, %(key)s::text,"
+    " %(value)s::bytea, (%(create_time)s)::bigint, (%(expiration_time)s)::bigint,"
+    " (%(scheduled_create_time)s)::bigint, %(creator)s::text, (%(schema_id)s)::bigint,"
+    " %(state)s::text, (%(generation_time)s)::bigint, (%(missed_update_count)s)::integer)"
+)
+
+# Inserts and their idempotency claims (idempotency.py) in one statement, run
+# without a transaction around it (autocommit): one round trip where a claim, an
+# insert and BEGIN and COMMIT took four. A row whose message_id is claimed already
+# (a replay) writes nothing; the statement returns the ids it claimed. Every row
+# is written in its batch order (n), as INSERT_MANY keeps it.
+CLAIMED_INSERTS = """
+WITH v (n, message_id, operation, reply, taskmanager_id, generation_id, key, value,
+        create_time, expiration_time, scheduled_create_time, creator, schema_id, state,
+        generation_time, missed_update_count) AS (VALUES %s),
+c AS (
+    INSERT INTO dataspace_request (message_id, operation, reply)
+    SELECT message_id, operation, reply FROM v ORDER BY n
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+),
+w AS (SELECT * FROM v WHERE message_id IN (SELECT message_id FROM c)),
+p AS (
+    INSERT INTO dataproduct (taskmanager_id, generation_id, key, value)
+    SELECT taskmanager_id, generation_id, key, value FROM w ORDER BY n
+), h AS (
+    INSERT INTO header (taskmanager_id, generation_id, key, create_time, expiration_time,
+                        scheduled_create_time, creator, schema_id)
+    SELECT taskmanager_id, generation_id, key, create_time, expiration_time,
+           scheduled_create_time, creator, schema_id FROM w ORDER BY n
+), m AS (
+    INSERT INTO metadata (taskmanager_id, generation_id, key, state, generation_time,
+                          missed_update_count)
+    SELECT taskmanager_id, generation_id, key, state, generation_time, missed_update_count
+    FROM w ORDER BY n
+)
+SELECT message_id FROM c
+"""
+CLAIMED_INSERT_ROW = (
+    "(%(n)s::integer, %(message_id)s::text, %(operation)s::text, %(reply)s::bytea, "
+    + INSERT_MANY_ROW[1:]
 )
 
 # A large value goes in through COPY (copy_rows.py); its header and metadata after it.
