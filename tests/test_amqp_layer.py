@@ -112,3 +112,100 @@ def test_a_partial_send_leaves_the_rest_in_order_and_large_chunks_alone():
     assert transport.sent == [b"abcd"]
     assert list(transport._tx_buffers) == [b"ef", big, b"ghi"]
     assert transport._tx_buffered_byte_count == 2 + len(big) + 3
+
+
+def _running_loop():
+    """A pika IOLoop running on a thread of its own (no connection: only callbacks)."""
+    import threading
+
+    from pika.adapters.select_connection import IOLoop
+
+    loop = IOLoop()
+    thread = threading.Thread(target=loop.start, daemon=True)
+    thread.start()
+    return loop, thread
+
+
+def test_callbacks_from_many_threads_all_run_with_fewer_wake_ups(monkeypatch):
+    """Each callback added from another thread runs soon after (none waits for a
+    wake-up byte skipped because one was pending), and bursts share bytes."""
+    import threading
+
+    from dataspace_core.amqp import patches
+
+    writes = []
+    real = patches._wake_threadsafe
+    monkeypatch.setattr(
+        patches, "_wake_threadsafe", lambda poller: (writes.append(1), real(poller))
+    )
+    loop, thread = _running_loop()
+    try:
+        threads, rounds = 4, 1500
+        late = []
+
+        def caller() -> None:
+            for _ in range(rounds):
+                ran = threading.Event()
+                loop.add_callback_threadsafe(ran.set)
+                if not ran.wait(2):  # a lost wake-up leaves the loop asleep
+                    late.append(1)
+                    return
+
+        callers = [threading.Thread(target=caller) for _ in range(threads)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join(60)
+        assert not late, "a callback waited for a wake-up that never came"
+
+        burst = threading.Event()
+        count = [0]
+
+        def bump() -> None:
+            count[0] += 1
+            if count[0] == 500:
+                burst.set()
+
+        before = len(writes)
+        for _ in range(500):
+            loop.add_callback_threadsafe(bump)
+        assert burst.wait(5)
+        assert len(writes) - before < 500, "every callback of a burst wrote its own byte"
+    finally:
+        loop.add_callback_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_a_wake_up_during_the_read_is_not_lost():
+    """The mark "a byte is pending" is only ever set while a byte is unread: a
+    wake-up written while the loop reads its socket (here from inside the read)
+    is read with it, and the next one writes a new byte."""
+    import select
+
+    from pika.adapters.select_connection import PollPoller
+
+    poller = PollPoller(lambda: None, lambda: None)
+    reader, writer = poller._get_interrupt_pair()
+    poller._w_interrupt = writer
+
+    def unread() -> bool:
+        return bool(select.select([reader], [], [], 0)[0])
+
+    class ReadWhileWoken:
+        def recv(self, size):
+            poller.wake_threadsafe()  # another thread, between the wake and the read
+            return reader.recv(size)
+
+    poller._r_interrupt = ReadWhileWoken()
+    try:
+        poller.wake_threadsafe()
+        assert unread()
+        poller.wake_threadsafe()  # pending: no second byte
+        poller._read_interrupt(reader.fileno(), 0)
+        assert not unread()
+        poller.wake_threadsafe()
+        assert unread(), "the mark outlived its byte: this wake-up wrote nothing"
+    finally:
+        reader.close()
+        writer.close()

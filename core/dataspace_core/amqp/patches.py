@@ -10,6 +10,12 @@ once by importing this module (every module of this project that speaks AMQP doe
   and a settled batch of 16 requests some 60 system calls. Here the frames
   buffered when the socket becomes writable go out joined, up to
   ``COALESCE_BYTES`` a call (measured: docs/performance.md).
+- pika's ``add_callback_threadsafe`` writes a byte to the I/O loop's wake-up
+  socket for every callback: a call's publish from the caller's thread, a
+  settle from a worker's database thread. Here a byte is written only when none
+  is waiting to be read already: the loop runs every queued callback when it
+  wakes (and polls without blocking while any are queued), so one byte wakes it
+  for all of them.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import struct
 
 import pika.data
+from pika.adapters import select_connection
 from pika.adapters.utils import io_services_utils
 
 _decode_value = pika.data.decode_value
@@ -58,6 +65,37 @@ def _coalescing_produce(self) -> None:
 
 if getattr(_produce, "__name__", "") != "_coalescing_produce":
     io_services_utils._AsyncTransportBase._produce = _coalescing_produce
+
+
+_wake_threadsafe = select_connection._PollerBase.wake_threadsafe
+_read_interrupt = select_connection._PollerBase._read_interrupt
+
+
+def _coalescing_wake(self) -> None:
+    """pika's ``wake_threadsafe``, skipped while a byte it wrote to this wake-up
+    socket is still unread. The socket is compared too: a loop started again has a
+    new one, and a byte pending on the old one wakes nothing."""
+    socket = self._w_interrupt
+    if socket is not None and getattr(self, "_dataspace_wake_pending", None) is socket:
+        return
+    self._dataspace_wake_pending = socket
+    _wake_threadsafe(self)
+
+
+def _reading_interrupt(self, interrupt_fd: int, events: int) -> None:
+    """pika's ``_read_interrupt``, then marking no byte pending: a callback added
+    from then on writes a new byte; one added before (its byte skipped, or read
+    just now) is run by this iteration, since the loop runs its queued callbacks
+    after the socket events. Marked after the read, not before: a byte written
+    between the two would be read here and leave the mark set with nothing
+    pending, and the next callbacks would wait for the poll's timeout."""
+    _read_interrupt(self, interrupt_fd, events)
+    self._dataspace_wake_pending = None
+
+
+if getattr(_wake_threadsafe, "__name__", "") != "_coalescing_wake":
+    select_connection._PollerBase.wake_threadsafe = _coalescing_wake
+    select_connection._PollerBase._read_interrupt = _reading_interrupt
 
 
 def close_select_connection(connection) -> None:
