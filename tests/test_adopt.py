@@ -750,6 +750,18 @@ def test_integer_columns_take_this_packages_writes_and_refuse_overflow(engine, e
             ds.duplicate_datablock(b, 7, big)
         with pytest.raises(KeyError):
             ds.get_dataproduct(b, 8, "eight")  # the batch went in as a whole or not at all
+        # the worker's inserts with their claims (one prepared statement of arrays)
+        claimed = [(*insert(g, k)[:3], uuid.uuid4().hex) for g, k in ((10, "ten"), (big, "big"))]
+        with pytest.raises(ValueError, match="integer out of range"):
+            ds.execute_many(claimed)
+        with pytest.raises(ValueError, match="integer out of range"):
+            ds.execute(*claimed[1])
+        assert ds.execute(*claimed[0]) == (b"", False)
+        # reads compare a generation beyond the column's range, finding nothing
+        with pytest.raises(KeyError):
+            ds.get_dataproduct(b, big, "max")
+        assert ds.get_datablock(b, big) == {}
+        assert ds.get_datablock(b, 10) == {"ten": b"v"}
     finally:
         ds.close()
 

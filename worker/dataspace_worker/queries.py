@@ -19,7 +19,7 @@ from psycopg2.extras import execute_values
 
 from dataspace_core import catalog, checks
 
-from . import schema, sql
+from . import prepared, schema, sql
 from .copy_rows import CHUNK, ProductRowStream, ValueSink
 
 Args = dict[str, Any]
@@ -142,29 +142,28 @@ def inline_value(args: Args) -> bool:
     return len(args["value"]) < COPY_FROM_BYTES
 
 
+_CLAIMED_INSERTS = prepared.Statement("dataspace_claimed_inserts", sql.CLAIMED_INSERTS)
+_GET_SMALL_DATAPRODUCT = prepared.Statement("dataspace_get_dataproduct", sql.GET_SMALL_DATAPRODUCT)
+_GET_DATABLOCK = prepared.Statement("dataspace_get_datablock", sql.GET_DATABLOCK)
+
+
 def insert_claimed(cur, claims: list[tuple[str, bytes, Args]]) -> set[str]:
     """Small inserts, each with its idempotency claim ``(message_id, reply, args)``,
     in one statement (``sql.CLAIMED_INSERTS``); returns the message_ids it claimed.
     An insert whose id was claimed before writes nothing."""
-    rows = [
-        {
+    columns: dict[str, list] = {name: [] for name, _ in sql.CLAIMED_INSERTS_COLUMNS}
+    for n, (message_id, reply, args) in enumerate(claims):
+        row = {
             **_write_params(args),
             "n": n,
             "message_id": message_id,
             "operation": "insert",
             "reply": psycopg2.Binary(reply),
         }
-        for n, (message_id, reply, args) in enumerate(claims)
-    ]
-    claimed = execute_values(
-        cur,
-        sql.CLAIMED_INSERTS,
-        rows,
-        template=sql.CLAIMED_INSERT_ROW,
-        page_size=len(rows),
-        fetch=True,
-    )
-    return {row[0] for row in claimed}
+        for name, values in columns.items():
+            values.append(row[name])
+    prepared.execute(cur, _CLAIMED_INSERTS, columns)
+    return {row[0] for row in cur.fetchall()}
 
 
 def update(cur, args: Args) -> None:
@@ -173,7 +172,8 @@ def update(cur, args: Args) -> None:
 
 
 def get_dataproduct(cur, args: Args) -> bytes:
-    row = one_row(cur, sql.GET_SMALL_DATAPRODUCT, {**args, "copy_from": COPY_FROM_BYTES})
+    prepared.execute(cur, _GET_SMALL_DATAPRODUCT, {**args, "copy_from": COPY_FROM_BYTES})
+    row = cur.fetchone()
     if row is None:
         raise KeyError(_product_missing(args))
     if row[0] is not None:
@@ -195,7 +195,7 @@ def get_dataproducts(cur, args: Args) -> list[dict]:
 
 
 def get_datablock(cur, args: Args) -> dict[str, bytes]:
-    cur.execute(sql.GET_DATABLOCK, args)
+    prepared.execute(cur, _GET_DATABLOCK, args)
     return {key: bytes(value) for key, value in cur.fetchall()}
 
 

@@ -92,11 +92,32 @@ INSERT_MANY_ROW = (
 # without a transaction around it (autocommit): one round trip where a claim, an
 # insert and BEGIN and COMMIT took four. A row whose message_id is claimed already
 # (a replay) writes nothing; the statement returns the ids it claimed. Every row
-# is written in its batch order (n), as INSERT_MANY keeps it.
-CLAIMED_INSERTS = """
-WITH v (n, message_id, operation, reply, taskmanager_id, generation_id, key, value,
-        create_time, expiration_time, scheduled_create_time, creator, schema_id, state,
-        generation_time, missed_update_count) AS (VALUES %s),
+# is written in its batch order (n), as INSERT_MANY keeps it. Each parameter is an
+# array, one element a request: one prepared statement (prepared.py) for a batch
+# of any size.
+CLAIMED_INSERTS_COLUMNS = (
+    ("n", "integer"),
+    ("message_id", "text"),
+    ("operation", "text"),
+    ("reply", "bytea"),
+    ("taskmanager_id", "bigint"),
+    ("generation_id", "bigint"),
+    ("key", "text"),
+    ("value", "bytea"),
+    ("create_time", "bigint"),
+    ("expiration_time", "bigint"),
+    ("scheduled_create_time", "bigint"),
+    ("creator", "text"),
+    ("schema_id", "bigint"),
+    ("state", "text"),
+    ("generation_time", "bigint"),
+    ("missed_update_count", "integer"),
+)
+CLAIMED_INSERTS = f"""
+WITH v AS (
+    SELECT * FROM unnest({", ".join(f"%({c})s::{t}[]" for c, t in CLAIMED_INSERTS_COLUMNS)})
+    AS v ({", ".join(c for c, _ in CLAIMED_INSERTS_COLUMNS)})
+),
 c AS (
     INSERT INTO dataspace_request (message_id, operation, reply)
     SELECT message_id, operation, reply FROM v ORDER BY n
@@ -120,10 +141,6 @@ p AS (
 )
 SELECT message_id FROM c
 """
-CLAIMED_INSERT_ROW = (
-    "(%(n)s::integer, %(message_id)s::text, %(operation)s::text, %(reply)s::bytea, "
-    + INSERT_MANY_ROW[1:]
-)
 
 # A large value goes in through COPY (copy_rows.py); its header and metadata after it.
 COPY_PRODUCT = (
@@ -159,9 +176,12 @@ SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM h), (SELECT count(*) FROM
 
 # The value when it is small, else only its size (known from its TOAST pointer,
 # without reading it): a large one is then read by COPY_VALUE_OUT (copy_rows.py).
-GET_SMALL_DATAPRODUCT = f"""
-SELECT CASE WHEN octet_length(value) < %(copy_from)s THEN value END, octet_length(value)
-FROM dataproduct WHERE {_WHERE_PRODUCT}
+# Prepared (prepared.py): the ids cast to bigint, as in an adopted database's
+# integer generation_id a value beyond its range is compared, not refused.
+GET_SMALL_DATAPRODUCT = """
+SELECT CASE WHEN octet_length(value) < %(copy_from)s::integer THEN value END, octet_length(value)
+FROM dataproduct WHERE taskmanager_id = %(taskmanager_id)s::bigint
+  AND generation_id = %(generation_id)s::bigint AND key = %(key)s::text
 """
 COPY_VALUE_OUT = (
     f"COPY (SELECT value FROM dataproduct WHERE {_WHERE_PRODUCT}) TO STDOUT (FORMAT binary)"
@@ -175,7 +195,7 @@ ORDER BY id
 
 GET_DATABLOCK = """
 SELECT key, value FROM dataproduct
-WHERE taskmanager_id = %(taskmanager_id)s AND generation_id = %(generation_id)s
+WHERE taskmanager_id = %(taskmanager_id)s::bigint AND generation_id = %(generation_id)s::bigint
 ORDER BY id
 """
 
