@@ -209,3 +209,20 @@ def test_a_wake_up_during_the_read_is_not_lost():
     finally:
         reader.close()
         writer.close()
+
+
+def test_a_poller_made_before_the_patch_wakes_for_every_callback():
+    """Its wake-up socket is read by pika's own handler, which never clears the
+    mark: such a poller must not skip a wake-up (it would sleep up to pika's 5 s)."""
+    from pika.adapters.select_connection import PollPoller
+
+    poller = PollPoller(lambda: None, lambda: None)
+    del poller._dataspace_wake_pending  # as a poller made before the import has it
+    reader = poller._r_interrupt
+    try:
+        poller.wake_threadsafe()
+        poller.wake_threadsafe()
+        assert reader.recv(512) == b"XX"
+        assert not hasattr(poller, "_dataspace_wake_pending")
+    finally:
+        poller.close()

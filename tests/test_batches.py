@@ -536,3 +536,42 @@ def test_deliveries_of_one_insert_at_once_write_it_once(source, pg_dsn):
         pg_dsn, "SELECT count(*) FROM header WHERE taskmanager_id = %s", (seq,)
     )
     assert headers == 30
+
+
+def test_a_large_batch_with_a_replay_still_closes_its_connection(source, monkeypatch):
+    """libpq keeps its buffers at their largest for the connection's life: after a
+    statement over LARGE_TRANSACTION bytes the connection is closed, even when a
+    short statement (the replay's stored reply) ran after it."""
+    from dataspace_worker.postgres import LARGE_TRANSACTION
+
+    seq = _new_taskmanager(source)
+    released = []
+    real = source._pool.release
+    monkeypatch.setattr(
+        source._pool, "release", lambda conn, **kw: (released.append(conn), real(conn, **kw))[1]
+    )
+    replayed = _mid()
+
+    def insert(key: str, value: bytes, message_id: str):
+        args = dict(
+            taskmanager_id=seq,
+            generation_id=1,
+            key=key,
+            value=value,
+            header=header(),
+            metadata=metadata(),
+        )
+        return ("insert", args, lambda _: b"ok", message_id)
+
+    source.execute(*insert("first", b"v", replayed))
+    value = os.urandom(operations.COPY_FROM_BYTES - 1)  # inline: in the statement, as hex
+    count = LARGE_TRANSACTION // (2 * len(value)) + 2
+    batch = [insert(f"k{i}", value, _mid()) for i in range(count)] + [
+        insert("first", b"v", replayed)
+    ]
+    released.clear()
+
+    results = source.execute_many(batch)
+
+    assert [r[1] for r in results] == [False] * count + [True]
+    assert len(released) == 1 and released[0].closed, "the large connection went back to the pool"

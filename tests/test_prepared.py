@@ -73,3 +73,39 @@ def test_a_statement_whose_prepare_failed_is_prepared_at_its_next_use(connect):
             assert cur.fetchone() == (1,)
         finally:
             cur.execute("DROP TABLE dataspace_test_t")
+
+
+def test_a_statement_gone_bad_under_a_session_is_prepared_again(connect):
+    """A result type changed under a prepared statement ("cached plan must not change
+    result type"), or the statement gone from the session: recovered at once without
+    a transaction, and at the next use after the transaction it aborted."""
+    statement = prepared.Statement("dataspace_test_keys", "SELECT key FROM dataspace_test_k")
+    conn = connect()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS dataspace_test_k")
+        cur.execute("CREATE TABLE dataspace_test_k (key varchar(10))")
+        try:
+            cur.execute("INSERT INTO dataspace_test_k VALUES ('a')")
+            prepared.execute(cur, statement, {})
+            assert cur.fetchall() == [("a",)]
+
+            cur.execute("ALTER TABLE dataspace_test_k ALTER COLUMN key TYPE text")
+            prepared.execute(cur, statement, {})  # without a transaction: at once
+            assert cur.fetchall() == [("a",)]
+
+            cur.execute("DEALLOCATE ALL")  # gone, as behind a pooler in transaction mode
+            prepared.execute(cur, statement, {})
+            assert cur.fetchall() == [("a",)]
+
+            cur.execute("ALTER TABLE dataspace_test_k ALTER COLUMN key TYPE varchar(20)")
+            conn.autocommit = False
+            with pytest.raises(psycopg2.errors.FeatureNotSupported):
+                prepared.execute(cur, statement, {})  # in a transaction: it is aborted
+            conn.rollback()
+            prepared.execute(cur, statement, {})  # the next use prepares it again
+            assert cur.fetchall() == [("a",)]
+            conn.rollback()
+        finally:
+            conn.autocommit = True
+            cur.execute("DROP TABLE dataspace_test_k")

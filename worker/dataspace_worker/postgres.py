@@ -113,6 +113,19 @@ def _release(pool: ConnectionPool, health: HealthConnection) -> None:
         log.exception("PostgresDataSource dropped without close(): closing its connections failed")
 
 
+class _MeasuredCursor(psycopg2.extensions.cursor):
+    """A cursor that remembers the longest statement it sent (``largest``), for
+    ``in_transaction``: the last one (``query``) may be a short one after it."""
+
+    largest = 0
+
+    def execute(self, query, vars=None):
+        try:
+            return super().execute(query, vars)
+        finally:
+            self.largest = max(self.largest, len(self.query or b""))
+
+
 def in_transaction(conn, work: Callable[[Any], T], autocommit: bool = False) -> T:
     """Run ``work(cursor)`` in one transaction, committed when it returns.
 
@@ -124,7 +137,7 @@ def in_transaction(conn, work: Callable[[Any], T], autocommit: bool = False) -> 
     the first statement and COMMIT after: two more round trips to PostgreSQL.
 
     A connection whose transaction carried more than ``LARGE_TRANSACTION``
-    bytes (its last statement's text, or its result) is closed afterwards:
+    bytes (its longest statement's text, or its result) is closed afterwards:
     libpq keeps its send and receive buffers at the largest size they ever
     reached, two bytes per byte of bytea, for the connection's life, which
     left a worker holding 32 MiB per pooled connection after 16 MiB
@@ -133,9 +146,9 @@ def in_transaction(conn, work: Callable[[Any], T], autocommit: bool = False) -> 
     if autocommit:
         conn.autocommit = True
     try:
-        with conn.cursor() as cur:
+        with conn.cursor(cursor_factory=_MeasuredCursor) as cur:
             result = work(cur)
-            large = len(cur.query or b"") > LARGE_TRANSACTION
+            large = cur.largest > LARGE_TRANSACTION
         if not autocommit:
             conn.commit()
     finally:

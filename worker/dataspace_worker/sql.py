@@ -194,7 +194,7 @@ ORDER BY id
 """
 
 GET_DATABLOCK = """
-SELECT key, value FROM dataproduct
+SELECT key::text, value FROM dataproduct
 WHERE taskmanager_id = %(taskmanager_id)s::bigint AND generation_id = %(generation_id)s::bigint
 ORDER BY id
 """
@@ -256,13 +256,13 @@ SELECT max(generation_id) FROM dataproduct WHERE taskmanager_id = %(taskmanager_
 DELETE_GENERATIONS = """
 WITH h AS (
     DELETE FROM header WHERE taskmanager_id = %(taskmanager_id)s
-      AND (%(generation_id)s::bigint IS NULL OR generation_id = %(generation_id)s)
+      AND ((%(generation_id)s)::bigint IS NULL OR generation_id = %(generation_id)s)
 ), m AS (
     DELETE FROM metadata WHERE taskmanager_id = %(taskmanager_id)s
-      AND (%(generation_id)s::bigint IS NULL OR generation_id = %(generation_id)s)
+      AND ((%(generation_id)s)::bigint IS NULL OR generation_id = %(generation_id)s)
 ), p AS (
     DELETE FROM dataproduct WHERE taskmanager_id = %(taskmanager_id)s
-      AND (%(generation_id)s::bigint IS NULL OR generation_id = %(generation_id)s)
+      AND ((%(generation_id)s)::bigint IS NULL OR generation_id = %(generation_id)s)
     RETURNING 1
 )
 SELECT count(*) FROM p

@@ -67,18 +67,27 @@ if getattr(_produce, "__name__", "") != "_coalescing_produce":
     io_services_utils._AsyncTransportBase._produce = _coalescing_produce
 
 
+_poller_init = select_connection._PollerBase.__init__
 _wake_threadsafe = select_connection._PollerBase.wake_threadsafe
 _read_interrupt = select_connection._PollerBase._read_interrupt
 
 
+def _coalescing_init(self, *args, **kwargs) -> None:
+    """pika's poller, marked as one whose wake-up socket this module reads
+    (``_reading_interrupt``, registered by the poller as it is made). A poller
+    made before this module was imported reads it with pika's own handler, which
+    never clears the mark: it keeps waking once per callback."""
+    _poller_init(self, *args, **kwargs)
+    self._dataspace_wake_pending = False
+
+
 def _coalescing_wake(self) -> None:
-    """pika's ``wake_threadsafe``, skipped while a byte it wrote to this wake-up
-    socket is still unread. The socket is compared too: a loop started again has a
-    new one, and a byte pending on the old one wakes nothing."""
-    socket = self._w_interrupt
-    if socket is not None and getattr(self, "_dataspace_wake_pending", None) is socket:
+    """pika's ``wake_threadsafe``, skipped while a byte it wrote is still unread."""
+    pending = getattr(self, "_dataspace_wake_pending", None)
+    if pending:
         return
-    self._dataspace_wake_pending = socket
+    if pending is not None:  # None: a poller made before the patch
+        self._dataspace_wake_pending = True
     _wake_threadsafe(self)
 
 
@@ -90,10 +99,11 @@ def _reading_interrupt(self, interrupt_fd: int, events: int) -> None:
     between the two would be read here and leave the mark set with nothing
     pending, and the next callbacks would wait for the poll's timeout."""
     _read_interrupt(self, interrupt_fd, events)
-    self._dataspace_wake_pending = None
+    self._dataspace_wake_pending = False
 
 
 if getattr(_wake_threadsafe, "__name__", "") != "_coalescing_wake":
+    select_connection._PollerBase.__init__ = _coalescing_init
     select_connection._PollerBase.wake_threadsafe = _coalescing_wake
     select_connection._PollerBase._read_interrupt = _reading_interrupt
 
