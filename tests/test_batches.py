@@ -575,3 +575,11 @@ def test_a_large_batch_with_a_replay_still_closes_its_connection(source, monkeyp
 
     assert [r[1] for r in results] == [False] * count + [True]
     assert len(released) == 1 and released[0].closed, "the large connection went back to the pool"
+
+
+def test_delete_takes_the_smallest_generation(source):
+    """The newest generation is -2**63: delete casts it in parentheses (no overflow)."""
+    seq = _new_taskmanager(source)
+    source.insert(seq, -(2**63), "k", b"v", header(), metadata())
+    assert source.delete(seq, all_generations=False) == 1
+    assert source.get_datablock(seq, -(2**63)) == {}
