@@ -310,9 +310,12 @@ class PostgresDataSource(Reaping, DataSource):
         """Run ``(operation, args, encode, request_id)`` requests in one transaction.
 
         Each is handled as by ``execute``; all commit together, or, if any
-        raises, none does and the error propagates. One commit for many requests
-        is what makes the worker's batches cheap (the commit's WAL flush is the
-        largest cost of a small write). Request ids must be distinct.
+        raises, none does and the error propagates. (Small inserts run as one
+        statement, ``idempotency.apply_claimed_inserts``: there a message_id
+        reused by another operation is found after the others committed.) One
+        commit for many requests is what makes the worker's batches cheap (the
+        commit's WAL flush is the largest cost of a small write). Request ids
+        must be distinct.
         """
         prepared = [
             Prepared(operation, queries.BODIES[operation], validate.check(operation, args), e, rid)
