@@ -73,8 +73,8 @@ class FakeGuard:
         self.put_replies.append(reply)
 
 
-def _consumer(lane: int | None = None):
-    return SimpleNamespace(channel=FakeChannel(), held=0, lane=lane, yielding=False)
+def _consumer(lane: int | None = None, inline: bool = False):
+    return SimpleNamespace(channel=FakeChannel(), held=0, lane=lane, yielding=False, inline=inline)
 
 
 def _delivery(consumer, tag: int, reply_to: str | None = REPLY_TO, redelivered=False):
@@ -186,6 +186,16 @@ def test_replies_go_before_one_multiple_ack_for_the_batch():
     assert [c[0] for c in calls] == ["publish", "publish", "publish", "ack"]
     assert calls[0][1:3] == ("", REPLY_TO)
     assert calls[-1] == ("ack", 3, True)
+
+
+def test_a_consumer_with_reads_on_the_io_thread_acks_one_by_one():
+    """Some of its deliveries run on the I/O thread (inline_reads.py), in no order
+    with its database thread's batches: a multiple ack could settle one still running."""
+    settler, _guard, _dead = _settler()
+    consumer = _consumer(inline=True)
+    settler.settle(Handled(consumer, *((_delivery(consumer, tag), OK) for tag in (2, 3))))
+    acks = [c for c in consumer.channel.calls if c[0] == "ack"]
+    assert acks == [("ack", 2, False), ("ack", 3, False)]
 
 
 def test_a_dead_lettered_request_is_acked_only_after_the_confirm():

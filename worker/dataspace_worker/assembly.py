@@ -103,6 +103,7 @@ def build_worker(
         max_bytes_in_hand=settings.max_bytes_in_hand,
         identity=identity,
         reaper=ReaperDispatcher(datasource, schedule, settings.max_body, service_user=service_user),
+        inline_reads=True,
     )
     return Worker(pool, datasource, topo, schedule)
 

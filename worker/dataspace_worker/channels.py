@@ -65,6 +65,8 @@ class ConsumerChannels:
         self.request_queue = request_queue
         #: the census channel's keeper, when there are lanes (set by the pool)
         self.census: LaneCensus | None = None
+        #: fast reads run on the I/O thread, when the pool has them (inline_reads.py)
+        self.inline = None
         self._intake = intake
         self._dead_letters = dead_letters
         self._give_back = give_back
@@ -225,17 +227,17 @@ class ConsumerChannels:
         if method.redelivered:
             metrics.REDELIVERED.inc()
         self._intake.took(channel, method.delivery_tag, len(body))
-        consumer.inbox.put(
-            Delivery(
-                channel,
-                method.delivery_tag,
-                method.exchange,
-                method.routing_key,
-                properties,
-                body,
-                bool(method.redelivered),
-            )
+        delivery = Delivery(
+            channel,
+            method.delivery_tag,
+            method.exchange,
+            method.routing_key,
+            properties,
+            body,
+            bool(method.redelivered),
         )
+        if not (consumer.inline and self.inline.try_run(consumer, delivery)):
+            consumer.inbox.put(delivery)
 
     # -- closing -------------------------------------------------------------------
     def _on_cancelled(self, consumer: Consumer, _frame) -> None:

@@ -95,6 +95,8 @@ class Consumer:
         self.granted: int | None = None
         #: deliveries of this channel whose ack waits for a dead letter's confirm
         self.held = 0
+        #: some of its deliveries run on the I/O thread (inline_reads.py): acked one by one
+        self.inline = False
         self._carry: Delivery | None = None  # taken from the inbox, for the next batch
         self.thread = threading.Thread(
             target=self._work, name=f"dataspace-consumer-{index}", daemon=True
@@ -115,7 +117,7 @@ class Consumer:
             if self.lane is not None and any(o.retry for o in outcomes):
                 self.given_back = batch[0].channel  # see settle.Disposition.GIVE_BACK
             for delivery, outcome in zip(batch, outcomes, strict=True):
-                self._report(delivery, outcome, elapsed)
+                self.report(delivery, outcome, elapsed)
             self.handled += len(batch)
             self._hand_back(Handled(self, batch, outcomes))
             # hold no body while waiting for the next batch (up to prefetch x size)
@@ -168,19 +170,7 @@ class Consumer:
             kept = [d for d, r in zip(batch, refused, strict=True) if r is None]
             outcomes = iter(self._handle(kept) if kept else [])
             return [r or next(outcomes) for r in refused]
-        requests = [
-            Request(
-                d.body,
-                p.message_id,
-                p.content_type,
-                p.headers,
-                d.routing_key,
-                p.user_id,
-                p.correlation_id,
-            )
-            for d, p in ((d, d.properties) for d in batch)
-        ]
-        return self.dispatcher.handle_batch(requests)
+        return self.dispatcher.handle_batch([request_of(d) for d in batch])
 
     def _refused_again(self, delivery: Delivery) -> Outcome | None:
         """A fast read delivered again is not run: its first delivery went unanswered,
@@ -195,7 +185,8 @@ class Consumer:
         )
         return Outcome(encode_error(error), "read_redelivered", operation, reason=str(error))
 
-    def _report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
+    def report(self, delivery: Delivery, outcome: Outcome, elapsed: float) -> None:
+        """Count an outcome, log it (DEBUG), and warn of a dead letter."""
         props = delivery.properties
         dead = is_dead_letter(delivery, outcome)
         _count(outcome, elapsed, dead)
@@ -229,6 +220,20 @@ class Consumer:
                 printable(props.message_id),
                 outcome.reason,
             )
+
+
+def request_of(delivery: Delivery) -> Request:
+    """What the dispatcher reads of a delivery."""
+    p = delivery.properties
+    return Request(
+        delivery.body,
+        p.message_id,
+        p.content_type,
+        p.headers,
+        delivery.routing_key,
+        p.user_id,
+        p.correlation_id,
+    )
 
 
 def make_consumers(

@@ -17,7 +17,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 
-from dataspace_core import protocol
+from dataspace_core import protocol, validate
 from dataspace_core.errors import DataSpaceConnectionError, DataSpaceError
 from dataspace_core.protocol import ProtocolError
 
@@ -137,6 +137,17 @@ class Dispatcher:
         if check is not None:
             check(op.name, bound.arguments)
         return op, bound.arguments
+
+    def parsed(self, request: Request):
+        """``(operation, checked arguments, frames)`` of a request that passes every
+        check ``handle_batch`` makes, else None (``handle_batch`` then says why)."""
+        try:
+            admission.identifier("message_id", request.message_id)
+            admission.identifier("correlation_id", request.correlation_id)
+            op, args = self._parse(request)
+            return op, validate.check(op.name, args), protocol.accepts_frames(request.headers)
+        except Exception:  # refused, or a bug: the usual path answers it
+            return None
 
     @staticmethod
     def _request_id(op, message_id: str | None) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
@@ -171,13 +172,55 @@ def update(cur, args: Args) -> None:
         raise KeyError(_product_missing(args))
 
 
-def get_dataproduct(cur, args: Args) -> bytes:
-    prepared.execute(cur, _GET_SMALL_DATAPRODUCT, {**args, "copy_from": COPY_FROM_BYTES})
-    row = cur.fetchone()
-    if row is None:
+#: what ``small_dataproduct`` returns for a value too large to come in its row
+LARGE = object()
+
+
+def small_dataproduct(args: Args, rows: list) -> bytes | object:
+    """A get_dataproduct's value from ``_GET_SMALL_DATAPRODUCT``'s rows; ``LARGE``
+    when it must be read by COPY; KeyError when there is none."""
+    if not rows:
         raise KeyError(_product_missing(args))
-    if row[0] is not None:
-        return bytes(row[0])
+    return LARGE if rows[0][0] is None else bytes(rows[0][0])
+
+
+def datablock(_args: Args, rows: list) -> dict[str, bytes]:
+    """A get_datablock's result from ``_GET_DATABLOCK``'s rows."""
+    return {key: bytes(value) for key, value in rows}
+
+
+@dataclass(frozen=True)
+class SingleStatementRead:
+    """A read that is one prepared statement and a function of its rows: what can
+    run on an asynchronous connection (inline_reads.py) as well as on a cursor."""
+
+    statement: prepared.Statement
+    #: the statement's parameters from the checked arguments
+    params: Callable[[Args], Args]
+    #: (checked arguments, rows) -> the result, ``LARGE``, or raises KeyError
+    result: Callable[[Args, list], Any]
+
+
+SINGLE_STATEMENT_READS = {
+    "get_dataproduct": SingleStatementRead(
+        _GET_SMALL_DATAPRODUCT,
+        lambda args: {**args, "copy_from": COPY_FROM_BYTES},
+        small_dataproduct,
+    ),
+    "get_datablock": SingleStatementRead(_GET_DATABLOCK, lambda args: args, datablock),
+}
+
+
+def _single_statement(cur, operation: str, args: Args):
+    read = SINGLE_STATEMENT_READS[operation]
+    prepared.execute(cur, read.statement, read.params(args))
+    return read.result(args, cur.fetchall())
+
+
+def get_dataproduct(cur, args: Args) -> bytes:
+    value = _single_statement(cur, "get_dataproduct", args)
+    if value is not LARGE:
+        return value
     sink = ValueSink()  # a large value: binary COPY, not hex text
     cur.copy_expert(cur.mogrify(sql.COPY_VALUE_OUT, args).decode(), sink, size=CHUNK)
     value = sink.value()
@@ -195,8 +238,7 @@ def get_dataproducts(cur, args: Args) -> list[dict]:
 
 
 def get_datablock(cur, args: Args) -> dict[str, bytes]:
-    prepared.execute(cur, _GET_DATABLOCK, args)
-    return {key: bytes(value) for key, value in cur.fetchall()}
+    return _single_statement(cur, "get_datablock", args)
 
 
 def get_header(cur, args: Args) -> tuple:

@@ -257,7 +257,7 @@ class Settler:
         ``batch`` deliveries and no earlier delivery of the channel waits."""
         if not tags:
             return
-        if consumer.held == 0 and len(tags) == batch:
+        if consumer.held == 0 and len(tags) == batch and not consumer.inline:
             channel.basic_ack(max(tags), multiple=True)
         else:
             for tag in tags:

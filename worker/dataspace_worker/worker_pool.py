@@ -44,6 +44,7 @@ from .delivery import Delivery
 from .dispatch import Dispatcher, Outcome
 from .guarded_replies import GuardedReplies
 from .identity import Identity
+from .inline_reads import InlineReads
 from .intake import Intake
 from .lanes import LaneCensus, rebalance
 from .pool_connection import PoolConnection
@@ -84,6 +85,7 @@ class WorkerPool:
         dead_letter_body: int = DEAD_LETTER_BODY,
         max_bytes_in_hand: int = MAX_BYTES_IN_HAND,
         identity: Identity | None = None,
+        inline_reads: bool = False,
     ):
         """``identity``: how this worker names its connections and consumer tags
         (default: the host name and this pid).
@@ -173,6 +175,8 @@ class WorkerPool:
             masked_url=self.masked_url,
             prefetch=prefetch,
         )
+        #: fast reads answered on the I/O thread (inline_reads.py), or None
+        self.inline = InlineReads.serving(self, consumers) if inline_reads else None
         #: the channel consuming dataspace.lanes.workers (counted among the lane
         #: workers), with lanes only
         self.census = None
@@ -216,7 +220,7 @@ class WorkerPool:
 
     @property
     def handled(self) -> int:
-        return sum(c.handled for c in self.consumers)
+        return sum(c.handled for c in self.consumers) + (self.inline.handled if self.inline else 0)
 
     def call_soon(self, callback) -> bool:
         """Run ``callback`` on the I/O thread; False if the connection is gone."""
@@ -253,7 +257,9 @@ class WorkerPool:
             consumer.thread.join(max(0.0, deadline - time.monotonic()))
         drained = not any(c.thread.is_alive() for c in self.consumers)
         # Replies confirmed and acks sent before closing, or finished work is redone.
-        while not self.settler.settled() and time.monotonic() < deadline:
+        while (
+            not self.settler.settled() or self.inline is not None and self.inline.pending
+        ) and time.monotonic() < deadline:
             time.sleep(0.01)
         self._guard.stop()
         self.call_soon(self.channels.close_lanes)
@@ -272,6 +278,8 @@ class WorkerPool:
         broker requeued those deliveries); whether it got as far as consuming."""
         self.settler.connection_lost()
         self.intake.lost()
+        if self.inline is not None:
+            self.inline.detach()
         reached = self.consuming.is_set()
         self.consuming.clear()
         return reached
@@ -292,6 +300,8 @@ class WorkerPool:
         """A new connection: channels, the guard's view of the nodes, the intake."""
         self.intake.opened(connection)
         self._guard.connected()  # which nodes run: learnt again on this connection
+        if self.inline is not None:
+            self.inline.attach(connection.ioloop)
         self.channels.open(connection)
 
     def rebalance(self, window: float = 10.0) -> list[int]:
