@@ -85,7 +85,7 @@ REQUESTS = Counter(
 )
 LATENCY = Histogram(
     "dataspace_request_seconds",
-    "Time to handle one request in the database thread, by operation",
+    "Time to handle one request (database thread, or I/O thread for a fast read), by operation",
     ["operation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,

@@ -146,6 +146,7 @@ def inline_value(args: Args) -> bool:
 _CLAIMED_INSERTS = prepared.Statement("dataspace_claimed_inserts", sql.CLAIMED_INSERTS)
 _GET_SMALL_DATAPRODUCT = prepared.Statement("dataspace_get_dataproduct", sql.GET_SMALL_DATAPRODUCT)
 _GET_DATABLOCK = prepared.Statement("dataspace_get_datablock", sql.GET_DATABLOCK)
+_GET_SMALL_DATABLOCK = prepared.Statement("dataspace_get_small_datablock", sql.GET_SMALL_DATABLOCK)
 
 
 def insert_claimed(cur, claims: list[tuple[str, bytes, Args]]) -> set[str]:
@@ -184,6 +185,14 @@ def small_dataproduct(args: Args, rows: list) -> bytes | object:
     return LARGE if rows[0][0] is None else bytes(rows[0][0])
 
 
+def small_datablock(_args: Args, rows: list) -> dict[str, bytes] | object:
+    """A get_datablock's result from ``_GET_SMALL_DATABLOCK``'s rows; ``LARGE``
+    when its values are too many bytes to come that way."""
+    if rows and rows[0][1] is None:
+        return LARGE
+    return datablock(_args, rows)
+
+
 def datablock(_args: Args, rows: list) -> dict[str, bytes]:
     """A get_datablock's result from ``_GET_DATABLOCK``'s rows."""
     return {key: bytes(value) for key, value in rows}
@@ -208,6 +217,14 @@ SINGLE_STATEMENT_READS = {
         small_dataproduct,
     ),
     "get_datablock": SingleStatementRead(_GET_DATABLOCK, lambda args: args, datablock),
+}
+#: the reads the worker's I/O thread runs (inline_reads.py): results of at most
+#: ``COPY_FROM_BYTES`` of values, quick to decode; a larger one comes back ``LARGE``
+INLINE_READS = {
+    "get_dataproduct": SINGLE_STATEMENT_READS["get_dataproduct"],
+    "get_datablock": SingleStatementRead(
+        _GET_SMALL_DATABLOCK, lambda args: {**args, "within": COPY_FROM_BYTES}, small_datablock
+    ),
 }
 
 

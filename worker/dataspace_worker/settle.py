@@ -8,7 +8,8 @@ whole window. ``Settler`` does it, on the I/O thread:
 
 - a reply needs no confirm: it is transient, and the ack that follows it on the
   same channel reaches the broker after it; a batch whose requests are all acked
-  here, with no earlier one of the channel waiting, gets one ``multiple`` ack;
+  here, with no earlier one of the channel waiting, gets one ``multiple`` ack
+  (not on a channel some of whose reads run on the I/O thread);
 - a dead-lettered request is acked once the broker confirmed its dead letter
   (``DeadLetterPublisher``), requeued if the broker refused it;
 - a reply through the guard (guarded_replies.py: RabbitMQ 3.10 crashes the
@@ -254,7 +255,8 @@ class Settler:
     @staticmethod
     def _ack(consumer: Consumer, channel, tags: list[int], batch: int) -> None:
         """Ack ``tags``: with one ``multiple`` ack when they are the whole batch of
-        ``batch`` deliveries and no earlier delivery of the channel waits."""
+        ``batch`` deliveries and no earlier delivery of the channel waits (never on
+        a channel some of whose reads run on the I/O thread: inline_reads.py)."""
         if not tags:
             return
         if consumer.held == 0 and len(tags) == batch and not consumer.inline:

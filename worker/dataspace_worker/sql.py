@@ -199,6 +199,19 @@ WHERE taskmanager_id = %(taskmanager_id)s::bigint AND generation_id = %(generati
 ORDER BY id
 """
 
+# A datablock's values only when they come to at most %(within)s bytes in all (their
+# sizes known from their TOAST pointers, without reading them); else every value
+# NULL, and the block is read again with GET_DATABLOCK on a database thread
+# (inline_reads.py: the worker's I/O thread reads only what is quick to decode).
+GET_SMALL_DATABLOCK = """
+WITH b AS (
+    SELECT id, key::text AS key, value, octet_length(value) AS size FROM dataproduct
+    WHERE taskmanager_id = %(taskmanager_id)s::bigint AND generation_id = %(generation_id)s::bigint
+), t AS (SELECT coalesce(sum(size), 0) AS total FROM b)
+SELECT b.key, CASE WHEN t.total <= %(within)s::bigint THEN b.value END
+FROM b CROSS JOIN t ORDER BY b.id
+"""
+
 GET_HEADER = f"""
 SELECT tm.taskmanager_id, h.taskmanager_id, h.generation_id, h.key, h.create_time,
        h.expiration_time, h.scheduled_create_time, h.creator, h.schema_id

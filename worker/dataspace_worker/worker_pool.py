@@ -261,6 +261,7 @@ class WorkerPool:
             not self.settler.settled() or self.inline is not None and self.inline.pending
         ) and time.monotonic() < deadline:
             time.sleep(0.01)
+        drained = drained and not (self.inline is not None and self.inline.pending)
         self._guard.stop()
         self.call_soon(self.channels.close_lanes)
         self.call_soon(self.amqp.close)
@@ -297,7 +298,8 @@ class WorkerPool:
         return self.amqp.check_topology(sorted({c.queue_name for c in self.consumers}))
 
     def _on_open(self, connection) -> None:
-        """A new connection: channels, the guard's view of the nodes, the intake."""
+        """A new connection: channels, the guard's view of the nodes, the intake,
+        the I/O thread's sessions for reads."""
         self.intake.opened(connection)
         self._guard.connected()  # which nodes run: learnt again on this connection
         if self.inline is not None:
