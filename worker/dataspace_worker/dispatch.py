@@ -138,14 +138,20 @@ class Dispatcher:
             check(op.name, bound.arguments)
         return op, bound.arguments
 
+    def _admit(self, request: Request):
+        """``(message_id, operation, arguments, frames)`` of a request whose ids and
+        body pass every check; raises ProtocolError for the first that fails."""
+        message_id = admission.identifier("message_id", request.message_id)
+        admission.identifier("correlation_id", request.correlation_id)
+        op, args = self._parse(request)
+        return message_id, op, args, protocol.accepts_frames(request.headers)
+
     def parsed(self, request: Request):
         """``(operation, checked arguments, frames)`` of a request that passes every
         check ``handle_batch`` makes, else None (``handle_batch`` then says why)."""
         try:
-            admission.identifier("message_id", request.message_id)
-            admission.identifier("correlation_id", request.correlation_id)
-            op, args = self._parse(request)
-            return op, validate.check(op.name, args), protocol.accepts_frames(request.headers)
+            _message_id, op, args, frames = self._admit(request)
+            return op, validate.check(op.name, args), frames
         except Exception:  # refused, or a bug: the usual path answers it
             return None
 
@@ -182,12 +188,9 @@ class Dispatcher:
         for index, request in enumerate(requests):
             operation = "?"
             try:
-                message_id = admission.identifier("message_id", request.message_id)
-                admission.identifier("correlation_id", request.correlation_id)
-                op, args = self._parse(request)
+                message_id, op, args, frames = self._admit(request)
                 operation = op.name
                 request_id = self._request_id(op, message_id)
-                frames = protocol.accepts_frames(request.headers)
                 if op.transactional:
                     pending.append(_Pending(index, op, args, request_id, frames))
                 else:  # commits batch by batch itself; naturally idempotent

@@ -172,7 +172,7 @@ class InlineReads:
         if self._bounds.oversized_headers(delivery) or refused_reply_to(delivery):
             return False
         parsed = self._dispatcher.parsed(request_of(delivery))
-        if parsed is None or parsed[0].name not in queries.INLINE_READS:
+        if parsed is None:  # the body names the routing key's operation (admission)
             return False
         op, checked, frames = parsed
         read = queries.INLINE_READS[op.name]

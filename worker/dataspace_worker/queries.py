@@ -93,7 +93,7 @@ COPY_FROM_BYTES = 256 * 1024
 
 
 def insert(cur, args: Args) -> None:
-    if len(args["value"]) >= COPY_FROM_BYTES:
+    if not inline_value(args):
         stream = ProductRowStream(
             args["taskmanager_id"],
             args["generation_id"],
