@@ -226,3 +226,94 @@ def test_a_poller_made_before_the_patch_wakes_for_every_callback():
         assert not hasattr(poller, "_dataspace_wake_pending")
     finally:
         poller.close()
+
+
+def _transport_on_a_socketpair():
+    """pika's plain transport on one end of a socket pair, run by a new IOLoop (no
+    thread: the test turns the loop), and the other end to read what it sends."""
+    import socket
+
+    from pika.adapters.select_connection import IOLoop
+    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+    from pika.adapters.utils.selector_ioloop_adapter import SelectorIOServicesAdapter
+
+    from dataspace_core.amqp import patches  # noqa: F401
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(5)
+    loop = IOLoop()
+    loop._poller.activate_poller()  # what loop.start() does first
+    nbio = SelectorIOServicesAdapter(loop)
+    transport = _AsyncPlaintextTransport(ours, protocol=None, nbio=nbio)
+    return loop, nbio, transport, theirs
+
+
+def test_frames_written_in_one_turn_go_out_before_the_next_poll_in_one_send():
+    """No writability watcher is switched on for them (two epoll_ctl calls and a
+    turn of the loop each burst, before): the loop's next poll sends them first."""
+    loop, nbio, transport, theirs = _transport_on_a_socketpair()
+    try:
+        for frame in (b"method", b"header", b"body"):
+            transport.write(frame)
+        assert transport.get_write_buffer_size() == 16  # not sent yet
+        watched = nbio._watchers[transport._sock.fileno()]  # its reader
+        assert watched.writer is None  # writability not watched
+        loop.poll()  # sends, and returns without blocking
+        assert transport.get_write_buffer_size() == 0
+        assert theirs.recv(100) == b"methodheaderbody"
+        assert watched.writer is None
+    finally:
+        loop.close()
+        transport._sock.close()
+        theirs.close()
+
+
+def test_what_the_kernel_does_not_take_is_sent_when_the_socket_is_writable():
+    """A burst larger than the socket's buffer: the rest waits for writability,
+    as pika's own write does, and arrives whole and in order."""
+    loop, nbio, transport, theirs = _transport_on_a_socketpair()
+    chunks = [bytes([i]) * 100_000 for i in range(1, 30)]  # ~2.9 MB, over any buffer
+    try:
+        for chunk in chunks:
+            transport.write(chunk)
+        loop.poll()
+        assert transport.get_write_buffer_size() > 0  # the kernel took only part
+        assert nbio._watchers[transport._sock.fileno()].writer is not None
+        received = bytearray()
+        while len(received) < sum(map(len, chunks)):
+            received += theirs.recv(1 << 20)
+            loop.poll()  # writable again: pika's handler sends more
+        assert bytes(received) == b"".join(chunks)
+        assert transport.get_write_buffer_size() == 0
+    finally:
+        loop.close()
+        transport._sock.close()
+        theirs.close()
+
+
+def test_a_blocking_connection_still_publishes_and_consumes(own_vhost):
+    """pika's BlockingConnection waits for its output in a loop of polls: the
+    frames written before a poll must go without one that blocks for nothing."""
+    import pika
+
+    from dataspace_core.amqp import patches  # noqa: F401
+
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        for i in range(50):
+            channel.basic_publish("", queue, str(i).encode())
+        got = []
+        for method, _properties, body in channel.consume(queue, inactivity_timeout=5):
+            if method is None:
+                break
+            got.append(body.decode())
+            channel.basic_ack(method.delivery_tag)
+            if len(got) == 50:
+                break
+        channel.cancel()
+        assert got == [str(i) for i in range(50)]
+    finally:
+        connection.close()

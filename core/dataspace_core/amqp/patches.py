@@ -16,6 +16,11 @@ once by importing this module (every module of this project that speaks AMQP doe
   is waiting to be read already: the loop runs every queued callback when it
   wakes (and polls without blocking while any are queued), so one byte wakes it
   for all of them.
+- pika's plain TCP transport watches its socket for writability whenever it has
+  frames to send: two ``epoll_ctl`` calls and one more turn of the loop (with
+  its Python dispatch) for each burst of frames. Here the frames written during
+  one turn of the loop are sent just before it polls again, and the socket is
+  watched only when the kernel did not take them all.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def _coalescing_init(self, *args, **kwargs) -> None:
     never clears the mark: it keeps waking once per callback."""
     _poller_init(self, *args, **kwargs)
     self._dataspace_wake_pending = False
+    #: transports with frames written since the last poll (``_write_before_poll``)
+    self._dataspace_unsent = []
 
 
 def _coalescing_wake(self) -> None:
@@ -106,6 +113,71 @@ if getattr(_wake_threadsafe, "__name__", "") != "_coalescing_wake":
     select_connection._PollerBase.__init__ = _coalescing_init
     select_connection._PollerBase.wake_threadsafe = _coalescing_wake
     select_connection._PollerBase._read_interrupt = _reading_interrupt
+
+
+_plain_write = io_services_utils._AsyncPlaintextTransport.write
+
+
+def _poller_of(transport):
+    """The SelectConnection poller running ``transport``'s I/O, if it is one made
+    after this module was imported (it then flushes writes before it polls)."""
+    loop = getattr(transport._nbio, "_loop", None)
+    poller = getattr(loop, "_poller", None)
+    return poller if getattr(poller, "_dataspace_unsent", None) is not None else None
+
+
+def _write_before_poll(self, data: bytes) -> None:
+    """pika's ``write``, except that a first chunk does not switch the socket's
+    writability watcher on: the transport is queued on its poller, which sends
+    what it holds before it next polls (``_send_before_poll``)."""
+    poller = _poller_of(self) if self._state == self._STATE_ACTIVE and data else None
+    if poller is None:
+        _plain_write(self, data)
+        return
+    was_empty = self.get_write_buffer_size() == 0
+    self._buffer_tx_data(data)
+    if was_empty:
+        poller._dataspace_unsent.append(self)
+
+
+def _send_before_poll(poller) -> None:
+    """Send what the queued transports hold (pika's writable handler: it joins the
+    frames, sends until the kernel would block, and aborts the connection on a
+    socket error); a transport with frames left over is then watched for
+    writability as pika does, and sends the rest when its socket is writable."""
+    unsent = poller._dataspace_unsent
+    while unsent:
+        transport = unsent.pop()
+        if transport._state != transport._STATE_ACTIVE or not transport._tx_buffers:
+            continue
+        transport._on_socket_writable()
+        if transport._state == transport._STATE_ACTIVE and transport._tx_buffers:
+            transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
+
+
+def _sending_poll(poll):
+    def sending_poll(self) -> None:
+        """Send what was written, else poll: one turn of the loop, as when pika's
+        poll returned only the socket's writability. Whoever loops on ``poll``
+        (pika's loop, a BlockingConnection waiting for its output to go) looks
+        again at once, before a poll that could block with nothing to wake it."""
+        if getattr(self, "_dataspace_unsent", None):
+            _send_before_poll(self)
+            return
+        poll(self)
+
+    sending_poll.__name__ = "sending_poll"
+    return sending_poll
+
+
+if getattr(_plain_write, "__name__", "") != "_write_before_poll":
+    io_services_utils._AsyncPlaintextTransport.write = _write_before_poll
+    for _poller_class in (
+        select_connection.SelectPoller,
+        select_connection.KQueuePoller,
+        select_connection.PollPoller,
+    ):
+        _poller_class.poll = _sending_poll(_poller_class.poll)
 
 
 def close_select_connection(connection) -> None:
