@@ -9,6 +9,7 @@ after, and prints microseconds per request.
 
     .venv/bin/python bench/cpu.py               # 4,000 requests a load
     .venv/bin/python bench/cpu.py --count 1000
+    .venv/bin/python bench/cpu.py --load insert --load get
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests import services  # noqa: E402
 from tests.support.configs import remote_config  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+LOADS = ("insert", "get", "fire-and-forget")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -88,7 +90,14 @@ def _measure(name: str, load, count: int, worker: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=4000, help="requests a load")
-    count = parser.parse_args().count
+    parser.add_argument(
+        "--load",
+        action="append",
+        choices=LOADS,
+        help="run only this load (repeatable; default: all three)",
+    )
+    options = parser.parse_args()
+    count, loads = options.count, options.load or list(LOADS)
     env = {**os.environ, "DATASPACE_LOG_LEVEL": "WARNING", "DATASPACE_METRICS_PORT": "0"}
     lines = [
         "| load | worker | RabbitMQ | PostgreSQL | client | CPU per request | rate |",
@@ -129,15 +138,17 @@ def main() -> None:
                         except KeyError:
                             time.sleep(0.05)
 
-                lines.append(
-                    _measure(
-                        "sync insert, 8 threads", lambda: _threads(insert, count), count, worker.pid
-                    )
-                )
-                lines.append(
-                    _measure("sync get, 8 threads", lambda: _threads(get, count), count, worker.pid)
-                )
-                lines.append(_measure("fire-and-forget insert", fire_and_forget, count, worker.pid))
+                if "get" in loads and "insert" not in loads:
+                    _threads(insert, count)  # the products the gets read
+                runs = {
+                    "insert": ("sync insert, 8 threads", lambda: _threads(insert, count)),
+                    "get": ("sync get, 8 threads", lambda: _threads(get, count)),
+                    "fire-and-forget": ("fire-and-forget insert", fire_and_forget),
+                }
+                for load in LOADS:
+                    if load in loads:
+                        name, run = runs[load]
+                        lines.append(_measure(name, run, count, worker.pid))
         finally:
             worker.terminate()
             worker.wait(60)

@@ -25,6 +25,31 @@ log = logging.getLogger("dataspace_worker.consumer")
 MAX_HEADERS = 16 * 1024
 
 
+#: the most bytes a field of these types takes in an AMQP table, besides its name
+#: and text: type octet, length or value (pika's ``encode_value``)
+_FIELD_BYTES = {str: 5, bytes: 5, int: 9, bool: 2, type(None): 1}
+
+
+def headers_within(headers: dict | None, limit: int) -> bool:
+    """Whether ``headers`` surely encode in at most ``limit`` bytes, counted without
+    encoding them: four bytes a UTF-8 character at most, the widest encoding of each
+    field. False when that bound is over the limit or a value is of another type
+    (a table, a list, a time, a decimal, a float): ``table_size`` then encodes them."""
+    if not headers:
+        return True
+    budget = limit - 4
+    for name, value in headers.items():
+        fixed = _FIELD_BYTES.get(type(value))
+        if fixed is None or type(name) is not str:
+            return False
+        budget -= 1 + 4 * len(name) + fixed
+        if type(value) in (str, bytes):
+            budget -= 4 * len(value) if type(value) is str else len(value)
+        if budget < 0:
+            return False
+    return True
+
+
 class RequestBounds:
     """The three size checks a handled batch goes through before it is settled."""
 
@@ -47,8 +72,11 @@ class RequestBounds:
         None. A table near the broker's frame_max is fine to publish, but anything
         the worker built from it (a dead letter: the table and its own headers) would
         not fit in a frame: the broker would close the connection at each redelivery."""
-        size = table_size(delivery.properties.headers)
-        if size <= self.max_headers:
+        headers = delivery.properties.headers
+        if headers_within(headers, self.max_headers):
+            return None
+        size = table_size(headers)
+        if size is not None and size <= self.max_headers:
             return None
         reason = (
             f"header table of {size if size is not None else 'unencodable'} bytes is over "

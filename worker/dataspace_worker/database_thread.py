@@ -264,8 +264,8 @@ def make_consumers(
 
 
 def _count(outcome: Outcome, elapsed: float, dead: bool) -> None:
-    metrics.REQUESTS.labels(outcome.operation, outcome.code).inc()
-    metrics.LATENCY.labels(outcome.operation).observe(elapsed)
+    metrics.labelled(metrics.REQUESTS, outcome.operation, outcome.code).inc()
+    metrics.labelled(metrics.LATENCY, outcome.operation).observe(elapsed)
     if outcome.replayed:
         metrics.IDEMPOTENT_DUPLICATES.inc()
     if dead:

@@ -21,6 +21,7 @@ prometheus_client appends it, so ``Counter("dataspace_requests")`` is scraped as
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import threading
@@ -204,6 +205,14 @@ class Health:
         if readiness:
             status["consuming"] = bool(self._ready())
         return all(status.values()), status
+
+
+@functools.lru_cache(maxsize=1024)
+def labelled(metric, *values: str):
+    """``metric.labels(*values)``, kept: the labels are operation names and outcome
+    codes, a few dozen in all, and each request counts under two of them (prometheus
+    builds the key and takes a lock at every ``labels`` call)."""
+    return metric.labels(*values)
 
 
 def serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -110,6 +111,17 @@ def parse(reply_to: object) -> ReplyAddress:
     """The direct reply-to address ``reply_to`` is; ``BadReplyTo`` saying why not."""
     if not isinstance(reply_to, str):
         raise BadReplyTo(f"reply_to is a {type(reply_to).__name__}, not text")
+    return _parse_text(reply_to)
+
+
+#: addresses decoded lately: a client's calls all carry its channel's one address,
+#: decoded once here instead of at every request (a refusal is never kept: each
+#: bad address is checked again, as cheaply as before)
+RECENT_ADDRESSES = 1024
+
+
+@functools.lru_cache(maxsize=RECENT_ADDRESSES)
+def _parse_text(reply_to: str) -> ReplyAddress:
     if len(reply_to) > MAX_LENGTH:
         raise BadReplyTo(f"reply_to of {len(reply_to)} characters (at most {MAX_LENGTH})")
     if not reply_to.startswith(PREFIX):

@@ -11,6 +11,7 @@ the broker whether any worker consumes its queue at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -61,13 +62,45 @@ class ReadUnanswered(FastReadFailed):
     queue's node, or waiting in a queue nobody consumes (workers rolled back)."""
 
 
+class Done:
+    """A signal set once, for the one thread that waits on it: what a
+    ``threading.Event`` does for a call, on a bare lock (held until set) instead
+    of a condition, a waiter's lock and a lock to guard them, made and taken at
+    every call. Set from any thread, any number of times."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        with contextlib.suppress(RuntimeError):  # released already: set before
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it is set, waiting up to ``timeout`` seconds for it."""
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=timeout):
+            with contextlib.suppress(RuntimeError):  # a later set() released it
+                self._lock.release()  # open again for a later wait
+            return True
+        return self._set
+
+
 @dataclass
 class Call:
     """One request waiting for its reply; ``done`` is set once it has one, or failed."""
 
     operation: str
     deadline: float
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Done = field(default_factory=Done)
     body: bytes | None = None
     error: BaseException | None = None
 
