@@ -67,6 +67,14 @@ def test_a_header_table_over_the_limit_is_refused_unread():
         decode_reply(OPERATIONS["get_schema"], outcome.body)
 
 
+def test_a_header_table_pika_cannot_encode_again_is_refused_unread():
+    """pika decodes a double header of 1e300 into an integer it cannot encode again
+    (over 64 bits): the table's size is unknown, and the request is refused (its
+    dead letter could not copy it)."""
+    outcome = _pool().oversized_headers(_delivery({"x-float": pika.compat.long(1e300)}))
+    assert outcome.code == "bad_request" and "unencodable" in outcome.reason
+
+
 def test_a_dead_letter_fits_in_a_frame_whatever_the_request_carried():
     """A request with a ~128 KiB header table (just under frame_max) and a 3 MiB body:
     its dead letter keeps the small headers, the identifiers and why, notes what it
@@ -215,6 +223,83 @@ def test_15_requests_with_128_kib_headers_cost_no_reconnection(own_vhost, pool_f
     for properties, _body in dead:
         assert "x-pad" not in properties.headers
         assert properties.headers["x-dataspace-error-code"] == "bad_request"
+
+
+def test_a_float_header_is_refused_and_costs_no_consumer(own_vhost, pool_factory):
+    """A double header of 1e300 (AMQP 'd', which other clients send: pika decodes a
+    double into an integer, and cannot encode this one again as a 64-bit one)
+    used to raise TypeError in the size check: on a database thread, which died
+    with it, or on the I/O thread for a fast read. Now each such request is
+    answered bad_request and the pool carries on."""
+    import struct
+
+    placeholder = b"l" + struct.pack(">q", 2**40)  # 9 bytes, as a double's field
+
+    class FloatHeader(pika.BasicProperties):
+        """Sends its header ``x-float`` as the double 1e300 (pika cannot encode one)."""
+
+        def encode(self):
+            encoded = b"".join(super().encode())
+            assert encoded.count(placeholder) == 1
+            return [encoded.replace(placeholder, b"d" + struct.pack(">d", 1e300))]
+
+    pool = pool_factory(own_vhost, consumers=2)
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    replies: dict[str, bytes] = {}
+    try:
+        channel = connection.channel()
+        channel.basic_consume(
+            "amq.rabbitmq.reply-to",
+            lambda _c, _m, props, body: replies.__setitem__(props.correlation_id, body),
+            auto_ack=True,
+        )
+        read = orjson.dumps(
+            {
+                "v": 1,
+                "op": "get_dataproduct",
+                "args": {"taskmanager_id": 1, "generation_id": 1, "key": "k"},
+            }
+        )
+        schema = orjson.dumps({"v": 1, "op": "get_schema", "args": {"table": "header"}})
+        requests = [("read.get_dataproduct", read), ("data.get_schema", schema)] * 4
+        for i, (routing_key, body) in enumerate(requests):
+            channel.basic_publish(
+                "dataspace",
+                routing_key,
+                body,
+                FloatHeader(
+                    correlation_id=f"float-{i}",
+                    message_id=f"float-{i}",
+                    reply_to="amq.rabbitmq.reply-to",
+                    headers={"x-float": 2**40},
+                ),
+            )
+        deadline = time.monotonic() + 30
+        while len(replies) < len(requests) and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.2)
+        # the consumers still answer: a plain request, on each database thread
+        for i in range(4):
+            channel.basic_publish(
+                "dataspace",
+                "data.get_schema",
+                schema,
+                pika.BasicProperties(
+                    correlation_id=f"plain-{i}",
+                    message_id=f"plain-{i}",
+                    reply_to="amq.rabbitmq.reply-to",
+                ),
+            )
+        deadline = time.monotonic() + 30
+        while len(replies) < len(requests) + 4 and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.2)
+    finally:
+        connection.close()
+    for i in range(len(requests)):
+        error = orjson.loads(replies[f"float-{i}"])["error"]
+        assert error["code"] == "bad_request" and "unencodable" in error["message"]
+    for i in range(4):
+        assert orjson.loads(replies[f"plain-{i}"])["ok"] is True
+    assert pool.connections_opened == 1, "the worker's connection was lost and reopened"
 
 
 def test_a_reply_over_the_message_size_is_too_large_and_the_next_is_answered(
