@@ -317,3 +317,63 @@ def test_a_blocking_connection_still_publishes_and_consumes(own_vhost):
         assert got == [str(i) for i in range(50)]
     finally:
         connection.close()
+
+
+def test_another_thread_runs_only_while_the_loop_waits_in_the_kernel():
+    """io_lock.IoLock: a loop attached to it lets another thread in only while it
+    waits in epoll, and not while work handed to it waits to run."""
+    import threading
+    import types
+
+    from pika.adapters.select_connection import IOLoop
+
+    from dataspace_core.amqp.io_lock import IoLock
+
+    lock, loop = IoLock(), IOLoop()
+    connection = types.SimpleNamespace(ioloop=loop)
+    attached, busy, release = threading.Event(), threading.Event(), threading.Event()
+
+    def run() -> None:
+        with lock.held():
+            loop.add_callback_threadsafe(
+                lambda: attached.set() if lock.attach(connection) else None
+            )
+            loop.start()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert attached.wait(5)
+        ran: list[str] = []
+        assert lock.try_run(connection, lambda: ran.append("waiting") or True)
+        assert not lock.try_run(connection, lambda: False)  # the work declined
+        loop.add_callback_threadsafe(lambda: (busy.set(), release.wait(5)))
+        assert busy.wait(5)  # the loop runs a callback: not in the kernel
+        assert not lock.try_run(connection, lambda: ran.append("busy") or True)
+        release.set()
+        assert ran == ["waiting"]
+    finally:
+        release.set()
+        loop.add_callback_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_work_handed_to_the_loop_first_keeps_another_thread_out():
+    import types
+
+    from pika.adapters.select_connection import IOLoop
+
+    from dataspace_core.amqp.io_lock import IoLock
+
+    lock, loop = IoLock(), IOLoop()
+    loop._poller.activate_poller()
+    connection = types.SimpleNamespace(ioloop=loop)
+    assert lock.attach(connection)  # this thread stands for the loop's, not holding it
+    try:
+        loop.add_callback_threadsafe(lambda: None)  # handed over, not run yet
+        assert not lock.try_run(connection, lambda: True)
+        loop.process_timeouts()  # the loop runs it
+        assert lock.try_run(connection, lambda: True)
+    finally:
+        loop.close()

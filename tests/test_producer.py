@@ -514,3 +514,49 @@ def test_stop_publishing_releases_a_publisher_waiting_for_room(amqp_url, refusin
         assert client.pending == 1  # what it accepted stays, for the flush to cover
     finally:
         client.close()
+
+
+def test_a_call_after_fire_and_forget_requests_goes_out_behind_them(own_vhost):
+    """A call's request may leave from the caller's own thread while the client's
+    I/O thread waits (io_lock.py); it must still go behind what the same thread
+    published fire-and-forget before it (a read after one's own writes takes the
+    same lane behind them). 40 rounds of publish-then-call; a consumer takes them
+    in the order the broker got them (the calls expire with their 20 ms wait)."""
+    exchange, queue = f"order-{uuid.uuid4().hex[:8]}", f"order-{uuid.uuid4().hex[:8]}"
+    got: list[str] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def consume() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+        channel = connection.channel()
+        channel.exchange_declare(exchange, "topic")
+        channel.queue_declare(queue, exclusive=True)
+        channel.queue_bind(queue, exchange, "#")
+        channel.basic_consume(queue, lambda _c, _m, _p, body: got.append(body.decode()), True)
+        ready.set()
+        while not stop.is_set():
+            connection.process_data_events(time_limit=0.05)
+        connection.close()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert ready.wait(10)
+    client = RpcClient(own_vhost, app_id="dataspace-tests-order", timeout=5, no_worker_check=60)
+    try:
+        for i in range(40):
+            for k in range(3):
+                client.publish("insert", "data.insert", f"ff-{i}-{k}".encode(), exchange=exchange)
+            with pytest.raises(DataSpaceTimeoutError):  # nobody answers here
+                client.call(
+                    "get_schema", "data.get_schema", f"call-{i}".encode(), 0.02, exchange=exchange
+                )
+        client.flush(10)
+        services.poll(lambda: len(got) == 160, 10)
+    finally:
+        client.close()
+        stop.set()
+        consumer.join(10)
+    assert len(got) == 160, got
+    for i in range(40):  # each call behind the three published before it
+        at = got.index(f"call-{i}")
+        assert {f"ff-{i}-{k}" for k in range(3)} <= set(got[:at]), got[max(0, at - 6) : at + 1]

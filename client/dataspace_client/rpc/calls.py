@@ -1,8 +1,10 @@
 """Calls that wait for a reply: sent, waited for, and sent again after a lost link.
 
-A caller registers its call under the link's lock, has the I/O thread publish the
-request, and waits on the call's own event, which the reply (``Call.answer``), a
-return, a channel error or a lost connection (``Call.fail``) sets. A call the
+A caller registers its call under the link's lock, publishes the request itself
+while the I/O thread waits for the broker (io_lock.py), or has the I/O thread
+publish it when that is busy, and waits on the call's own signal (``Done``),
+which the reply (``Call.answer``), a return, a channel error or a lost
+connection (``Call.fail``) sets. A call the
 connection dropped under (``ConnectionLost``) is sent again with the same
 message_id until its deadline: the worker applies a write once whatever the
 number of copies. A call still unanswered after ``no_worker_check`` seconds asks
@@ -16,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pika.exceptions import AMQPError, ChannelClosedByBroker
@@ -118,8 +121,19 @@ class Call:
 class Calls:
     """The calls waiting for their reply, by correlation_id (guarded by the link's lock)."""
 
-    def __init__(self, link: Link, *, app_id: str, no_worker_check: float):
+    def __init__(
+        self,
+        link: Link,
+        *,
+        app_id: str,
+        no_worker_check: float,
+        queued: Callable[[], bool] = lambda: False,
+    ):
+        """``queued()`` (under the link's lock): whether fire-and-forget requests
+        wait to be published; a call published on the caller's thread would pass
+        them, so it goes through the I/O thread then (Publications.queued)."""
         self.link = link
+        self.queued = queued
         self.app_id = app_id
         self.no_worker_check = no_worker_check
         self._waiting: dict[str, Call] = {}
@@ -168,11 +182,24 @@ class Calls:
                     f"within {timeout:g} s: {link.last_error}"
                 )
             self._waiting[correlation_id] = call
-            # Under the lock: a connection loss either sees this call (and fails
-            # it) or happened before (and we saw the link down).
-            link.run_on_io_thread(
-                lambda: self._publish(correlation_id, message_id, operation, route, body)
-            )
+            connection = link.connection
+        # Registered under the lock: a connection loss from now on fails the call
+        # (and its caller sends it again), one before it we saw as the link down.
+        publish = lambda: self._publish(correlation_id, message_id, operation, route, body)  # noqa: E731
+
+        def publish_here() -> bool:
+            with link.lock:
+                if self.queued():  # fire-and-forget requests wait: go behind them
+                    return False
+            publish()
+            return True
+
+        if not link.io.try_run(connection, publish_here):  # the I/O thread is busy
+            with link.lock:
+                if link.open and not link.closing:
+                    link.run_on_io_thread(publish)
+                else:
+                    call.fail(ConnectionLost(f"{operation}: {link.last_error}"))
         try:
             if not self._wait(call, route[1], deadline, timeout):
                 raise DataSpaceTimeoutError(operation, timeout)
@@ -203,7 +230,8 @@ class Calls:
         return call.done.wait(max(0.0, deadline - time.monotonic()))
 
     def _publish(self, correlation_id, message_id, operation, route, body) -> None:
-        """Publish a call's request (I/O thread), unless its caller gave up meanwhile."""
+        """Publish a call's request (on the I/O thread, or on the caller's while the
+        I/O thread waits: io_lock.py), unless its caller gave up meanwhile."""
         exchange, routing_key, lane = route
         with self.link.lock:
             call = self._waiting.get(correlation_id)

@@ -75,10 +75,11 @@ class RpcChannel:
 
     def run(self) -> None:
         """The I/O thread: connections, one after another, until the client closes."""
-        self.link.loop.run(
-            self._connection_ended,
-            crashed=lambda exc: self.lost(f"I/O loop failed: {exc}"),
-        )
+        with self.link.io.held():
+            self.link.loop.run(
+                self._connection_ended,
+                crashed=lambda exc: self.lost(f"I/O loop failed: {exc}"),
+            )
 
     def link_up(self) -> None:
         """The new channel consumes replies (under the link's lock): requests can go,
@@ -112,6 +113,7 @@ class RpcChannel:
         if self.link.closing:
             connection.close()
             return
+        self.link.io.attach(connection)  # callers may publish while the loop waits
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection, error) -> None:

@@ -62,12 +62,17 @@ class RpcClient:
         addresses = _addresses(url, app_id, timeout, connect_timeout)
         self._link = Link(self.masked_url)
         self._state = self._link.lock  # guards the link, the calls and the publications
-        self._calls = Calls(self._link, app_id=app_id, no_worker_check=no_worker_check)
         self._publications = Publications(
             self._link,
             app_id=app_id,
             max_pending=max_pending,
             max_pending_bytes=max_pending_bytes,
+        )
+        self._calls = Calls(
+            self._link,
+            app_id=app_id,
+            no_worker_check=no_worker_check,
+            queued=self._publications.queued,
         )
         self._channel = RpcChannel(
             self._link,

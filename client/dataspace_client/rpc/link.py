@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from dataspace_core.amqp.confirms import ConfirmTracker
+from dataspace_core.amqp.io_lock import IoLock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,6 +47,10 @@ class Link:
         self.unconfirmed: ConfirmTracker[str | Publication] = ConfirmTracker()
         #: the loop of connections, one after another (``RpcChannel`` makes and runs it)
         self.loop: ConnectionLoop | None = None
+        #: held by the I/O thread except while it waits for the broker: a caller
+        #: that takes it publishes its request itself (io_lock.py). Never waited
+        #: for under ``lock``: the I/O thread takes ``lock`` while holding it.
+        self.io = IoLock()
 
     @property
     def connection(self) -> pika.SelectConnection | None:

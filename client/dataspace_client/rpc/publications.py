@@ -94,6 +94,10 @@ class Publications:
             self.pending_bytes + size <= self.max_pending_bytes
         )
 
+    def queued(self) -> bool:
+        """Whether requests wait in the outbox to be published (under the lock)."""
+        return bool(self._outbox)
+
     @property
     def unsettled(self) -> bool:
         """Whether ``flush`` has anything to wait for or to report."""

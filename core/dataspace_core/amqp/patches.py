@@ -155,6 +155,13 @@ def _send_before_poll(poller) -> None:
             transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
 
 
+def send_pending(poller) -> None:
+    """Send now what was written on ``poller``'s connections (io_lock.py: a thread
+    that publishes while the loop waits in the kernel, which would not send it)."""
+    if getattr(poller, "_dataspace_unsent", None):
+        _send_before_poll(poller)
+
+
 def _sending_poll(poll):
     def sending_poll(self) -> None:
         """Send what was written, else poll: one turn of the loop, as when pika's
