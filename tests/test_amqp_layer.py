@@ -377,3 +377,120 @@ def test_work_handed_to_the_loop_first_keeps_another_thread_out():
         assert lock.try_run(connection, lambda: True)
     finally:
         loop.close()
+
+
+def test_a_loop_that_writes_at_every_turn_still_reads_at_once():
+    """A turn that sends is followed by a poll that does not wait: a loop busy
+    writing (settles handed over at every turn) still reads the broker's frames,
+    heartbeats and confirms as they come, not once the socket buffer is full."""
+    import socket
+    import threading
+    import time
+
+    from pika.adapters.select_connection import IOLoop
+    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+    from pika.adapters.utils.selector_ioloop_adapter import SelectorIOServicesAdapter
+
+    from dataspace_core.amqp import patches  # noqa: F401
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    loop = IOLoop()
+    received: list[float] = []
+    sent_at: list[float] = []
+
+    class Protocol:
+        def data_received(self, data):
+            received.append(time.monotonic())
+
+        def eof_received(self):
+            return False
+
+        def connection_lost(self, error):
+            pass
+
+    transport = _AsyncPlaintextTransport(ours, Protocol(), SelectorIOServicesAdapter(loop))
+
+    def drain() -> None:  # the peer reads whatever the loop writes
+        while True:
+            try:
+                if not theirs.recv(65536):
+                    return
+            except OSError:
+                return
+
+    threading.Thread(target=drain, daemon=True).start()
+    end = time.monotonic() + 0.5
+
+    def frame_in() -> None:
+        sent_at.append(time.monotonic())
+        theirs.send(b"incoming frame")
+
+    threading.Timer(0.1, frame_in).start()
+
+    def busy() -> None:  # writes at every turn of the loop
+        transport.write(b"x" * 10)
+        if time.monotonic() < end and not received:
+            loop.add_callback_threadsafe(busy)
+        else:
+            loop.stop()
+
+    loop.add_callback_threadsafe(busy)
+    try:
+        loop.start()
+        assert received, "the frame was never read while the loop wrote"
+        assert received[0] - sent_at[0] < 0.05
+    finally:
+        loop.close()
+        ours.close()
+        theirs.close()
+
+
+def test_a_poller_whose_poll_does_not_send_keeps_pikas_writes():
+    """A poller class with a poll of its own (a later pika's, a subclass) never
+    sends what waits for the next poll: writes there watch the socket as pika's do."""
+    from pika.adapters import select_connection
+
+    class OwnPoll(select_connection.EPollPoller):
+        def poll(self):  # its own: never called here
+            raise AssertionError("not polled in this test")
+
+    loop, nbio, transport, theirs = _transport_on_a_socketpair()
+    loop._poller.__class__ = OwnPoll
+    try:
+        transport.write(b"frame")
+        assert not loop._poller._dataspace_unsent
+        assert nbio._watchers[transport._sock.fileno()].writer is not None  # pika's way
+    finally:
+        loop._poller.__class__ = select_connection.EPollPoller
+        loop.close()
+        transport._sock.close()
+        theirs.close()
+
+
+def test_what_a_turn_wrote_is_sent_even_when_its_work_raises():
+    import types
+
+    import pytest
+    from pika.adapters.select_connection import IOLoop
+
+    from dataspace_core.amqp.io_lock import IoLock
+
+    loop, nbio, transport, theirs = _transport_on_a_socketpair()
+    lock = IoLock()
+    connection = types.SimpleNamespace(ioloop=loop)
+    assert lock.attach(connection)
+    assert isinstance(loop, IOLoop)
+
+    def work() -> bool:
+        transport.write(b"written before the error")
+        raise RuntimeError("a bug in the work")
+
+    try:
+        with pytest.raises(RuntimeError):
+            lock.try_run(connection, work)
+        assert theirs.recv(100) == b"written before the error"
+    finally:
+        loop.close()
+        transport._sock.close()
+        theirs.close()

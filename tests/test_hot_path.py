@@ -100,6 +100,10 @@ def test_the_usual_request_headers_are_within_without_encoding():
     assert headers_within(headers, 16 * 1024)
     assert headers_within(None, 16 * 1024) and headers_within({}, 16 * 1024)
     assert not headers_within({"x": "y" * 5000}, 16 * 1024)  # may be over: encode it
+    # a timestamp past 64 bits stays an integer (patches.py) pika cannot encode
+    assert not headers_within({"x": 2**64 - 1}, 16 * 1024)
+    assert not headers_within({"x": -(2**63) - 1}, 16 * 1024)
+    assert headers_within({"x": 2**63 - 1, "y": -(2**63)}, 16 * 1024)
 
 
 def test_a_reply_address_is_decoded_once_and_a_bad_one_every_time():
@@ -128,3 +132,44 @@ def test_the_call_signal_is_set_once_whoever_sets_it():
         for setter in setters:
             setter.join()
         assert done.wait(0)
+
+
+def test_a_call_leaves_from_its_own_thread_only_on_the_links_open_channel():
+    """``Calls._here_now``: a request goes out on the caller's thread only with
+    the link up on the connection it was registered on, an open channel (not one
+    being recycled, nor a new one before ``link_up`` numbers its confirms from
+    1), the call not failed meanwhile, nothing published before it still in the
+    outbox, and no other call in flight (those the I/O thread sends together)."""
+    import types
+
+    from dataspace_client.rpc.calls import Call, Calls
+    from dataspace_client.rpc.link import Link
+
+    class Loop:
+        connection = object()
+
+    link = Link("amqp://broker")
+    link.loop = Loop()
+    link.open = True
+    link.channel = types.SimpleNamespace(is_open=True)
+    queued = [False]
+    calls = Calls(link, app_id="t", no_worker_check=2.0, queued=lambda: queued[0])
+    call = Call("get_dataproduct", time.monotonic() + 5)
+    calls._waiting["c1"] = call
+    here = lambda: calls._here_now(call, Loop.connection)  # noqa: E731
+    assert here()
+    assert not calls._here_now(call, object())  # another connection since
+    link.channel.is_open = False  # closing: recycled after a nack
+    assert not here()
+    link.channel.is_open = True
+    link.open = False  # a new channel, not consuming yet
+    assert not here()
+    link.open = True
+    queued[0] = True  # fire-and-forget requests wait to go
+    assert not here()
+    queued[0] = False
+    calls._waiting["c2"] = Call("insert", time.monotonic() + 5)  # another call in flight
+    assert not here()
+    del calls._waiting["c2"]
+    call.fail(RuntimeError("lost"))  # failed by a lost connection meanwhile
+    assert not here()

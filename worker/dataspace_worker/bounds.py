@@ -43,6 +43,8 @@ def headers_within(headers: dict | None, limit: int) -> bool:
         if fixed is None or type(name) is not str:
             return False
         budget -= 1 + 4 * len(name) + fixed
+        if type(value) is int and not -(2**63) <= value < 2**63:
+            return False  # pika cannot encode it (a timestamp past 64 bits, decoded)
         if type(value) in (str, bytes):
             budget -= 4 * len(value) if type(value) is str else len(value)
         if budget < 0:

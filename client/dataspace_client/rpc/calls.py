@@ -188,19 +188,21 @@ class Calls:
         publish = lambda: self._publish(correlation_id, message_id, operation, route, body)  # noqa: E731
 
         def publish_here() -> bool:
+            """Publish on this thread (the I/O thread waits: io_lock.py), unless that
+            could reorder requests or use a channel that is not the link's."""
             with link.lock:
-                if self.queued():  # fire-and-forget requests wait: go behind them
+                if not self._here_now(call, connection):
                     return False
             publish()
             return True
 
-        if not link.io.try_run(connection, publish_here):  # the I/O thread is busy
-            with link.lock:
-                if link.open and not link.closing:
-                    link.run_on_io_thread(publish)
-                else:
-                    call.fail(ConnectionLost(f"{operation}: {link.last_error}"))
         try:
+            if not link.io.try_run(connection, publish_here):  # hand it over
+                with link.lock:
+                    if link.open and not link.closing:
+                        link.run_on_io_thread(publish)
+                    else:
+                        call.fail(ConnectionLost(f"{operation}: {link.last_error}"))
             if not self._wait(call, route[1], deadline, timeout):
                 raise DataSpaceTimeoutError(operation, timeout)
         finally:
@@ -209,6 +211,28 @@ class Calls:
         if call.error is not None:
             raise call.error
         return call.body
+
+    def _here_now(self, call: Call, connection) -> bool:
+        """Whether a call's request may leave from its caller's thread now (under
+        the link's lock, with the I/O thread waiting): the link is up on the
+        connection the call was registered on, with an open channel (not one being
+        recycled or opened again, whose confirms are numbered afresh at
+        ``link_up``), the call not failed meanwhile, no fire-and-forget request
+        waiting to go first, and no other call in flight (the I/O thread sends a
+        busy client's requests together, which costs the broker less CPU than one
+        small read per request: bench/cpu.py)."""
+        link = self.link
+        channel = link.channel
+        return (
+            link.open
+            and not link.closing
+            and link.connection is connection
+            and channel is not None
+            and channel.is_open
+            and not call.done.is_set()
+            and not self.queued()
+            and len(self._waiting) == 1
+        )
 
     def _wait(self, call: Call, routing_key: str, deadline: float, timeout: float) -> bool:
         """Wait for the reply until ``deadline``; after ``no_worker_check`` seconds
@@ -236,7 +260,7 @@ class Calls:
         with self.link.lock:
             call = self._waiting.get(correlation_id)
             channel = self.link.channel
-        if call is None:  # the caller gave up before we got here
+        if call is None or call.done.is_set():  # the caller gave up, or it failed
             return
         properties = request_properties(
             app_id=self.app_id,

@@ -17,17 +17,21 @@ so that what one thread hands over and then publishes goes out in that order.
 
 A change of the descriptors the loop waits on (a writer watched after a partial
 send) is made with ``epoll_ctl``, which a thread blocked in ``epoll_wait`` sees
-at once (Linux). Pollers other than epoll and poll are left alone: ``try_run``
-then always hands over.
+at once (Linux). Other pollers (select, poll, kqueue) are left alone:
+``try_run`` then always hands over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import threading
 from collections.abc import Callable, Iterator
 
 from .patches import send_pending
+
+#: the kernel wait whose descriptor changes a blocked waiter sees at once
+_EPOLL = getattr(select, "epoll", ())
 
 
 class _ReleasingPoll:
@@ -67,10 +71,13 @@ class IoLock:
         I/O thread, holding it, once the loop runs); whether it could."""
         poller = getattr(connection.ioloop, "_poller", None)
         polling = getattr(poller, "_poll", None)
-        if polling is None or not hasattr(polling, "poll"):
-            return False  # select() or kqueue: not this way
-        if not isinstance(polling, _ReleasingPoll):
-            poller._poll = _ReleasingPoll(polling, self._lock)
+        if isinstance(polling, _ReleasingPoll):
+            return True
+        if not isinstance(polling, _EPOLL):
+            # select(), poll(), kqueue: a wait already begun would not see a writer
+            # switched on meanwhile (the rest of a large request would wait)
+            return False
+        poller._poll = _ReleasingPoll(polling, self._lock)
         return True
 
     def try_run(self, connection, work: Callable[[], bool]) -> bool:
@@ -87,9 +94,9 @@ class IoLock:
                 return False
             if getattr(connection.ioloop, "_callbacks", True):
                 return False
-            if not work():
-                return False
-            send_pending(poller)
-            return True
+            try:
+                return bool(work())
+            finally:  # whatever was written goes, even if ``work`` raised
+                send_pending(poller)
         finally:
             self._lock.release()

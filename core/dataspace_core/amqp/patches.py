@@ -1,10 +1,12 @@
 """pika helpers both sides share, and two changes to pika's own behaviour, applied
 once by importing this module (every module of this project that speaks AMQP does).
 
-- pika 1.4 decodes a header of AMQP type timestamp into a ``datetime``; a value
-  beyond year 9999 raises OverflowError/OSError inside the frame parser, which
-  aborts the connection, so every channel on it drops and the same message comes
-  back to do it again. Here such a value stays the integer it was sent as.
+- pika 1.4 decodes a header of AMQP type timestamp into a ``datetime``, and a
+  double or float into an integer; a timestamp beyond year 9999, or an infinite
+  or NaN float, raises inside the frame parser, which aborts the connection, so
+  every channel on it drops and the same message comes back to do it again.
+  Here such a timestamp stays the integer it was sent as, and such a float a
+  float (which no check lets through: pika cannot encode it again).
 - pika's asynchronous transports send each frame with a ``send`` call of its own:
   a publish is three frames (method, header, body), a reply and its ack four,
   and a settled batch of 16 requests some 60 system calls. Here the frames
@@ -34,13 +36,21 @@ from pika.adapters.utils import io_services_utils
 _decode_value = pika.data.decode_value
 
 
+#: AMQP floats, which pika decodes into integers: an infinite or NaN one raises
+_FLOATS = {b"d": (">d", 9), b"f": (">f", 5)}
+
+
 def _tolerant_decode_value(encoded, offset):
     try:
         return _decode_value(encoded, offset)
     except (OverflowError, OSError, ValueError):
-        if encoded[offset : offset + 1] != b"T":
-            raise
-        return struct.unpack_from(">Q", encoded, offset + 1)[0], offset + 9
+        kind = encoded[offset : offset + 1]
+        if kind == b"T":
+            return struct.unpack_from(">Q", encoded, offset + 1)[0], offset + 9
+        if kind in _FLOATS:  # stays the float it is (no integer holds it)
+            fmt, size = _FLOATS[kind]
+            return struct.unpack_from(fmt, encoded, offset + 1)[0], offset + size
+        raise
 
 
 if getattr(pika.data.decode_value, "__name__", "") != "_tolerant_decode_value":
@@ -123,7 +133,11 @@ def _poller_of(transport):
     after this module was imported (it then flushes writes before it polls)."""
     loop = getattr(transport._nbio, "_loop", None)
     poller = getattr(loop, "_poller", None)
-    return poller if getattr(poller, "_dataspace_unsent", None) is not None else None
+    if getattr(poller, "_dataspace_unsent", None) is None:
+        return None
+    if getattr(type(poller).poll, "__name__", "") != "sending_poll":
+        return None  # a poller class whose own poll would never send them
+    return poller
 
 
 def _write_before_poll(self, data: bytes) -> None:
@@ -164,21 +178,34 @@ def send_pending(poller) -> None:
 
 def _sending_poll(poll):
     def sending_poll(self) -> None:
-        """Send what was written, else poll: one turn of the loop, as when pika's
-        poll returned only the socket's writability. Whoever loops on ``poll``
-        (pika's loop, a BlockingConnection waiting for its output to go) looks
-        again at once, before a poll that could block with nothing to wake it."""
+        """Send what was written, then poll; without waiting when it sent, as
+        pika's poll returned at once with the socket's writability: whoever loops
+        on ``poll`` (pika's loop, a BlockingConnection waiting for its output to
+        go) looks again before a poll that could block with nothing to wake it,
+        and a loop that writes at every turn still reads at every turn."""
         if getattr(self, "_dataspace_unsent", None):
             _send_before_poll(self)
-            return
+            self._dataspace_poll_now = True
         poll(self)
 
     sending_poll.__name__ = "sending_poll"
     return sending_poll
 
 
+_max_wait = select_connection._PollerBase._get_max_wait
+
+
+def _no_wait_after_sending(self) -> float:
+    """pika's ``_get_max_wait``: 0 for the poll right after a send."""
+    if getattr(self, "_dataspace_poll_now", False):
+        self._dataspace_poll_now = False
+        return 0
+    return _max_wait(self)
+
+
 if getattr(_plain_write, "__name__", "") != "_write_before_poll":
     io_services_utils._AsyncPlaintextTransport.write = _write_before_poll
+    select_connection._PollerBase._get_max_wait = _no_wait_after_sending
     for _poller_class in (
         select_connection.SelectPoller,
         select_connection.KQueuePoller,
