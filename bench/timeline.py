@@ -5,7 +5,8 @@ worker's default consumers and prefetch) and one client, sends requests one at
 a time from one thread, and stamps each stage as the request passes it:
 
     call          the caller enters DataSpace.get_dataproduct / insert
-    client I/O    the client's I/O thread publishes it (Calls._publish)
+    client I/O    the request is published (Calls._publish: on the caller's thread
+                  while the client's I/O thread waits, io_lock.py, else on it)
     worker I/O    the worker's I/O thread takes the delivery (ConsumerChannels._on_message)
     database      a database thread starts the batch (Dispatcher.handle_batch)
     database done PostgreSQL answered (PostgresDataSource.execute_many returns)
