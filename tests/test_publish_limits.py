@@ -323,6 +323,75 @@ def test_a_float_header_is_refused_and_costs_no_consumer(own_vhost, pool_factory
     assert pool.connections_opened == 1, "the worker's connection was lost and reopened"
 
 
+def test_a_bug_in_the_checks_answers_internal_and_the_consumers_go_on(
+    own_vhost, pool_factory, monkeypatch
+):
+    """A check before the dispatcher that raises (as the size check did on a
+    header pika could not encode again) ended the database thread, leaving its
+    consumer's deliveries unsettled; on the I/O thread it ended the connection.
+    Now each such request is answered 'internal', logged, and the consumers,
+    the reads on the I/O thread included, go on answering."""
+    from dataspace_worker.bounds import RequestBounds
+
+    real = RequestBounds.oversized_headers
+
+    def buggy(self, delivery):
+        if "x-bug" in (delivery.properties.headers or {}):
+            raise RuntimeError("a bug in a check")
+        return real(self, delivery)
+
+    monkeypatch.setattr(RequestBounds, "oversized_headers", buggy)
+    pool = pool_factory(own_vhost, consumers=2)
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    replies: dict[str, bytes] = {}
+    read = orjson.dumps(
+        {
+            "v": 1,
+            "op": "get_dataproduct",
+            "args": {"taskmanager_id": 1, "generation_id": 1, "key": "k"},
+        }
+    )
+    schema = orjson.dumps({"v": 1, "op": "get_schema", "args": {"table": "header"}})
+    requests = [("read.get_dataproduct", read), ("data.get_schema", schema)]
+
+    def send(tag: str, headers: dict | None) -> None:
+        for i, (routing_key, body) in enumerate(requests * 3):
+            channel.basic_publish(
+                "dataspace",
+                routing_key,
+                body,
+                pika.BasicProperties(
+                    correlation_id=f"{tag}-{i}",
+                    message_id=f"{tag}-{i}",
+                    reply_to="amq.rabbitmq.reply-to",
+                    headers=headers,
+                ),
+            )
+
+    try:
+        channel = connection.channel()
+        channel.basic_consume(
+            "amq.rabbitmq.reply-to",
+            lambda _c, _m, props, body: replies.__setitem__(props.correlation_id, body),
+            auto_ack=True,
+        )
+        send("bug", {"x-bug": 1})
+        send("plain", None)
+        deadline = time.monotonic() + 30
+        while len(replies) < 12 and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.2)
+    finally:
+        connection.close()
+    for i in range(6):
+        error = orjson.loads(replies[f"bug-{i}"])["error"]
+        assert error["code"] == "internal" and "a bug, logged" in error["message"]
+    for i in range(6):
+        reply = orjson.loads(replies[f"plain-{i}"])
+        assert reply.get("ok") or reply["error"]["code"] == "not_found"  # answered
+    assert pool.connections_opened == 1, "the worker's connection was lost and reopened"
+    assert all(c.thread.is_alive() for c in pool.consumers), "a database thread died"
+
+
 def test_a_reply_over_the_message_size_is_too_large_and_the_next_is_answered(
     own_vhost, pool_factory
 ):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from dataspace_core.errors import DataSpaceRedeliveredError
+from dataspace_core.errors import DataSpaceError, DataSpaceRedeliveredError
 from dataspace_core.protocol import OPERATIONS, READS_QUEUE, encode_error, operation_named_by
 
 from . import metrics
@@ -109,7 +109,7 @@ class Consumer:
                 return
             started = time.monotonic()
             with metrics.IN_FLIGHT.track_inprogress():
-                outcomes = [self.bounds.sendable(o) for o in self._handle_bounded(batch)]
+                outcomes = [self.bounds.sendable(o) for o in self._outcomes(batch)]
             # what a dead letter keeps of a large refused body: cut here, off the I/O
             # thread, and the whole body let go of before the reply goes out
             batch = [self.bounds.keepable(d, o) for d, o in zip(batch, outcomes, strict=True)]
@@ -153,6 +153,36 @@ class Consumer:
                 return None
             self.inbox.put(None)  # stop after this batch
         return batch
+
+    def _outcomes(self, batch: list[Delivery]) -> list[Outcome]:
+        """``_handle_bounded``, except that a bug in it (the dispatcher answers its
+        own) does not end this thread, which would leave the consumer's
+        deliveries unsettled, and the consumer deaf, until the worker restarts:
+        the batch's requests then run one by one, and each one the bug hits is
+        answered ``internal`` (the others, as usual)."""
+        try:
+            return self._handle_bounded(batch)
+        except Exception:
+            if len(batch) == 1:
+                return [self._internal(batch[0])]
+        outcomes = []
+        for delivery in batch:
+            try:
+                outcomes += self._handle_bounded([delivery])
+            except Exception:
+                outcomes.append(self._internal(delivery))
+        return outcomes
+
+    def _internal(self, delivery: Delivery) -> Outcome:
+        """The outcome of a request a bug in the checks failed on (logged)."""
+        log.exception(
+            "%s: a bug while checking request %s: answered 'internal', and the consumer "
+            "goes on; please report this trace",
+            self.thread.name,
+            printable(delivery.properties.message_id),
+        )
+        error = DataSpaceError("the worker failed on this request (a bug, logged)")
+        return Outcome(encode_error(error), "internal", "?", reason=str(error))
 
     def _handle_bounded(self, batch: list[Delivery]) -> list[Outcome]:
         """``_handle``, except that a request whose header table is over the limit

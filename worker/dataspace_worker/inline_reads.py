@@ -169,8 +169,11 @@ class InlineReads:
             return False
         if operation_named_by(delivery.routing_key) not in queries.INLINE_READS:
             return False
-        if self._bounds.oversized_headers(delivery) or refused_reply_to(delivery):
-            return False
+        try:
+            if self._bounds.oversized_headers(delivery) or refused_reply_to(delivery):
+                return False
+        except Exception:  # a bug: never on the I/O thread (its loop would end)
+            return False  # the database thread answers it ('internal') and logs why
         parsed = self._dispatcher.parsed(request_of(delivery))
         if parsed is None:  # the body names the routing key's operation (admission)
             return False

@@ -35,8 +35,8 @@ _EPOLL = getattr(select, "epoll", ())
 
 
 class _ReleasingPoll:
-    """A poller's ``select.epoll`` (or ``select.poll``) whose ``poll`` lets go of
-    the loop's lock while it waits in the kernel."""
+    """A poller's ``select.epoll`` whose ``poll`` lets go of the loop's lock while
+    it waits in the kernel."""
 
     def __init__(self, polling, lock: threading.Lock):
         self._polling = polling

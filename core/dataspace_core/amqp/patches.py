@@ -1,4 +1,4 @@
-"""pika helpers both sides share, and two changes to pika's own behaviour, applied
+"""pika helpers both sides share, and changes to pika's own behaviour, applied
 once by importing this module (every module of this project that speaks AMQP does).
 
 - pika 1.4 decodes a header of AMQP type timestamp into a ``datetime``, and a
