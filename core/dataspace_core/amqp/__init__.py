@@ -10,5 +10,8 @@ worker's consumer pool, the reap schedule, the guarded replies and the
   to what was published, ``multiple`` handled);
 - ``failures``: a broker failure in one phrase, and whether retrying can help;
 - ``patches``: pika work-arounds (a header that would kill a connection, closing
-  without a cancel, a SelectConnection's socket reader off and on).
+  without a cancel, a SelectConnection's socket reader off and on) and changes
+  (frames joined into one send, sent before the next poll; fewer wake-ups);
+- ``io_lock``: another thread's turn on a connection while its loop waits in
+  the kernel (``IoLock``: the client's callers publish their own requests).
 """
