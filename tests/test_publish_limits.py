@@ -187,6 +187,55 @@ class _Caller(threading.Thread):
             space.close()
 
 
+class _RawRequests:
+    """Requests published by hand, as any AMQP client may, with their replies
+    collected by correlation_id (direct reply-to)."""
+
+    def __init__(self, url: str):
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.replies: dict[str, bytes] = {}
+        self.channel = self.connection.channel()
+        self.channel.basic_consume(
+            "amq.rabbitmq.reply-to",
+            lambda _c, _m, props, body: self.replies.__setitem__(props.correlation_id, body),
+            auto_ack=True,
+        )
+
+    def send(self, tag, requests, headers=None, properties=pika.BasicProperties, pause=0.0):
+        """Publish ``(routing_key, body)`` requests as ``<tag>-<i>`` (correlation_id
+        and message_id), reading the broker for ``pause`` seconds after each."""
+        for i, (routing_key, body) in enumerate(requests):
+            self.channel.basic_publish(
+                "dataspace",
+                routing_key,
+                body,
+                properties(
+                    correlation_id=f"{tag}-{i}",
+                    message_id=f"{tag}-{i}",
+                    reply_to="amq.rabbitmq.reply-to",
+                    headers=headers,
+                ),
+            )
+            if pause:
+                self.connection.process_data_events(time_limit=pause)
+
+    def wait(self, count: int, within: float = 30) -> None:
+        """Read replies until ``count`` are in, or ``within`` seconds passed."""
+        deadline = time.monotonic() + within
+        while len(self.replies) < count and time.monotonic() < deadline:
+            self.connection.process_data_events(time_limit=0.2)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+#: a fast read and a request-queue read, as raw request bodies
+_READ = orjson.dumps(
+    {"v": 1, "op": "get_dataproduct", "args": {"taskmanager_id": 1, "generation_id": 1, "key": "k"}}
+)
+_SCHEMA = orjson.dumps({"v": 1, "op": "get_schema", "args": {"table": "header"}})
+
+
 def test_15_requests_with_128_kib_headers_cost_no_reconnection(own_vhost, pool_factory):
     """Finding 3: a header table just under frame_max is fine to publish, but the dead
     letter built from it used to exceed the frame: the broker closed the worker's
@@ -195,37 +244,18 @@ def test_15_requests_with_128_kib_headers_cost_no_reconnection(own_vhost, pool_f
     pool = pool_factory(own_vhost, consumers=2)
     caller = _Caller(own_vhost)
     caller.start()
-    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
-    replies: dict[str, bytes] = {}
+    raw = _RawRequests(own_vhost)
+    replies = raw.replies
     try:
-        channel = connection.channel()
-        channel.basic_consume(
-            "amq.rabbitmq.reply-to",
-            lambda _c, _m, props, body: replies.__setitem__(props.correlation_id, body),
-            auto_ack=True,
-        )
         body = b"not json: a request the worker dead-letters"
-        for i in range(15):
-            channel.basic_publish(
-                "dataspace",
-                "data.get_schema",
-                body,
-                pika.BasicProperties(
-                    correlation_id=f"big-{i}",
-                    message_id=f"big-{i}",
-                    reply_to="amq.rabbitmq.reply-to",
-                    headers={"x-pad": "a" * (FRAME_MAX - 200)},
-                ),
-            )
-            connection.process_data_events(time_limit=0.3)
-        deadline = time.monotonic() + 30
-        while len(replies) < 15 and time.monotonic() < deadline:
-            connection.process_data_events(time_limit=0.2)
+        headers = {"x-pad": "a" * (FRAME_MAX - 200)}
+        raw.send("big", [("data.get_schema", body)] * 15, headers=headers, pause=0.3)
+        raw.wait(15)
         time.sleep(1)  # the caller goes on a little after the last one
     finally:
         caller.stop.set()
         caller.join(30)
-        connection.close()
+        raw.close()
     dead = services.drain_queue(own_vhost, DEAD_LETTER_QUEUE, idle=2)
     print(
         f"\n[publish limits] 15 big-header requests: {pool.connections_opened - 1} worker "
@@ -265,56 +295,17 @@ def test_a_float_header_is_refused_and_costs_no_consumer(own_vhost, pool_factory
             return [encoded.replace(placeholder, b"d" + struct.pack(">d", double))]
 
     pool = pool_factory(own_vhost, consumers=2)
-    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
-    replies: dict[str, bytes] = {}
+    raw = _RawRequests(own_vhost)
+    replies = raw.replies
+    requests = [("read.get_dataproduct", _READ), ("data.get_schema", _SCHEMA)] * 4
     try:
-        channel = connection.channel()
-        channel.basic_consume(
-            "amq.rabbitmq.reply-to",
-            lambda _c, _m, props, body: replies.__setitem__(props.correlation_id, body),
-            auto_ack=True,
-        )
-        read = orjson.dumps(
-            {
-                "v": 1,
-                "op": "get_dataproduct",
-                "args": {"taskmanager_id": 1, "generation_id": 1, "key": "k"},
-            }
-        )
-        schema = orjson.dumps({"v": 1, "op": "get_schema", "args": {"table": "header"}})
-        requests = [("read.get_dataproduct", read), ("data.get_schema", schema)] * 4
-        for i, (routing_key, body) in enumerate(requests):
-            channel.basic_publish(
-                "dataspace",
-                routing_key,
-                body,
-                FloatHeader(
-                    correlation_id=f"float-{i}",
-                    message_id=f"float-{i}",
-                    reply_to="amq.rabbitmq.reply-to",
-                    headers={"x-float": 2**40},
-                ),
-            )
-        deadline = time.monotonic() + 30
-        while len(replies) < len(requests) and time.monotonic() < deadline:
-            connection.process_data_events(time_limit=0.2)
+        raw.send("float", requests, headers={"x-float": 2**40}, properties=FloatHeader)
+        raw.wait(len(requests))
         # the consumers still answer: a plain request, on each database thread
-        for i in range(4):
-            channel.basic_publish(
-                "dataspace",
-                "data.get_schema",
-                schema,
-                pika.BasicProperties(
-                    correlation_id=f"plain-{i}",
-                    message_id=f"plain-{i}",
-                    reply_to="amq.rabbitmq.reply-to",
-                ),
-            )
-        deadline = time.monotonic() + 30
-        while len(replies) < len(requests) + 4 and time.monotonic() < deadline:
-            connection.process_data_events(time_limit=0.2)
+        raw.send("plain", [("data.get_schema", _SCHEMA)] * 4)
+        raw.wait(len(requests) + 4)
     finally:
-        connection.close()
+        raw.close()
     for i in range(len(requests)):
         error = orjson.loads(replies[f"float-{i}"])["error"]
         assert error["code"] == "bad_request" and "unencodable" in error["message"]
@@ -342,46 +333,15 @@ def test_a_bug_in_the_checks_answers_internal_and_the_consumers_go_on(
 
     monkeypatch.setattr(RequestBounds, "oversized_headers", buggy)
     pool = pool_factory(own_vhost, consumers=2)
-    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
-    replies: dict[str, bytes] = {}
-    read = orjson.dumps(
-        {
-            "v": 1,
-            "op": "get_dataproduct",
-            "args": {"taskmanager_id": 1, "generation_id": 1, "key": "k"},
-        }
-    )
-    schema = orjson.dumps({"v": 1, "op": "get_schema", "args": {"table": "header"}})
-    requests = [("read.get_dataproduct", read), ("data.get_schema", schema)]
-
-    def send(tag: str, headers: dict | None) -> None:
-        for i, (routing_key, body) in enumerate(requests * 3):
-            channel.basic_publish(
-                "dataspace",
-                routing_key,
-                body,
-                pika.BasicProperties(
-                    correlation_id=f"{tag}-{i}",
-                    message_id=f"{tag}-{i}",
-                    reply_to="amq.rabbitmq.reply-to",
-                    headers=headers,
-                ),
-            )
-
+    raw = _RawRequests(own_vhost)
+    replies = raw.replies
+    requests = [("read.get_dataproduct", _READ), ("data.get_schema", _SCHEMA)] * 3
     try:
-        channel = connection.channel()
-        channel.basic_consume(
-            "amq.rabbitmq.reply-to",
-            lambda _c, _m, props, body: replies.__setitem__(props.correlation_id, body),
-            auto_ack=True,
-        )
-        send("bug", {"x-bug": 1})
-        send("plain", None)
-        deadline = time.monotonic() + 30
-        while len(replies) < 12 and time.monotonic() < deadline:
-            connection.process_data_events(time_limit=0.2)
+        raw.send("bug", requests, headers={"x-bug": 1})
+        raw.send("plain", requests)
+        raw.wait(12)
     finally:
-        connection.close()
+        raw.close()
     for i in range(6):
         error = orjson.loads(replies[f"bug-{i}"])["error"]
         assert error["code"] == "internal" and "a bug, logged" in error["message"]
