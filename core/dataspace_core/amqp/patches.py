@@ -169,11 +169,14 @@ def _send_before_poll(poller) -> None:
             transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
 
 
-def send_pending(poller) -> None:
-    """Send now what was written on ``poller``'s connections (io_lock.py: a thread
-    that publishes while the loop waits in the kernel, which would not send it)."""
-    if getattr(poller, "_dataspace_unsent", None):
-        _send_before_poll(poller)
+def send_pending(poller) -> bool:
+    """Send now what was written on ``poller``'s connections (before its next poll,
+    and in io_lock.py for a thread that publishes while the loop waits in the
+    kernel, which would not send it); whether anything was waiting."""
+    if not getattr(poller, "_dataspace_unsent", None):
+        return False
+    _send_before_poll(poller)
+    return True
 
 
 def _sending_poll(poll):
@@ -183,8 +186,7 @@ def _sending_poll(poll):
         on ``poll`` (pika's loop, a BlockingConnection waiting for its output to
         go) looks again before a poll that could block with nothing to wake it,
         and a loop that writes at every turn still reads at every turn."""
-        if getattr(self, "_dataspace_unsent", None):
-            _send_before_poll(self)
+        if send_pending(self):
             self._dataspace_poll_now = True
         poll(self)
 
