@@ -394,8 +394,12 @@ def test_a_dropped_remote_dataspace_says_how_many_writes_were_left(worker_pool, 
     seq = space.store_taskmanager("dropped-unflushed", tm)
     client = space.datasource._client
     thread = client._thread
-    # the I/O thread busy for a while: nothing published is confirmed within the timeout
-    client._connection.ioloop.add_callback_threadsafe(lambda: time.sleep(3))
+    # the I/O thread busy until the client is closed: nothing published is confirmed
+    # within the flush's timeout, and the count is taken before closing lets it run on
+    released = threading.Event()
+    close = client.close
+    client.close = lambda: (released.set(), close())
+    client._connection.ioloop.add_callback_threadsafe(lambda: released.wait(15))
     producer = space.producer()
     for n in range(7):
         producer.insert(seq, 1, f"k{n}", b"%d" % n, Header(tm), Metadata(tm))

@@ -72,35 +72,45 @@ def _positive(config: dict, name: str, default: float) -> float:
 def _shut(client: RpcClient, timeout: float) -> None:
     """Flush ``client`` (up to ``timeout``), then close it; raises as ``close`` does."""
     try:
-        # A thread still holding the client may publish: refused from here on,
-        # so the flush covers everything publish ever accepted.
-        client.stop_publishing()
-        if client.unsettled:
-            client.flush(timeout)
+        _flush_before_close(client, timeout)
     finally:
         client.close()
 
 
+def _flush_before_close(client: RpcClient, timeout: float) -> None:
+    # A thread still holding the client may publish: refused from here on,
+    # so the flush covers everything publish ever accepted.
+    client.stop_publishing()
+    if client.unsettled:
+        client.flush(timeout)
+
+
 def _shut_dropped(client: RpcClient, timeout: float) -> None:
     """``_shut`` for a RemoteDataSource collected without ``close()``: nobody is
-    left to raise to, so what was not confirmed is said in one WARNING line."""
+    left to raise to, so what was not confirmed is said in one WARNING line.
+
+    The count is taken before ``close``: closing lets the I/O thread run on, and
+    confirms it reads meanwhile would make the line contradict itself."""
     try:
-        _shut(client, timeout)
-    except DataSpacePublishError as exc:
-        log.warning(
-            "RemoteDataSource dropped without close(): %d fire-and-forget writes refused "
-            "by the broker were lost: %s",
-            len(exc.failures),
-            exc,
-        )
-    except DataSpaceError as exc:
-        log.warning(
-            "RemoteDataSource dropped without close(): %d fire-and-forget writes not "
-            "confirmed by the broker within %g s may be lost (%s)",
-            client.pending,
-            timeout,
-            exc,
-        )
+        try:
+            _flush_before_close(client, timeout)
+        except DataSpacePublishError as exc:
+            log.warning(
+                "RemoteDataSource dropped without close(): %d fire-and-forget writes "
+                "refused by the broker were lost: %s",
+                len(exc.failures),
+                exc,
+            )
+        except DataSpaceError as exc:
+            log.warning(
+                "RemoteDataSource dropped without close(): %d fire-and-forget writes not "
+                "confirmed by the broker within %g s may be lost (%s)",
+                client.pending,
+                timeout,
+                exc,
+            )
+        finally:
+            client.close()
     except Exception:  # a finalizer must not raise
         log.exception("RemoteDataSource dropped without close(): closing its client failed")
 
