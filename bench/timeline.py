@@ -38,8 +38,12 @@ from bench.run import HEADER, METADATA  # noqa: E402
 from dataspace_client import DataSpace  # noqa: E402
 from dataspace_client.rpc import calls, channel  # noqa: E402
 from dataspace_worker import channels, dispatch, postgres, settle  # noqa: E402
+from dataspace_worker.config import WorkerSettings  # noqa: E402
 from tests import services  # noqa: E402
 from tests.support.configs import remote_config  # noqa: E402
+
+#: the worker's own defaults (consumers, prefetch)
+DEFAULTS = WorkerSettings.with_defaults(amqp_url="", pg_dsn="")
 
 STAGES = [
     "call",
@@ -87,7 +91,7 @@ def main() -> None:
     with (
         services.scratch_database(services.DEFAULT_PG_DSN) as dsn,
         services.scratch_vhost(services.DEFAULT_AMQP_URL) as url,
-        services.running_pool(url, dsn, consumers=2, prefetch=16),
+        services.running_pool(url, dsn, consumers=DEFAULTS.consumers, prefetch=DEFAULTS.prefetch),
         DataSpace(remote_config(url, timeout=30)) as space,
     ):
         tm = space.store_taskmanager("timeline", "T")

@@ -89,10 +89,12 @@ def test_a_read_delivered_again_is_asked_once_more_through_the_request_queue(
         connection, channel, method, _ = _take(queues_without_worker, READS_QUEUE)
         assert not method.redelivered
         connection.close()  # the "crash": the read goes back, marked redelivered
-        pool_factory(queues_without_worker, consumers=1)
+        pool = pool_factory(queues_without_worker, consumers=1)
         reader.join(20)
         # answered (the database is the run's own, shared: whatever it holds)
         assert len(result) == 1 and isinstance(result[0], list), result
+        # refused, not run: no reason to take writes one at a time
+        assert pool.intake.careful_until == 0.0
     finally:
         space.close()
     assert refused._value.get() == refused_before + 1

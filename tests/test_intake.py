@@ -97,6 +97,34 @@ def test_a_large_delivery_keeps_the_prefetch_at_1_for_a_while():
     assert calls == ["resubscribe", "resubscribe"]
 
 
+def test_a_redelivered_request_keeps_the_prefetch_at_1_for_a_while():
+    """After a worker died holding a window: one at a time, so that a request that
+    kills workers spends its own deliveries only, not those of the ones beside it."""
+    intake, calls, connection = _intake()
+    channel = FakeChannel()
+    intake.took(channel, 1, 100, redelivered=True)  # the first after a crash: stays at 1
+    assert intake.wanted_prefetch(128) == 1 and not intake.probing
+    assert connection.later == [5.0]  # back up once the care is over
+    intake.took(channel, 2, 100, redelivered=True)  # prolongs the care, no new timer
+    assert intake.wanted_prefetch(128) == 1 and connection.later == [5.0]
+    intake.careful_until = 0.0  # the care is over: a first delivery of the window
+    intake.took(channel, 3, 100)
+    assert intake.wanted_prefetch(128) == 128
+
+
+def test_a_redelivered_request_lowers_a_full_window_to_1():
+    intake, calls, connection = _intake()
+    channel = FakeChannel()
+    intake.took(channel, 1, 100)  # probing over: full windows
+    assert intake.wanted_prefetch(128) == 128 and calls == ["resubscribe"]
+    intake.took(channel, 2, 100, redelivered=True)
+    assert intake.wanted_prefetch(128) == 1 and calls == ["resubscribe", "resubscribe"]
+    for callback in connection.callbacks:  # CAREFUL_FOR later, nothing else came
+        intake.careful_until = 0.0
+        callback()
+    assert intake.wanted_prefetch(128) == 128 and calls[-1] == "resubscribe"
+
+
 def test_over_the_bound_it_pauses_and_takes_again_at_half():
     intake, calls, _ = _intake(bound=10 * MIB, large=100 * MIB)
     channel = FakeChannel()

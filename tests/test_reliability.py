@@ -18,6 +18,7 @@ import pytest
 from dataspace_client import DataSpace, DataSpaceExistsError
 from dataspace_core import validate
 from dataspace_core.protocol import OPERATIONS, decode_request
+from dataspace_worker import metrics
 from dataspace_worker.topology import declare_blocking, topology
 from dataspace_worker.worker_pool import WorkerPool
 from tests import services
@@ -237,6 +238,35 @@ def test_delivery_limit_dead_letters_a_request_that_keeps_failing(own_vhost):
     assert len(dead) == 1
     death = dead[0][0].headers["x-death"][0]
     assert death["reason"] == "delivery_limit" and death["queue"] == "dataspace.requests"
+
+
+def test_requests_a_dead_worker_held_come_back_one_at_a_time(queues_without_worker, pool_factory):
+    """A worker that died holding a window leaves its requests redelivered; the next
+    takes them one at a time for a while (prefetch 1, ``Intake.saw``), so that a
+    request that kills workers spends its own deliveries only: a quorum queue counts
+    each return of every request in the dead worker's window."""
+    url = queues_without_worker
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    body = orjson.dumps({"v": 1, "op": "get_schema", "args": {}})
+    for n in range(5):
+        channel.basic_publish(
+            "dataspace", "data.get_schema", body, pika.BasicProperties(message_id=f"m{n}")
+        )
+    channel.basic_qos(prefetch_count=10)
+    held = []
+    for method, _props, _body in channel.consume("dataspace.requests", inactivity_timeout=5.0):
+        assert method is not None, f"only {len(held)} of 5 requests delivered"
+        held.append(method.delivery_tag)
+        if len(held) == 5:
+            break
+    connection.close()  # the "crash": the five go back, marked redelivered
+    redelivered = metrics.REDELIVERED._value.get()
+    pool = pool_factory(url, consumers=1, prefetch=16)
+    drained, _ = services.poll(lambda: metrics.REDELIVERED._value.get() >= redelivered + 5, 15)
+    assert drained, "the five redelivered requests were not taken"
+    (consumer,) = [c for c in pool.channels.consumers if c.queue_name == "dataspace.requests"]
+    assert consumer.granted == 1 and pool.intake.careful_until > time.monotonic()
 
 
 # -- hostile strings in every string argument of every operation --------------------

@@ -226,7 +226,9 @@ class ConsumerChannels:
         consumer.last_delivery = time.monotonic()
         if method.redelivered:
             metrics.REDELIVERED.inc()
-        self._intake.took(channel, method.delivery_tag, len(body))
+        # a request delivered again may be what killed a worker: taken one at a time
+        again = method.redelivered and consumer.queue_name == self.request_queue
+        self._intake.took(channel, method.delivery_tag, len(body), bool(again))
         delivery = Delivery(
             channel,
             method.delivery_tag,

@@ -83,7 +83,7 @@ SETTINGS: tuple[Setting, ...] = (
         short="-c",
     ),
     Setting(
-        "prefetch", int, 16, "unacknowledged requests each consumer holds and runs as one batch", 1
+        "prefetch", int, 128, "unacknowledged requests each consumer holds and runs as one batch", 1
     ),
     Setting("delivery_limit", int, 10, "deliveries of one request before it is dead-lettered", 1),
     Setting(

@@ -10,6 +10,11 @@ RabbitMQ bounds deliveries by count only (prefetch), so a pool that may be sent
   shows the queue does not hold large bodies;
 - a large delivery, seen by its content header before its body comes in, drops
   the prefetch to 1 for ``CAREFUL_FOR`` seconds;
+- so does a request delivered again (``redelivered``): it may be what killed a
+  worker, and a worker that dies holding a window of requests spends a delivery
+  of each (a quorum queue counts every return towards its delivery limit), so
+  that the innocent requests taken with a poison one would be dead-lettered
+  with it; one at a time, only the poison one reaches the limit;
 - over ``max_bytes_in_hand`` the consumers are cancelled (``paused``) until half
   of that is settled;
 - a body whose header says it would take the pool over the bound is not read
@@ -66,7 +71,8 @@ class Intake:
         self.ledger = Ledger()
         #: taking no more deliveries on the request queue while over the bound
         self.paused = False
-        #: channels' prefetch lowered to 1 (large deliveries seen) until this time
+        #: channels' prefetch lowered to 1 (large or redelivered deliveries seen)
+        #: until this time
         self.careful_until = 0.0
         #: prefetch 1 on a new connection until a first delivery shows the queue
         #: does not hold large bodies (a backlog would come in whole windows)
@@ -97,12 +103,13 @@ class Intake:
         metrics.BYTES_IN_HAND.set(0)
 
     # -- what came in --------------------------------------------------------------------
-    def took(self, channel, tag: int, size: int) -> None:
+    def took(self, channel, tag: int, size: int, redelivered: bool = False) -> None:
         """Count a delivery's body in hand; resubscribe when that changes what the
-        consumers should take."""
+        consumers should take (``redelivered``: a request queue delivery the broker
+        marked as delivered before)."""
         self.ledger.add(channel, tag, size)
         metrics.BYTES_IN_HAND.set(self.ledger.total)
-        changed = self.saw(size)
+        changed = self.saw(size, redelivered)
         if not self.paused and self.ledger.total > self.max_bytes_in_hand:
             self.paused = changed = True
             metrics.CONSUMPTION_PAUSES.inc()
@@ -115,11 +122,11 @@ class Intake:
         if changed:
             self._resubscribe()
 
-    def saw(self, size: int) -> bool:
-        """Note a delivery's body size: a large one starts (or prolongs) CAREFUL_FOR
-        seconds of prefetch 1; a first small one on a new connection ends probing.
-        True when the consumers' wanted prefetch changed."""
-        if size >= self.large:
+    def saw(self, size: int, redelivered: bool = False) -> bool:
+        """Note a delivery: a large one, or one delivered again, starts (or
+        prolongs) CAREFUL_FOR seconds of prefetch 1; a first small one on a new
+        connection ends probing. True when the consumers' wanted prefetch changed."""
+        if size >= self.large or redelivered:
             changed = self.probing or time.monotonic() >= self.careful_until
             self.probing = False
             self.careful_until = time.monotonic() + CAREFUL_FOR
@@ -257,8 +264,8 @@ class Intake:
         return prefetch
 
     def _end_care(self, connection) -> None:
-        """CAREFUL_FOR seconds after a large delivery: back to the full prefetch,
-        unless another came meanwhile."""
+        """CAREFUL_FOR seconds after a large or redelivered delivery: back to the full
+        prefetch, unless another came meanwhile."""
         if connection is not self._connection or not connection.is_open:
             return
         left = self.careful_until - time.monotonic()
