@@ -69,6 +69,8 @@ def allowed_keys(role: str) -> set[str]:
         "ops": set(),
     }[role]
     keys = {f"{prefix}.{op}" for prefix in ("data", "lane") for op in ops}
+    # a batch of fire-and-forget requests is allowed as its operation is
+    keys |= {f"batch.{op}" for op in ops if OPERATIONS[op].fire_and_forget}
     if role in ("maintainer", "worker"):
         keys.add(REAP)
     return keys

@@ -21,6 +21,7 @@ import pytest
 
 from dataspace_client import DataSpace, DataSpaceExistsError
 from dataspace_core import validate
+from dataspace_core.batches import MAX_ITEMS
 from dataspace_core.protocol import OPERATIONS, decode_reply, encode_request
 from dataspace_worker import queries as operations
 from dataspace_worker.dispatch import Dispatcher, Outcome, Request
@@ -399,12 +400,14 @@ def test_inserts_keep_the_batch_order(dispatcher, source, batches, with_failure)
 
 
 # -- through a real worker pool ------------------------------------------------------------
+@pytest.mark.parametrize("batched", [False, True], ids=["one-message-each", "batch-messages"])
 def test_a_worker_runs_its_prefetch_window_in_few_transactions(
-    own_vhost, pool_factory, source, pg_dsn, monkeypatch
+    own_vhost, pool_factory, source, pg_dsn, monkeypatch, batched
 ):
     """300 fire-and-forget inserts wait in the queue when a worker with one consumer
     and prefetch 50 starts: it applies them in a handful of transactions of at most
-    50 requests, in the order published."""
+    50 requests (sent one message each) or of one batch message's requests (at most
+    ``MAX_ITEMS``), in the order published."""
     sizes: list[int] = []
     lock = threading.Lock()
     real = PostgresDataSource.execute_many
@@ -419,7 +422,9 @@ def test_a_worker_runs_its_prefetch_window_in_few_transactions(
     declare_blocking(connection.channel(), topology())
     connection.close()
     seq = _new_taskmanager(source)
-    space = DataSpace(remote_config(own_vhost, timeout=20))
+    config = remote_config(own_vhost, timeout=20)
+    config["dataspace"]["datasource"]["config"]["batches"] = batched
+    space = DataSpace(config)
     try:
         total = 300
         producer = space.producer()
@@ -438,7 +443,8 @@ def test_a_worker_runs_its_prefetch_window_in_few_transactions(
         transactions = len(set(xmins.values()))
         print(f"{total} inserts in {transactions} transactions; batches {sizes}")
         assert sum(sizes) == total and len(sizes) == transactions
-        assert max(sizes) <= 50  # never more than the prefetch window
+        # never more than the prefetch window, or than one batch message
+        assert max(sizes) <= (MAX_ITEMS if batched else 50)
         assert transactions <= total // 10, f"{transactions} transactions for {total} inserts"
         # one consumer, one producer: applied in the order published
         products = source.get_dataproducts(seq)

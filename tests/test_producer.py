@@ -20,13 +20,19 @@ import pytest
 
 from dataspace_client import DataSpace
 from dataspace_client.rpc import RpcClient
-from dataspace_core import validate
+from dataspace_core import batches, validate
 from dataspace_core.errors import (
     DataSpaceConnectionError,
     DataSpacePublishError,
     DataSpaceTimeoutError,
 )
-from dataspace_core.protocol import DEAD_LETTER_QUEUE, OPERATIONS, decode_request, encode_request
+from dataspace_core.protocol import (
+    BATCH_MAGIC,
+    DEAD_LETTER_QUEUE,
+    OPERATIONS,
+    decode_request,
+    encode_request,
+)
 from tests import services
 from tests.support.configs import inprocess_config, remote_config
 from tests.support.contract import fresh, header, metadata, new_uuid, sql_rows
@@ -359,8 +365,13 @@ def test_publish_waits_while_the_window_is_full_and_nothing_is_confirmed(amqp_ur
         f"{name}-full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
     )
     channel.queue_bind(f"{name}-full", name, "#")
-    client = RpcClient(
-        amqp_url, app_id="dataspace-tests-full", timeout=10, exchange=name, max_pending=3
+    client = RpcClient(  # one message each (no batches): the test reads them one by one
+        amqp_url,
+        app_id="dataspace-tests-full",
+        timeout=10,
+        exchange=name,
+        max_pending=3,
+        batches=False,
     )
     try:
         ids = [client.publish("insert", "data.insert", b'{"n": %d}' % i) for i in range(3)]
@@ -532,7 +543,14 @@ def test_a_call_after_fire_and_forget_requests_goes_out_behind_them(own_vhost):
         channel.exchange_declare(exchange, "topic")
         channel.queue_declare(queue, exclusive=True)
         channel.queue_bind(queue, exchange, "#")
-        channel.basic_consume(queue, lambda _c, _m, _p, body: got.append(body.decode()), True)
+
+        def take(_c, _m, _p, body: bytes) -> None:  # a batch: its requests, in order
+            if body.startswith(BATCH_MAGIC):
+                got.extend(item.decode() for _, item in batches.decode(body))
+            else:
+                got.append(body.decode())
+
+        channel.basic_consume(queue, take, True)
         ready.set()
         while not stop.is_set():
             connection.process_data_events(time_limit=0.05)

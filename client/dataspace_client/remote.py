@@ -207,6 +207,11 @@ class RemoteDataSource(DataSource):
             raise DataSpaceConfigurationError(
                 "RemoteDataSource setting 'fast_reads' must be true or false"
             )
+        self.batches = config.get("batches", True)
+        if not isinstance(self.batches, bool):
+            raise DataSpaceConfigurationError(
+                "RemoteDataSource setting 'batches' must be true or false"
+            )
         self._link = _Link(self.timeout)
         self._connect_lock = threading.Lock()
         weakref.finalize(self, self._link.release)
@@ -244,6 +249,7 @@ class RemoteDataSource(DataSource):
                     timeout=self.timeout,
                     connect_timeout=self.connect_timeout,
                     no_worker_check=self.no_worker_check,
+                    batches=self.batches,
                 )
             return self._link.client
 

@@ -40,6 +40,11 @@ CONTENT_TYPE = "application/json"
 FRAME_CONTENT_TYPE = "application/vnd.dataspace.frame"
 #: what a framed body starts with (no JSON text can start with a NUL byte)
 FRAME_MAGIC = b"\x00dsf1"
+#: a batch of fire-and-forget requests (batches.py): its content type, first bytes
+#: and routing key prefix (``batch.<op>``)
+BATCH_CONTENT_TYPE = "application/vnd.dataspace.batch"
+BATCH_MAGIC = b"\x00dsb1"
+BATCH_ROUTING_PREFIX = "batch."
 _FRAME_HEAD = len(FRAME_MAGIC) + 4
 EXCHANGE = "dataspace"
 REQUEST_QUEUE = "dataspace.requests"
@@ -190,8 +195,10 @@ def _unframe(body: bytes) -> tuple[Any, Unpack]:
 
 
 def content_type(body: bytes) -> str:
-    """The content_type of a body this module encoded."""
-    return FRAME_CONTENT_TYPE if body[: len(FRAME_MAGIC)] == FRAME_MAGIC else CONTENT_TYPE
+    """The content_type of a body this module (or batches.py) encoded."""
+    if body[: len(FRAME_MAGIC)] == FRAME_MAGIC:
+        return FRAME_CONTENT_TYPE
+    return BATCH_CONTENT_TYPE if body[: len(BATCH_MAGIC)] == BATCH_MAGIC else CONTENT_TYPE
 
 
 class Operation(OperationSpec):
@@ -241,7 +248,16 @@ def operation_named_by(routing_key: str | None) -> str | None:
     if routing_key.startswith(READ_ROUTING_PREFIX):
         name = routing_key[len(READ_ROUTING_PREFIX) :]
         return name if name in OPERATIONS and OPERATIONS[name].fast_read else None
-    return None
+    return batched_operation(routing_key)
+
+
+def batched_operation(routing_key: str | None) -> str | None:
+    """The operation of a batch's routing key (``batch.<op>``: a fire-and-forget
+    operation), or None."""
+    if not isinstance(routing_key, str) or not routing_key.startswith(BATCH_ROUTING_PREFIX):
+        return None
+    name = routing_key[len(BATCH_ROUTING_PREFIX) :]
+    return name if name in OPERATIONS and OPERATIONS[name].fire_and_forget else None
 
 
 def slow_routing_key(routing_key: str) -> str:
@@ -260,7 +276,7 @@ def queue_for(routing_key: str) -> str | None:
         return REAPER_QUEUE
     if routing_key.startswith(LANE_ROUTING_PREFIX):
         return LANE_WORKERS_QUEUE
-    if routing_key.startswith(ROUTING_PREFIX):
+    if routing_key.startswith(ROUTING_PREFIX) or routing_key.startswith(BATCH_ROUTING_PREFIX):
         return REQUEST_QUEUE
     if routing_key.startswith(READ_ROUTING_PREFIX):
         return READS_QUEUE

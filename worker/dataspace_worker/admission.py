@@ -57,7 +57,8 @@ def operation_of(routing_key: str | None, named: str) -> None:
     if routed is None:
         raise ProtocolError(
             f"routing key {routing_key!r:.80} names no operation "
-            "(expected data.<operation>, lane.<operation>, read.<operation> or admin.reap)"
+            "(expected data.<operation>, lane.<operation>, read.<operation>, batch.<operation> "
+            "or admin.reap)"
         )
     if routed != named:
         raise ProtocolError(

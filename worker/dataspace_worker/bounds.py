@@ -8,6 +8,7 @@ limits by closing the channel or the connection, again at every redelivery."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from dataspace_core.errors import DataSpaceTooLargeError
 from dataspace_core.limits import MAX_MESSAGE_BYTES
@@ -111,6 +112,8 @@ class RequestBounds:
         confirmed. Runs on the database thread (hashing 100 MiB takes a while)."""
         if outcome.code == "ok" or outcome.retry or delivery.body_size is not None:
             return delivery
+        if outcome.dead_body is not None:  # a batch: only its failed requests
+            delivery = replace(delivery, body=outcome.dead_body)
         if len(delivery.body) <= self.dead_letter_body:
             return delivery
         return truncated(delivery, self.dead_letter_body)

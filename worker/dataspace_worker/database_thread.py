@@ -18,9 +18,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dataspace_core.errors import DataSpaceError, DataSpaceRedeliveredError
-from dataspace_core.protocol import OPERATIONS, READS_QUEUE, encode_error, operation_named_by
+from dataspace_core.protocol import (
+    OPERATIONS,
+    READS_QUEUE,
+    ProtocolError,
+    encode_error,
+    operation_named_by,
+)
 
-from . import metrics
+from . import batch_requests, metrics
 from .bounds import RequestBounds
 from .dead_letters import DEAD_LETTERS
 from .delivery import Delivery, refused_reply_to
@@ -200,7 +206,36 @@ class Consumer:
             kept = [d for d, r in zip(batch, refused, strict=True) if r is None]
             outcomes = iter(self._handle(kept) if kept else [])
             return [r or next(outcomes) for r in refused]
-        return self.dispatcher.handle_batch([request_of(d) for d in batch])
+        if not any(batch_requests.is_batch(d) for d in batch):
+            return self.dispatcher.handle_batch([request_of(d) for d in batch])
+        return self._handle_with_batches(batch)
+
+    def _handle_with_batches(self, batch: list[Delivery]) -> list[Outcome]:
+        """``_handle`` for deliveries among which some are batch messages, in
+        delivery order: each batch message's requests as one database batch of
+        their own (a failure sends only them one by one: at most ``MAX_ITEMS``),
+        settled by one outcome made of theirs (batch_requests.py); the other
+        deliveries, run by run, as usual."""
+        outcomes: list[Outcome] = []
+        singles: list[Delivery] = []
+        for delivery in [*batch, None]:
+            if delivery is not None and not batch_requests.is_batch(delivery):
+                singles.append(delivery)
+                continue
+            if singles:
+                outcomes += self.dispatcher.handle_batch([request_of(d) for d in singles])
+                singles = []
+            if delivery is not None:
+                outcomes.append(self._handle_batch_message(delivery))
+        return outcomes
+
+    def _handle_batch_message(self, delivery: Delivery) -> Outcome:
+        try:
+            requests = batch_requests.requests_of(delivery, self.dispatcher.max_body)
+        except ProtocolError as exc:
+            return batch_requests.refused(delivery, exc)
+        done = self.dispatcher.handle_batch(requests)
+        return batch_requests.outcome_of(delivery, requests, done)
 
     def _refused_again(self, delivery: Delivery) -> Outcome | None:
         """A fast read delivered again is not run: its first delivery went unanswered,
@@ -294,10 +329,11 @@ def make_consumers(
 
 
 def _count(outcome: Outcome, elapsed: float, dead: bool) -> None:
-    metrics.labelled(metrics.REQUESTS, outcome.operation, outcome.code).inc()
-    metrics.labelled(metrics.LATENCY, outcome.operation).observe(elapsed)
-    if outcome.replayed:
-        metrics.IDEMPOTENT_DUPLICATES.inc()
+    for part in outcome.parts or (outcome,):  # a batch message: each of its requests
+        metrics.labelled(metrics.REQUESTS, part.operation, part.code).inc()
+        metrics.labelled(metrics.LATENCY, part.operation).observe(elapsed)
+        if part.replayed:
+            metrics.IDEMPOTENT_DUPLICATES.inc()
     if dead:
         metrics.DEAD_LETTERED.labels(outcome.code).inc()
     if outcome.operation == "reap":

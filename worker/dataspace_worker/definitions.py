@@ -70,6 +70,7 @@ from dataclasses import dataclass
 
 from dataspace_core.catalog import CATALOG, named
 from dataspace_core.protocol import (
+    BATCH_ROUTING_PREFIX,
     DEAD_LETTER_QUEUE,
     EXCHANGE,
     LANE_ROUTING_PREFIX,
@@ -116,13 +117,17 @@ OPERATION_PREFIXES = (ROUTING_PREFIX.rstrip("."), LANE_ROUTING_PREFIX.rstrip("."
 def operation_keys(ops: tuple[str, ...], reap: bool = False) -> str:
     """The topic-permission expression matching exactly the routing keys of ``ops``
     (as ``data.<op>`` and ``lane.<op>``, the reads among them also as
-    ``read.<op>``), and ``admin.reap`` if ``reap``."""
+    ``read.<op>``, the fire-and-forget ones also as a batch's ``batch.<op>``), and
+    ``admin.reap`` if ``reap``."""
     prefixes = "|".join(OPERATION_PREFIXES)
     names = "|".join(re.escape(op) for op in ops)
     keys = rf"({prefixes})\.({names})"
     reads = "|".join(re.escape(op) for op in ops if OPERATIONS[op].fast_read)
     if reads:
         keys = rf"({keys}|{re.escape(READ_ROUTING_PREFIX.rstrip('.'))}\.({reads}))"
+    batched = "|".join(re.escape(op) for op in ops if OPERATIONS[op].fire_and_forget)
+    if batched:
+        keys = rf"({keys}|{re.escape(BATCH_ROUTING_PREFIX.rstrip('.'))}\.({batched}))"
     if reap:
         keys = rf"({keys}|{re.escape(REAP_ROUTING_KEY)})"
     return f"^{keys}$"

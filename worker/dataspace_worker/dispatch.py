@@ -53,6 +53,11 @@ class Outcome:
     operation: str  # the operation, or "?" when the body named none we know
     reason: str = ""  # for a failed request: what was wrong
     replayed: bool = False  # a write seen before: its stored reply, nothing written
+    #: a batch message's (batch_requests.py): each of its requests' own outcome
+    parts: tuple[Outcome, ...] = ()
+    #: a batch message's: the body its dead letter keeps instead of the delivered one
+    #: (only the requests that failed)
+    dead_body: bytes | None = None
 
     @property
     def poison(self) -> bool:
@@ -226,7 +231,7 @@ class Dispatcher:
                         operation, lambda op=op, a=args, f=frames: self._direct(op, a, f)
                     )
             except ProtocolError as exc:
-                outcomes[index] = _refused(operation, exc)
+                outcomes[index] = refusal(operation, exc)
             except Exception as exc:  # a bug, not the sender's fault: answer, don't die
                 log.exception("%s: unexpected error", operation)
                 outcomes[index] = _failed(operation, exc)
@@ -275,7 +280,7 @@ class Dispatcher:
             log.warning("%s: store unavailable, request will be retried: %s", operation, exc)
             return Outcome.unavailable(operation)
         except ProtocolError as exc:
-            return _refused(operation, exc)
+            return refusal(operation, exc)
         except (KeyError, ValueError, TypeError, NotImplementedError, DataSpaceError) as exc:
             return _failed(operation, exc)
         except Exception as exc:
@@ -287,7 +292,9 @@ def _encoder(op, frames: bool):
     return lambda result: protocol.encode_result(op, result, frames)
 
 
-def _refused(operation: str, exc: ProtocolError) -> Outcome:
+def refusal(operation: str, exc: ProtocolError) -> Outcome:
+    """The outcome of a request that breaks the protocol (``bad_request``, or the
+    error's own code)."""
     message = protocol.error_message(exc)
     return Outcome(protocol.encode_error(exc), exc.code, operation, reason=message)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pika
 from pika.exceptions import ChannelClosedByBroker
 
+from dataspace_core.batches import BATCH_BINDING
 from dataspace_core.protocol import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_KEPT_EXCHANGE,
@@ -114,7 +115,11 @@ def topology(delivery_limit: int = 10, lanes: int = 0) -> Topology:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
-    requests = Queue(REQUEST_QUEUE, dict(work), ((EXCHANGE, REQUEST_BINDING),))
+    # batches of fire-and-forget requests (batches.py): an older worker binds no
+    # ``batch.#``, so while none of these runs the broker returns a batch unroutable
+    requests = Queue(
+        REQUEST_QUEUE, dict(work), ((EXCHANGE, REQUEST_BINDING), (EXCHANGE, BATCH_BINDING))
+    )
     dead = Queue(
         DEAD_LETTER_QUEUE,
         {"x-queue-type": "quorum"},

@@ -24,6 +24,7 @@ from dataspace_core.amqp.reconnect import ConnectionCallbacks, ConnectionLoop
 from dataspace_core.errors import DataSpaceConnectionError, DataSpaceError
 from dataspace_core.protocol import DIRECT_REPLY_TO, READ_ROUTING_PREFIX
 
+from .batching import PAUSE_AFTER_RETURN, Batch
 from .calls import Calls, ConnectionLost, ReadReturned
 from .link import Link
 from .publications import Publication, Publications
@@ -150,6 +151,13 @@ class RpcChannel:
         if self.link.closing or not isinstance(reason, ChannelClosedByBroker):
             self.lost(f"channel closed: {reason}")
             return
+        if reason.reply_code == 403:
+            with self.link.lock:
+                batch_refused = self.publications.batching.refused(reason.reply_text)
+            if batch_refused:  # not the calls' fault: they go again on the next channel
+                self.lost(f"channel reopened after a refusal: {reason.reply_text}")
+                self._reopen_later()
+                return
         if reason.reply_code == 404:
             # No exchange: no worker ever declared the topology on this vhost.
             self.lost(
@@ -188,7 +196,7 @@ class RpcChannel:
             items = self.link.unconfirmed.settle(method.delivery_tag, method.multiple)
             if not nacked:
                 for item in items:
-                    if isinstance(item, Publication):
+                    if isinstance(item, (Publication, Batch)):
                         self.publications.confirmed(item)
             self.link.lock.notify_all()
         if nacked:
@@ -210,8 +218,15 @@ class RpcChannel:
         )
         with self.link.lock:
             call = self.calls.get(properties.correlation_id)
-            if call is None:
-                self.publications.returned(properties.message_id or "", reason)
+            batch_back = call is None and self.publications.returned(
+                properties.message_id or "", reason
+            )
+        if batch_back:
+            self._recycle_channel(
+                "a batch of fire-and-forget requests came back unroutable (no worker on "
+                f"this vhost reads batches yet): no batches for {PAUSE_AFTER_RETURN:.0f} s, "
+                "and everything unconfirmed goes again one by one"
+            )
         if call is None:
             return
         if method.routing_key.startswith(READ_ROUTING_PREFIX):

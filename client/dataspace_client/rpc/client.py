@@ -52,6 +52,7 @@ class RpcClient:
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         no_worker_check: float = NO_WORKER_CHECK,
+        batches: bool = True,
     ):
         self.url = url
         self.masked_url = mask_password(url)
@@ -67,6 +68,7 @@ class RpcClient:
             app_id=app_id,
             max_pending=max_pending,
             max_pending_bytes=max_pending_bytes,
+            batches=batches,
         )
         self._calls = Calls(
             self._link,

@@ -8,6 +8,8 @@ channel, and every new channel sends all of ``pending`` again, in order and with
 the same message_ids (``send_again``). A request returned unroutable is dropped
 and reported once, by the next ``flush``. The window (``max_pending`` requests,
 ``max_pending_bytes``) bounds what is held: ``publish`` waits while it is full.
+What one drain publishes goes in batches where it can (batching.py): a batch is
+confirmed, or returned, as one message.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataspace_core.errors import (
     DataSpaceTimeoutError,
 )
 
+from .batching import Batch, Batching
 from .link import Link
 from .messages import request_properties
 
@@ -49,8 +52,17 @@ class Publication:
 class Publications:
     """Requests published and not yet confirmed (guarded by the link's lock)."""
 
-    def __init__(self, link: Link, *, app_id: str, max_pending: int, max_pending_bytes: int):
+    def __init__(
+        self,
+        link: Link,
+        *,
+        app_id: str,
+        max_pending: int,
+        max_pending_bytes: int,
+        batches: bool = True,
+    ):
         self.link = link
+        self.batching = Batching(batches)
         self.app_id = app_id
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
@@ -135,6 +147,7 @@ class Publications:
         """A new channel consumes (under the lock): everything unconfirmed goes again,
         in the order it was first published."""
         self._outbox = deque(self.pending.values())
+        self.batching.in_flight.clear()
         self._drain_scheduled = False
         self._schedule_drain()
 
@@ -154,20 +167,21 @@ class Publications:
         if not open_:
             return  # sent again from pending once consuming
         timestamp = int(time.time())
-        for publication in batch:
+        for message in self.batching.grouped(batch):
+            body = message.body() if isinstance(message, Batch) else message.body
             properties = request_properties(
                 app_id=self.app_id,
-                operation=publication.operation,
-                body=publication.body,
-                message_id=publication.message_id,
-                lane=publication.lane,
+                operation=message.operation,
+                body=body,
+                message_id=message.message_id,
+                lane=None if isinstance(message, Batch) else message.lane,
                 timestamp=timestamp,
             )
             try:
                 channel.basic_publish(
-                    publication.exchange,
-                    publication.routing_key,
-                    publication.body,
+                    message.exchange,
+                    message.routing_key,
+                    body,
                     properties=properties,
                     mandatory=True,
                 )
@@ -175,20 +189,36 @@ class Publications:
                 log.info("publish failed (%s); sent again after reconnecting", exc)
                 return
             with self.link.lock:
-                self.link.unconfirmed.add(publication)
+                self.link.unconfirmed.add(message)
+                if isinstance(message, Batch):
+                    self.batching.in_flight[message.message_id] = message
 
-    def confirmed(self, publication: Publication) -> None:
-        """The broker acked ``publication`` (under the lock): it leaves the window,
-        unless a newer copy under its message_id took its place."""
+    def confirmed(self, message: Publication | Batch) -> None:
+        """The broker acked ``message`` (under the lock): it leaves the window (a
+        batch: each of its requests, unless the batch came back unroutable), unless
+        a newer copy under its message_id took its place."""
+        if isinstance(message, Batch):
+            self.batching.in_flight.pop(message.message_id, None)
+            if not message.returned:
+                for publication in message.items:
+                    self.confirmed(publication)
+            return
+        publication = message
         if self.pending.get(publication.message_id) is publication:
             del self.pending[publication.message_id]
             self.pending_bytes -= len(publication.body)
 
-    def returned(self, message_id: str, reason: str) -> None:
+    def returned(self, message_id: str, reason: str) -> bool:
         """The broker returned the request ``message_id`` unroutable (under the lock):
-        it is dropped, and reported by the next ``flush``."""
+        it is dropped, and reported by the next ``flush``. A batch returned stays
+        pending, request by request (older workers): True when the channel must be
+        recycled for them to go again in order, one by one."""
+        batch = self.batching.in_flight.pop(message_id, None)
+        if batch is not None:
+            return self.batching.returned(batch)
         publication = self.pending.pop(message_id, None)
         if publication is not None:
             self.pending_bytes -= len(publication.body)
             self._failures.append(f"{publication.operation} {publication.message_id}: {reason}")
             self.link.lock.notify_all()
+        return False
