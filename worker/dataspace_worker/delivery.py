@@ -37,7 +37,8 @@ class Delivery:
     body: bytes
     redelivered: bool = False
     #: set when ``body`` was cut to what a dead letter keeps: the original size and
-    #: SHA-256 (hex) of the body as delivered
+    #: SHA-256 (hex) of the body as delivered (a batch's: of the batch of its failed
+    #: requests that its dead letter keeps)
     body_size: int | None = None
     body_sha256: str | None = None
 

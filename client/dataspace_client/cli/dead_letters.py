@@ -26,14 +26,17 @@ import time
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
+from dataspace_core import batches
 from dataspace_core.errors import DataSpaceConfigurationError
 from dataspace_core.protocol import (
+    BATCH_CONTENT_TYPE,
     DEAD_AT_HEADER,
     DEAD_BY_HEADER,
     DEAD_CODE_HEADER,
     DEAD_LETTER_QUEUE,
     DEAD_REASON_HEADER,
     DEAD_ROUTING_KEY_HEADER,
+    ProtocolError,
 )
 from dataspace_core.urls import mask_password
 
@@ -80,6 +83,21 @@ def _preview(body: bytes) -> str:
     return text
 
 
+def _batch_requests(content_type, body: bytes) -> list[str]:
+    """The message_ids in a batch of fire-and-forget requests (batches.py), or []."""
+    if content_type != BATCH_CONTENT_TYPE:
+        return []
+    try:
+        return [message_id for message_id, _ in batches.decode(body)]
+    except ProtocolError:
+        return []
+
+
+def _batch_preview(requests: list[str]) -> str:
+    shown = ", ".join(requests[:3]) + (", ..." if len(requests) > 3 else "")
+    return f"a batch of {len(requests)} requests: {shown}"
+
+
 def _dead_entry(method, props, body: bytes) -> dict:
     headers = props.headers or {}
     death = _first_death(headers)
@@ -96,6 +114,7 @@ def _dead_entry(method, props, body: bytes) -> dict:
         when = death.get("time")
     if code is None and death:
         code = f"x-death:{_text(death.get('reason'))}"
+    requests = _batch_requests(props.content_type, body)
     return {
         "message_id": props.message_id,
         "operation": props.type or routing_key,
@@ -108,7 +127,9 @@ def _dead_entry(method, props, body: bytes) -> dict:
         "size": len(body),
         "content_type": props.content_type,
         "app_id": props.app_id,
-        "preview": _preview(body),
+        "preview": _batch_preview(requests) if requests else _preview(body),
+        #: a batch's: the message_ids of the requests it holds (its failed ones)
+        "requests": requests,
         "redelivered": bool(method.redelivered),
         "delivery_count": headers.get("x-delivery-count"),
     }
@@ -120,7 +141,7 @@ def _filtering(args) -> bool:
 
 def _selected(entry: dict, args) -> bool:
     """Whether a dead letter matches every filter given (any of each one's values)."""
-    if args.message_id and entry["message_id"] not in args.message_id:
+    if args.message_id and not {entry["message_id"], *entry["requests"]} & set(args.message_id):
         return False
     if args.code:
         code = entry["code"] or ""

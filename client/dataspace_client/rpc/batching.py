@@ -8,8 +8,9 @@ the order of the outbox is kept. A batch is confirmed by the broker as one
 message, and each request in it leaves the window then.
 
 A batch can come back: unroutable (``batch.<op>`` is bound by no queue: the
-workers on the vhost are older than batches), then batching pauses for
-``PAUSE_AFTER_RETURN`` seconds and the client opens a new channel, on which
+workers on the vhost are older than batches), then batching pauses (for
+``PAUSE_AFTER_RETURN`` seconds, twice as long after each pause that ends in
+another return, up to an hour) and the client opens a new channel, on which
 everything unconfirmed goes again in order, one by one; or refused by the
 broker's topic permissions (an account whose definitions predate batches: 403
 closes the channel), then the requests go one by one for the rest of the
@@ -28,8 +29,11 @@ from dataspace_core.protocol import OPERATIONS
 
 log = logging.getLogger("dataspace_client.rpc")
 
-#: seconds without batches after one came back unroutable (older workers)
+#: seconds without batches after one came back unroutable (older workers), doubled
+#: at each return that follows a pause, up to PAUSE_MAX; back to this once a
+#: batch is confirmed
 PAUSE_AFTER_RETURN = 60.0
+PAUSE_MAX = 3600.0
 
 
 @dataclass(eq=False)
@@ -69,6 +73,7 @@ class Batching:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._paused_until = 0.0
+        self.pause = PAUSE_AFTER_RETURN
         #: published and not yet confirmed, by message_id (for a return)
         self.in_flight: dict[str, Batch] = {}
 
@@ -119,13 +124,25 @@ class Batching:
         channel: later requests may have gone alone before the return came)."""
         first = not batch.returned and self.on
         batch.returned = True
-        self._paused_until = time.monotonic() + PAUSE_AFTER_RETURN
+        if first:
+            self._paused_until = time.monotonic() + self.pause
+            self.pause = min(self.pause * 2, PAUSE_MAX)
         return first
+
+    def paused_for(self) -> float:
+        """Seconds left of the pause (0 when batches go)."""
+        return max(0.0, self._paused_until - time.monotonic())
+
+    def confirmed(self, batch: Batch) -> None:
+        """``batch`` got through: a later return pauses batches for the shortest time."""
+        if not batch.returned:
+            self.pause = PAUSE_AFTER_RETURN
 
     def refused(self, reply_text: str) -> bool:
         """The broker closed the channel with ``reply_text`` (a 403): True if it
         refused a batch's routing key, and batches are then off for good."""
-        if batches.BATCH_ROUTING_PREFIX not in reply_text or not self.enabled:
+        # RabbitMQ: "ACCESS_REFUSED - write access to topic 'batch.insert' in exchange ..."
+        if f"topic '{batches.BATCH_ROUTING_PREFIX}" not in reply_text or not self.enabled:
             return False
         self.enabled = False
         log.warning(

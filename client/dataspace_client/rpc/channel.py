@@ -24,7 +24,7 @@ from dataspace_core.amqp.reconnect import ConnectionCallbacks, ConnectionLoop
 from dataspace_core.errors import DataSpaceConnectionError, DataSpaceError
 from dataspace_core.protocol import DIRECT_REPLY_TO, READ_ROUTING_PREFIX
 
-from .batching import PAUSE_AFTER_RETURN, Batch
+from .batching import Batch
 from .calls import Calls, ConnectionLost, ReadReturned
 from .link import Link
 from .publications import Publication, Publications
@@ -224,8 +224,9 @@ class RpcChannel:
         if batch_back:
             self._recycle_channel(
                 "a batch of fire-and-forget requests came back unroutable (no worker on "
-                f"this vhost reads batches yet): no batches for {PAUSE_AFTER_RETURN:.0f} s, "
-                "and everything unconfirmed goes again one by one"
+                "this vhost reads batches yet): no batches for "
+                f"{self.publications.batching.paused_for():.0f} s, and everything "
+                "unconfirmed goes again one by one"
             )
         if call is None:
             return

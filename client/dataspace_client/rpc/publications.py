@@ -199,6 +199,7 @@ class Publications:
         a newer copy under its message_id took its place."""
         if isinstance(message, Batch):
             self.batching.in_flight.pop(message.message_id, None)
+            self.batching.confirmed(message)
             if not message.returned:
                 for publication in message.items:
                     self.confirmed(publication)
