@@ -2,7 +2,8 @@
 runs, and their outcomes as the one outcome the batch is settled by.
 
 Each item runs as if it had come alone, with its own message_id as idempotency
-key, and in the same database batch as the deliveries beside it. The batch is
+key; a batch's items are a database batch of their own (one transaction, and
+after a failure each alone: ``Consumer._handle_with_batches``). The batch is
 one message to the broker, so it is settled once: acked when every item is
 applied (or replayed), requeued when the store was unavailable for any of them
 (the applied ones then replay), and dead-lettered when any failed for good,

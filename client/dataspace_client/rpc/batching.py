@@ -87,7 +87,7 @@ class Batching:
             return list(publications)
         out: list = []
         run: list = []
-        size = len(batches.BATCH_MAGIC)
+        start = size = len(batches.BATCH_MAGIC)
 
         def close_run() -> None:
             if len(run) > 1:
@@ -95,7 +95,6 @@ class Batching:
             else:
                 out.extend(run)
 
-        start = len(batches.BATCH_MAGIC)
         for publication in publications:
             more = batches.item_size(publication.message_id, publication.body)
             fits = (
