@@ -136,3 +136,45 @@ def test_a_long_body_is_cut_with_its_size_and_digest():
     assert body == b"x" * 10
     assert props.headers["x-dataspace-body-size"] == 100
     assert len(props.headers["x-dataspace-body-sha256"]) == 64
+
+
+# -- a batch delivered again, published again one request at a time ---------------------
+def _split(n: int) -> Outcome:
+    items = tuple((f"m{i}", b'{"v": 1, "op": "insert"}') for i in range(n))
+    return Outcome(b"", "split", "insert", split=items)
+
+
+def test_a_split_batch_is_acked_once_every_request_published_again_is_confirmed():
+    publisher, channel, published = _publisher()
+    consumer = FakeConsumer()
+    publisher.publish_split(consumer, _delivery(consumer, 7), _split(3))
+    assert consumer.held == 1 and len(published) == 1
+    assert [(p[0], p[1], p[3].message_id, p[4]) for p in channel.published] == [
+        ("dataspace", "data.insert", f"m{i}", True) for i in range(3)
+    ]
+    assert all(p[3].delivery_mode == 2 and p[3].type == "insert" for p in channel.published)
+    channel.on_confirm(_confirm(pika.spec.Basic.Ack(delivery_tag=1)))
+    channel.on_confirm(_confirm(pika.spec.Basic.Ack(delivery_tag=2)))
+    assert consumer.channel.calls == [] and publisher.pending
+    channel.on_confirm(_confirm(pika.spec.Basic.Ack(delivery_tag=3)))
+    assert consumer.channel.calls == [("ack", 7)] and consumer.held == 0
+    assert not publisher.pending
+
+
+def test_a_split_batch_with_a_request_refused_goes_back_to_the_queue_once():
+    publisher, channel, _ = _publisher()
+    consumer = FakeConsumer()
+    publisher.publish_split(consumer, _delivery(consumer, 7), _split(3))
+    channel.on_confirm(_confirm(pika.spec.Basic.Nack(delivery_tag=2, multiple=True)))
+    assert consumer.channel.calls == []  # one still unconfirmed
+    channel.on_confirm(_confirm(pika.spec.Basic.Ack(delivery_tag=3)))
+    assert consumer.channel.calls == [("nack", 7, True)] and consumer.held == 0
+
+
+def test_a_split_batch_whose_channel_closed_goes_back_to_the_queue_once():
+    publisher, channel, _ = _publisher()
+    consumer = FakeConsumer()
+    publisher.publish_split(consumer, _delivery(consumer, 7), _split(3))
+    channel.on_confirm(_confirm(pika.spec.Basic.Ack(delivery_tag=1)))
+    publisher.closed(channel)
+    assert consumer.channel.calls == [("nack", 7, True)] and consumer.held == 0

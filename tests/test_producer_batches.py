@@ -355,3 +355,32 @@ def test_dead_list_shows_and_finds_the_requests_of_a_batch_dead_letter():
     assert _selected(entry, Args)
     Args.message_id = ["another"]
     assert not _selected(entry, Args)
+
+
+def test_a_batch_delivered_again_goes_again_one_request_at_a_time(
+    queues_without_worker, pool_factory, inprocess_space
+):
+    """A worker that took a batch and died (here: a channel closed with the batch
+    unacked) leaves it redelivered: the next worker does not run it but publishes
+    its requests again one by one (confirmed) and acks it then, so that a request
+    that kills workers reaches the delivery limit alone, not with its batch."""
+    url = queues_without_worker
+    tm = inprocess_space.store_taskmanager(f"split-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex)
+    items = [(uuid.uuid4().hex, _insert_body(tm, f"s{n}")) for n in range(3)]
+    _raw_batch(url, items)
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    method = next(channel.consume(REQUEST_QUEUE, inactivity_timeout=5))[0]
+    assert method is not None and method.routing_key == "batch.insert"
+    connection.close()  # the "crash": the batch goes back, marked redelivered
+    split = metrics.REQUESTS.labels("insert", "split")._value
+    ok = metrics.REQUESTS.labels("insert", "ok")._value
+    split_before, ok_before = split.get(), ok.get()
+    pool_factory(url, consumers=1)
+    stored, _ = services.poll(lambda: len(inprocess_space.get_datablock(tm, 1)) == 3 or None, 15)
+    assert stored, inprocess_space.get_datablock(tm, 1)
+    assert split.get() - split_before == 1  # the batch: not run, split
+    assert ok.get() - ok_before == 3  # its requests: each alone, as data.insert
+    assert services.drain_queue(url, "dataspace.dead", idle=1) == []
+    taken = _take_all(url, REQUEST_QUEUE, 0, timeout=2, idle=0.5)
+    assert taken == []  # the batch was acked, nothing left behind

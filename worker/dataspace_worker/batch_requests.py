@@ -57,6 +57,17 @@ def requests_of(delivery: Delivery, max_body: int) -> list[Request]:
     ]
 
 
+def split(delivery: Delivery, requests: list[Request]) -> Outcome:
+    """The outcome of a batch delivered again: not run, but published again as its
+    requests one by one (``DeadLetterPublisher.publish_split``) and acked once the
+    broker has them all. The worker that took it first may have died running it:
+    a request that kills workers then reaches the delivery limit alone, instead of
+    taking the batch's other requests to the dead-letter queue with it."""
+    operation = batched_operation(delivery.routing_key) or "?"
+    items = tuple((r.message_id, r.body) for r in requests)
+    return Outcome(b"", "split", operation, split=items)
+
+
 def refused(delivery: Delivery, error: ProtocolError) -> Outcome:
     """The outcome of a batch refused whole (it breaks the protocol)."""
     return refusal(batched_operation(delivery.routing_key) or "?", error)

@@ -234,6 +234,8 @@ class Consumer:
             requests = batch_requests.requests_of(delivery, self.dispatcher.max_body)
         except ProtocolError as exc:
             return batch_requests.refused(delivery, exc)
+        if delivery.redelivered:
+            return batch_requests.split(delivery, requests)
         done = self.dispatcher.handle_batch(requests)
         return batch_requests.outcome_of(delivery, requests, done)
 

@@ -3,7 +3,9 @@
 A request that failed for good (refused, poison, out of retries) is published to
 ``dataspace.dead`` with its original properties and why and whence in the
 headers (docs/protocol.md, "Dead letters"); the pool (worker_pool.py, settle.py) publishes it
-confirmed and acks the request once the broker has it."""
+confirmed and acks the request once the broker has it. The same channel publishes
+the requests of a batch delivered again one by one (``publish_split``), and the
+batch is acked once the broker has them all."""
 
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ from dataspace_core.protocol import (
     DEAD_LETTER_OWN_HEADERS,
     DEAD_REASON_HEADER,
     DEAD_ROUTING_KEY_HEADER,
+    EXCHANGE,
     PUBLISH_SEQ_HEADER,
+    ROUTING_PREFIX,
+    content_type,
 )
 
 from .delivery import APP_ID, Delivery, truncated
@@ -136,12 +141,24 @@ def bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
 
 
 @dataclass
+class Split:
+    """A batch whose requests were published again one by one: settled when the
+    last of their confirms is in, requeued if any was refused."""
+
+    left: int
+    refused: bool = False
+    done: bool = False
+
+
+@dataclass
 class Settlement:
-    """A request whose ack waits for the broker to confirm its dead letter."""
+    """A request whose ack waits for the broker to confirm its dead letter (or, for
+    a batch split, one of its requests published again)."""
 
     consumer: object  # database_thread.Consumer: its channel, and ``held`` to count it
     delivery: Delivery
     refused: bool = False
+    split: Split | None = None
 
 
 class DeadLetterPublisher:
@@ -181,6 +198,10 @@ class DeadLetterPublisher:
         self.channel = None
         for settlement in self._unconfirmed.clear():
             delivery, consumer = settlement.delivery, settlement.consumer
+            if settlement.split is not None:  # a split batch: requeued once
+                if settlement.split.done:
+                    continue
+                settlement.split.done = True
             if delivery.channel is consumer.channel and delivery.channel.is_open:
                 consumer.held -= 1
                 delivery.channel.basic_nack(delivery.tag, requeue=True)
@@ -206,6 +227,36 @@ class DeadLetterPublisher:
         consumer.held += 1
         self._on_published()
 
+    def publish_split(self, consumer, delivery: Delivery, outcome: Outcome) -> None:
+        """Publish the requests of a batch delivered again (``outcome.split``) one by
+        one, as ``data.<op>`` with their own message_ids, mandatory and confirmed;
+        the batch's ack waits for the last confirm. No channel: the batch goes back
+        to the queue (split at its next delivery)."""
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            delivery.channel.basic_nack(delivery.tag, requeue=True)
+            return
+        original = delivery.properties
+        split = Split(len(outcome.split))
+        for message_id, body in outcome.split:
+            headers = dict(original.headers or {})
+            headers[PUBLISH_SEQ_HEADER] = self._unconfirmed.next_tag
+            props = pika.BasicProperties(
+                content_type=content_type(body),
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=message_id,
+                type=outcome.operation,
+                app_id=original.app_id,
+                timestamp=original.timestamp,
+                headers=headers,
+            )
+            channel.basic_publish(
+                EXCHANGE, ROUTING_PREFIX + outcome.operation, body, props, mandatory=True
+            )
+            self._unconfirmed.add(Settlement(consumer, delivery, split=split))
+        consumer.held += 1
+        self._on_published()
+
     def on_return(self, _channel, method, props, _body) -> None:
         """A dead letter came back unroutable: requeue its request, not ack it."""
         seq = (props.headers or {}).get(PUBLISH_SEQ_HEADER)
@@ -221,11 +272,22 @@ class DeadLetterPublisher:
         refused = isinstance(method, pika.spec.Basic.Nack)
         for settlement in self._unconfirmed.settle(method.delivery_tag, method.multiple):
             consumer, delivery = settlement.consumer, settlement.delivery
+            split = settlement.split
+            if split is not None:  # one of a split batch's requests: the last settles it
+                split.left -= 1
+                split.refused = split.refused or settlement.refused or refused
+                if split.done or split.left > 0:
+                    continue
+                split.done = True
+                settlement.refused = split.refused
             if delivery.channel is not consumer.channel or not delivery.channel.is_open:
                 continue  # requeued when its channel closed
             consumer.held -= 1
             if settlement.refused or refused:
-                log.warning("broker refused a dead letter; requeueing its request")
+                log.warning(
+                    "broker refused a dead letter (or a split batch's request); "
+                    "requeueing its request"
+                )
                 delivery.channel.basic_nack(delivery.tag, requeue=True)
             else:
                 delivery.channel.basic_ack(delivery.tag)

@@ -58,6 +58,9 @@ class Outcome:
     #: a batch message's: the body its dead letter keeps instead of the delivered one
     #: (only the requests that failed)
     dead_body: bytes | None = None
+    #: a batch message delivered again, not run: its requests ``(message_id, body)``,
+    #: to be published again one by one (batch_requests.split)
+    split: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def poison(self) -> bool:
@@ -66,7 +69,9 @@ class Outcome:
 
     def dead_letter(self, reply_to: str | None) -> bool:
         """Whether to keep the request in the dead-letter queue: a malformed one, or a
-        failed one whose sender cannot be told (no ``reply_to``)."""
+        failed one whose sender cannot be told (no ``reply_to``); never a batch split."""
+        if self.split:
+            return False
         return self.poison or (self.code != "ok" and not self.retry and not reply_to)
 
     @property

@@ -11,7 +11,9 @@ whole window. ``Settler`` does it, on the I/O thread:
   here, with no earlier one of the channel waiting, gets one ``multiple`` ack
   (not on a channel some of whose reads run on the I/O thread);
 - a dead-lettered request is acked once the broker confirmed its dead letter
-  (``DeadLetterPublisher``), requeued if the broker refused it;
+  (``DeadLetterPublisher``), requeued if the broker refused it; so is a batch
+  delivered again, once the broker confirmed each of its requests published
+  again alone;
 - a reply through the guard (guarded_replies.py: RabbitMQ 3.10 crashes the
   connection that replies to a client of a node that is down) settles its
   request when the guard is done with it;
@@ -58,6 +60,9 @@ class Disposition(enum.Enum):
     #: the same on an ordering lane: the lane's whole unacked window goes back, in
     #: order (a requeued request would come back after later ones of its lane)
     GIVE_BACK = "give back"
+    #: a batch delivered again: its requests published again one by one, confirmed;
+    #: acked once the broker has them all (batch_requests.split)
+    SPLIT = "split"
 
     @property
     def replies(self) -> bool:
@@ -98,6 +103,8 @@ def disposition(
     when there is a reply to send (it counts and logs the replies it drops).
     ``guarded``: the guard's result, when the reply went through the guard already.
     """
+    if outcome.split:
+        return Disposition.SPLIT
     if outcome.retry or guarded == "failed":  # a reply unsent while stopping: run again
         return Disposition.GIVE_BACK if on_lane else Disposition.REQUEUE
     dead = is_dead_letter(delivery, outcome)
@@ -195,6 +202,8 @@ class Settler:
                 return
             if fate is Disposition.REQUEUE:
                 channel.basic_nack(delivery.tag, requeue=True)
+            elif fate is Disposition.SPLIT:
+                self.dead_letters.publish_split(consumer, delivery, outcome)
             elif fate is Disposition.GUARDED_REPLY:
                 self._reply_guarded(consumer, delivery, outcome)
             else:
