@@ -147,8 +147,15 @@ def _split(n: int) -> Outcome:
 def test_a_split_batch_is_acked_once_every_request_published_again_is_confirmed():
     publisher, channel, published = _publisher()
     consumer = FakeConsumer()
-    publisher.publish_split(consumer, _delivery(consumer, 7), _split(3))
+    headers = {"x-dataspace-protocol": 1, "x-delivery-count": 1, "x-death": [{"count": 1}]}
+    headers["x-first-death-reason"] = "rejected"
+    props = pika.BasicProperties(headers=headers, message_id="the-batch", app_id="a")
+    batch = Delivery(consumer.channel, 7, "dataspace", "batch.insert", props, b"", True)
+    publisher.publish_split(consumer, batch, _split(3))
     assert consumer.held == 1 and len(published) == 1
+    # the batch's own headers, not what the broker added on its way back
+    kept = [set(p[3].headers) for p in channel.published]
+    assert kept == [{"x-dataspace-protocol", PUBLISH_SEQ_HEADER}] * 3
     assert [(p[0], p[1], p[3].message_id, p[4]) for p in channel.published] == [
         ("dataspace", "data.insert", f"m{i}", True) for i in range(3)
     ]

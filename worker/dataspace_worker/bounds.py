@@ -110,7 +110,7 @@ class RequestBounds:
         and SHA-256 noted) when the request failed and may be dead-lettered: the dead
         letter keeps no more, and the whole body need not be held until it is
         confirmed. Runs on the database thread (hashing 100 MiB takes a while)."""
-        if outcome.code == "ok" or outcome.retry or delivery.body_size is not None:
+        if outcome.code == "ok" or outcome.retry or outcome.split or delivery.body_size is not None:
             return delivery
         if outcome.dead_body is not None:  # a batch: only its failed requests
             delivery = replace(delivery, body=outcome.dead_body)

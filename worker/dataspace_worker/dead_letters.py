@@ -20,6 +20,8 @@ import pika.spec
 
 from dataspace_core.amqp.confirms import ConfirmTracker
 from dataspace_core.protocol import (
+    BROKER_DELIVERY_HEADER_PREFIXES,
+    BROKER_DELIVERY_HEADERS,
     DEAD_AT_HEADER,
     DEAD_BODY_SHA256_HEADER,
     DEAD_BODY_SIZE_HEADER,
@@ -39,7 +41,7 @@ from dataspace_core.protocol import (
 
 from .delivery import APP_ID, Delivery, truncated
 from .dispatch import Outcome
-from .logs import Tally
+from .logs import Tally, printable
 
 #: the pool's logger: dead-letter lines read as they did before this module split off
 log = logging.getLogger("dataspace_worker.consumer")
@@ -140,6 +142,16 @@ def bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
     return kept, f"{len(dropped)} header(s) not kept: {names}{more}"[:1000]
 
 
+def _without_broker_headers(headers: dict | None) -> dict:
+    """``headers`` less those the broker adds on a dead-lettering or a redelivery."""
+    return {
+        name: value
+        for name, value in (headers or {}).items()
+        if name not in BROKER_DELIVERY_HEADERS
+        and not name.startswith(BROKER_DELIVERY_HEADER_PREFIXES)
+    }
+
+
 @dataclass
 class Split:
     """A batch whose requests were published again one by one: settled when the
@@ -237,9 +249,17 @@ class DeadLetterPublisher:
             delivery.channel.basic_nack(delivery.tag, requeue=True)
             return
         original = delivery.properties
+        # the batch's own headers, bounded, without what the broker or a worker added
+        kept, _ = bounded_headers(_without_broker_headers(original.headers), DEAD_LETTER_HEADERS)
+        log.info(
+            "batch %s delivered again: publishing its %d %s requests again one by one",
+            printable(original.message_id),
+            len(outcome.split),
+            outcome.operation,
+        )
         split = Split(len(outcome.split))
         for message_id, body in outcome.split:
-            headers = dict(original.headers or {})
+            headers = dict(kept)
             headers[PUBLISH_SEQ_HEADER] = self._unconfirmed.next_tag
             props = pika.BasicProperties(
                 content_type=content_type(body),
@@ -261,7 +281,11 @@ class DeadLetterPublisher:
         """A dead letter came back unroutable: requeue its request, not ack it."""
         seq = (props.headers or {}).get(PUBLISH_SEQ_HEADER)
         settlement = self._unconfirmed.get(seq)
-        log.error("dead letter unroutable (%s): is queue dataspace.dead bound?", method.reply_text)
+        log.error(
+            "a dead letter (or a split batch's request) came back unroutable (%s): are "
+            "queues dataspace.dead and dataspace.requests bound?",
+            method.reply_text,
+        )
         if settlement is not None:
             settlement.refused = True
 

@@ -21,7 +21,13 @@ from pika.exceptions import (
 )
 
 from dataspace_core.errors import DataSpaceConnectionError
-from dataspace_core.protocol import DEAD_BODY_SIZE_HEADER, DEAD_LETTER_OWN_HEADERS, EXCHANGE
+from dataspace_core.protocol import (
+    BROKER_DELIVERY_HEADER_PREFIXES,
+    BROKER_DELIVERY_HEADERS,
+    DEAD_BODY_SIZE_HEADER,
+    DEAD_LETTER_OWN_HEADERS,
+    EXCHANGE,
+)
 from dataspace_core.urls import mask_password
 
 from .broker import _close, _vhost
@@ -50,8 +56,8 @@ from .output import (
 )
 
 #: headers a dead letter gained on its way to dataspace.dead; a replay drops them
-DEAD_LETTER_HEADERS = DEAD_LETTER_OWN_HEADERS | {"x-death", "x-delivery-count"}
-DEAD_LETTER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+DEAD_LETTER_HEADERS = DEAD_LETTER_OWN_HEADERS | BROKER_DELIVERY_HEADERS
+DEAD_LETTER_HEADER_PREFIXES = BROKER_DELIVERY_HEADER_PREFIXES
 
 
 def _dead_replay(args) -> int:
