@@ -88,6 +88,9 @@ class Consumer:
         self.given_back = None
         self.bounds = bounds
         self._hand_back = hand_back
+        #: whether a batch delivered again can be split (the pool's dead-letter
+        #: channel is open, DeadLetterPublisher.can_publish); else it runs as usual
+        self.can_split: Callable[[], bool] = lambda: False
         self.queue_name = queue_name
         self.dispatcher = dispatcher
         self.prefetch = prefetch
@@ -234,7 +237,7 @@ class Consumer:
             requests = batch_requests.requests_of(delivery, self.dispatcher.max_body)
         except ProtocolError as exc:
             return batch_requests.refused(delivery, exc)
-        if delivery.redelivered:
+        if delivery.redelivered and self.can_split():
             return batch_requests.split(delivery, requests)
         done = self.dispatcher.handle_batch(requests)
         return batch_requests.outcome_of(delivery, requests, done)

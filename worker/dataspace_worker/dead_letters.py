@@ -190,6 +190,12 @@ class DeadLetterPublisher:
         self.channel = None
         self._unconfirmed: ConfirmTracker[Settlement] = ConfirmTracker()
 
+    def can_publish(self) -> bool:
+        """Whether the channel is open (read from any thread: a hint, for whether to
+        split a batch; ``publish_split`` requeues the batch if it closed since)."""
+        channel = self.channel
+        return channel is not None and channel.is_open
+
     @property
     def pending(self) -> bool:
         """Whether a dead letter awaits its confirm."""

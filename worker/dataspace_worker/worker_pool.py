@@ -148,6 +148,8 @@ class WorkerPool:
         self.dead_letters = DeadLetterPublisher(
             self.bounds.dead_letter_body, lambda: self.intake.resume_reads()
         )
+        for consumer in self.consumers:  # a batch delivered again: split, if it can be
+            consumer.can_split = self.dead_letters.can_publish
         self.amqp = PoolConnection(
             self._addresses,
             topology,
