@@ -117,10 +117,6 @@ DEAD_LETTER_OWN_HEADERS = frozenset(
         PUBLISH_SEQ_HEADER,
     }
 )
-#: headers the broker adds to a message it dead-letters or redelivers (a quorum
-#: queue's delivery count): never carried over when the message is published again
-BROKER_DELIVERY_HEADERS = frozenset({"x-death", "x-delivery-count"})
-BROKER_DELIVERY_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 #: error code of a request whose ``reply_to`` is not a direct reply-to address: it
 #: is dead-lettered without running and never answered (the name could be any queue)
 BAD_REPLY_TO = "bad_reply_to"

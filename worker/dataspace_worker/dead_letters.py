@@ -19,9 +19,8 @@ import pika.data
 import pika.spec
 
 from dataspace_core.amqp.confirms import ConfirmTracker
+from dataspace_core.delivery_headers import without_delivery_headers
 from dataspace_core.protocol import (
-    BROKER_DELIVERY_HEADER_PREFIXES,
-    BROKER_DELIVERY_HEADERS,
     DEAD_AT_HEADER,
     DEAD_BODY_SHA256_HEADER,
     DEAD_BODY_SIZE_HEADER,
@@ -142,16 +141,6 @@ def bounded_headers(original: dict | None, budget: int) -> tuple[dict, str]:
     return kept, f"{len(dropped)} header(s) not kept: {names}{more}"[:1000]
 
 
-def _without_broker_headers(headers: dict | None) -> dict:
-    """``headers`` less those the broker adds on a dead-lettering or a redelivery."""
-    return {
-        name: value
-        for name, value in (headers or {}).items()
-        if name not in BROKER_DELIVERY_HEADERS
-        and not name.startswith(BROKER_DELIVERY_HEADER_PREFIXES)
-    }
-
-
 @dataclass
 class Split:
     """A batch whose requests were published again one by one: settled when the
@@ -256,7 +245,7 @@ class DeadLetterPublisher:
             return
         original = delivery.properties
         # the batch's own headers, bounded, without what the broker or a worker added
-        kept, _ = bounded_headers(_without_broker_headers(original.headers), DEAD_LETTER_HEADERS)
+        kept, _ = bounded_headers(without_delivery_headers(original.headers), DEAD_LETTER_HEADERS)
         log.info(
             "batch %s delivered again: publishing its %d %s requests again one by one",
             printable(original.message_id),

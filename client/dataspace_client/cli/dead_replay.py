@@ -20,10 +20,9 @@ from pika.exceptions import (
     UnroutableError,
 )
 
+from dataspace_core.delivery_headers import without_delivery_headers
 from dataspace_core.errors import DataSpaceConnectionError
 from dataspace_core.protocol import (
-    BROKER_DELIVERY_HEADER_PREFIXES,
-    BROKER_DELIVERY_HEADERS,
     DEAD_BODY_SIZE_HEADER,
     DEAD_LETTER_OWN_HEADERS,
     EXCHANGE,
@@ -54,10 +53,6 @@ from .output import (
     _safe,
     _terminal,
 )
-
-#: headers a dead letter gained on its way to dataspace.dead; a replay drops them
-DEAD_LETTER_HEADERS = DEAD_LETTER_OWN_HEADERS | BROKER_DELIVERY_HEADERS
-DEAD_LETTER_HEADER_PREFIXES = BROKER_DELIVERY_HEADER_PREFIXES
 
 
 def _dead_replay(args) -> int:
@@ -180,11 +175,8 @@ def _summary_of_replay(tally: dict, present: int) -> None:
 
 
 def _replay_properties(props) -> pika.BasicProperties:
-    headers = {
-        k: v
-        for k, v in (props.headers or {}).items()
-        if k not in DEAD_LETTER_HEADERS and not k.startswith(DEAD_LETTER_HEADER_PREFIXES)
-    }
+    # what the dead letter gained on its way to dataspace.dead: dropped
+    headers = without_delivery_headers(props.headers, DEAD_LETTER_OWN_HEADERS)
     return pika.BasicProperties(
         content_type=props.content_type,
         content_encoding=props.content_encoding,
